@@ -1,0 +1,3 @@
+from tmd.cli import main
+import sys
+sys.exit(main())

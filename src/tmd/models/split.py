@@ -1,0 +1,163 @@
+"""The TMD student: a Wan teacher split into a main backbone and a small flow head.
+
+Backbone = patch embedding, condition embedder and blocks ``0 .. L-H-1``, run once per outer step.
+Head = blocks ``L-H .. L-1`` plus output norm/projection, run once per inner step on the inner state
+``y_s``. Three new parts let the head see ``y_s`` and the inner step, each initialised so that the
+student's first head evaluation equals the teacher's forward:
+
+- ``InnerStateBlock``: ``y_s`` is embedded with the (shared) patch embedding and refined by one
+  AdaLN-MLP block with a gated residual, conditioned on the inner time ``s``.
+- fusion with the backbone features ``m``: gated, ``m + sigmoid(a) * W z`` with W zero-initialised
+  [inferred: the paper's text gives the global gate, not where the zero sits], or concat,
+  ``W [m; z]`` with W initialised to ``[I, 0]``.
+- time conditioning of the head: the teacher's embedding of ``s`` plus a new zero-initialised
+  embedding of ``s - r``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Literal
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding
+from torch import Tensor, nn
+
+from tmd.models.wan import (
+    TIMESTEP_SCALE,
+    WanState,
+    WanTeacher,
+    as_time,
+    block_modulation,
+    check_inputs,
+    embed,
+    embed_tokens,
+    project_out,
+    run_blocks,
+    time_embedding,
+)
+
+Fusion = Literal["gated", "concat"]
+
+
+class InnerStateBlock(nn.Module):
+    """AdaLN-MLP block with a gated residual; the gate starts at zero so the block starts as identity."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.modulation = nn.Linear(dim, 3 * dim)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, z: Tensor, temb: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(nn.functional.silu(temb)).unsqueeze(1).chunk(3, dim=-1)
+        return z + gate * self.mlp(self.norm(z) * (1 + scale) + shift)
+
+
+class GatedFusion(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate_logit = nn.Parameter(torch.zeros(()))
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, m: Tensor, z: Tensor) -> Tensor:
+        return m + torch.sigmoid(self.gate_logit) * self.proj(z)
+
+
+class ConcatFusion(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+        with torch.no_grad():
+            self.proj.weight.zero_()
+            self.proj.weight[:, :dim].copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+
+    def forward(self, m: Tensor, z: Tensor) -> Tensor:
+        return self.proj(torch.cat([m, z], dim=-1))
+
+
+FUSIONS = {"gated": GatedFusion, "concat": ConcatFusion}
+
+
+class TMDStudent(nn.Module):
+    """Backbone/flow-head student built from a Wan teacher; implements ``TransitionModel``."""
+
+    def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated"):
+        super().__init__()
+        num_blocks = teacher.num_blocks
+        if not 1 <= head_blocks < num_blocks:
+            raise ValueError(
+                f"head_blocks must be in [1, {num_blocks - 1}] for a teacher with {num_blocks} blocks, got {head_blocks} "
+                "(the backbone needs at least one block)"
+            )
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
+        self.transformer = copy.deepcopy(teacher.transformer)
+        self.head_blocks = head_blocks
+        self.fusion_kind = fusion
+        dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
+        dtype = teacher.dtype
+        self.inner_block = InnerStateBlock(dim, eps=self.transformer.config.eps).to(dtype)
+        self.fusion = FUSIONS[fusion](dim).to(dtype)
+        self.gap_embedder = TimestepEmbedding(self.transformer.config.freq_dim, dim)
+        nn.init.zeros_(self.gap_embedder.linear_2.weight)
+        nn.init.zeros_(self.gap_embedder.linear_2.bias)
+        self.activation_checkpointing = False
+
+    @classmethod
+    def from_teacher(cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated") -> "TMDStudent":
+        return cls(teacher, head_blocks=head_blocks, fusion=fusion).to(teacher.transformer.device)
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.blocks)
+
+    @property
+    def split_index(self) -> int:
+        return self.num_blocks - self.head_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.patch_embedding.weight.dtype
+
+    def backbone(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> WanState:
+        """Features ``m`` of the outer state; computed once per outer step and reused by every head step."""
+        check_inputs(self.config, x_t, cond)
+        t = as_time(t, x_t.shape[0], x_t.device)
+        state = embed(self.transformer, x_t.to(self.dtype), t, cond.to(self.dtype))
+        hidden, _ = run_blocks(
+            self.transformer.blocks[: self.split_index], state.hidden, state, checkpointing=self.activation_checkpointing
+        )
+        return dataclasses.replace(state, hidden=hidden)
+
+    def head(self, y_s: Tensor, s: Tensor | float, r: Tensor | float, features: WanState) -> Tensor:
+        """``y_hat``, the estimate of ``y = x1 - x``, from the inner state ``y_s`` at inner time ``s``."""
+        batch = features.hidden.shape[0]
+        if y_s.shape[0] != batch or y_s.ndim != 5 or y_s.shape[1] != self.config.in_channels:
+            raise ValueError(f"inner state of shape {tuple(y_s.shape)} does not match the outer latents' layout")
+        s = as_time(s, batch, y_s.device)
+        r = as_time(r, batch, y_s.device)
+        gap = self.gap_embedder(self.transformer.condition_embedder.timesteps_proj((s - r) * TIMESTEP_SCALE))
+        temb = time_embedding(self.transformer, s, like=features.text) + gap.type_as(features.text)
+        z = self.inner_block(embed_tokens(self.transformer, y_s.to(self.dtype)), temb)
+        hidden = self.fusion(features.hidden, z)
+        hidden, _ = run_blocks(
+            self.transformer.blocks[self.split_index :],
+            hidden,
+            features,
+            timestep_proj=block_modulation(self.transformer, temb),
+            checkpointing=self.activation_checkpointing,
+            offset=self.split_index,
+        )
+        return project_out(self.transformer, hidden, temb, features.grid).float()
+

@@ -1,0 +1,129 @@
+"""Samplers: the teacher's Euler sampler with CFG, the TMD sampler, and a plain few-step sampler.
+
+All work on any model implementing the protocols in ``tmd.models.protocol`` and return the final
+x0 estimate in float32. Students are sampled without CFG: distillation bakes guidance in.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tmd import flow
+from tmd.models.protocol import TransitionModel, VelocityModel
+
+
+def teacher_grid(steps: int, shift: float) -> Tensor:
+    """The sigmas diffusers' ``FlowMatchEulerDiscreteScheduler(shift=...)`` uses, terminal 0 included.
+
+    Taken from the scheduler itself so that our teacher samples match ``WanPipeline``'s.
+    """
+    flow.check_steps(steps)
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.to(torch.float32)
+
+
+def guided_velocity(
+    model: VelocityModel, x_t: Tensor, t: Tensor | float, cond: Tensor, neg_cond: Tensor | None, guidance: float
+) -> Tensor:
+    """CFG velocity with both branches in one batched forward (one pass of twice the batch)."""
+    if guidance == 1.0 or neg_cond is None:
+        return model.velocity(x_t, t, cond)
+    t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+    t2 = t.repeat(2) if t.ndim == 1 else t
+    v_cond, v_uncond = model.velocity(torch.cat([x_t, x_t]), t2, torch.cat([cond, neg_cond])).chunk(2)
+    return flow.cfg(v_uncond, v_cond, guidance)
+
+
+def _broadcast_negative(neg_cond: Tensor | None, cond: Tensor) -> Tensor | None:
+    if neg_cond is None:
+        return None
+    if neg_cond.shape[0] == 1 and cond.shape[0] > 1:
+        neg_cond = neg_cond.expand(cond.shape[0], *neg_cond.shape[1:])
+    if neg_cond.shape != cond.shape:
+        raise ValueError(f"negative condition of shape {tuple(neg_cond.shape)} does not match {tuple(cond.shape)}")
+    return neg_cond
+
+
+@torch.no_grad()
+def sample_teacher(
+    model: VelocityModel,
+    noise: Tensor,
+    cond: Tensor,
+    neg_cond: Tensor | None = None,
+    steps: int = 50,
+    guidance: float = 5.0,
+    shift: float = 5.0,
+    progress: bool = False,
+) -> Tensor:
+    """Euler sampling of the teacher from ``noise`` (t = 1) to data, with CFG against ``neg_cond``."""
+    flow.check_guidance(guidance)
+    if guidance != 1.0 and neg_cond is None:
+        raise ValueError(f"guidance {guidance} needs a negative condition (neg_cond); pass guidance=1 for none")
+    neg_cond = _broadcast_negative(neg_cond, cond)
+    sigmas = teacher_grid(steps, shift).to(noise.device)
+    x = noise.float()
+    for i in tqdm(range(steps), desc="teacher", disable=not progress, leave=False):
+        v = guided_velocity(model, x, sigmas[i], cond, neg_cond, guidance)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def head_rollout(student: TransitionModel, y: Tensor, features, grid: Tensor) -> Tensor:
+    """Run the flow head through the inner grid from the inner noise ``y``; returns the sampled ``y``.
+
+    Not wrapped in no_grad: stage-2 training back-propagates through every inner step.
+    """
+    for j in range(len(grid) - 1):
+        y_hat = student.head(y, grid[j], grid[j + 1], features)
+        y = flow.inner_flow_step(y, y_hat, grid[j], grid[j + 1])
+    return y
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_tmd(
+    student: TransitionModel,
+    noise: Tensor,
+    cond: Tensor,
+    outer_steps: int = 2,
+    inner_steps: int = 4,
+    generator: torch.Generator | None = None,
+    outer_shift: float = flow.OUTER_SHIFT,
+    inner_shift: float = flow.INNER_SHIFT,
+) -> Tensor:
+    """M outer transitions, each: backbone once, N head steps from fresh inner noise, one DTM step."""
+    outer = flow.outer_grid(outer_steps, outer_shift).to(device=noise.device, dtype=torch.float32)
+    inner = flow.inner_grid(inner_steps, inner_shift).to(device=noise.device, dtype=torch.float32)
+    x = noise.float()
+    for i in range(outer_steps):
+        features = student.backbone(x, outer[i], cond)
+        y = head_rollout(student, _randn_like(x, generator), features, inner)
+        x = x - (outer[i] - outer[i + 1]) * y
+    return x
+
+
+@torch.no_grad()
+def sample_few_step(
+    model: VelocityModel,
+    noise: Tensor,
+    cond: Tensor,
+    steps: int = 2,
+    generator: torch.Generator | None = None,
+    shift: float = flow.OUTER_SHIFT,
+) -> Tensor:
+    """DMD2-style sampling: predict x0 at each grid time, re-noise it with fresh noise to the next."""
+    grid = flow.outer_grid(steps, shift).to(device=noise.device, dtype=torch.float32)
+    x = noise.float()
+    for i in range(steps):
+        x0 = flow.x0_from_velocity(x, model.velocity(x, grid[i], cond), grid[i])
+        x = flow.interpolate(x0, _randn_like(x, generator), grid[i + 1]) if i + 1 < steps else x0
+    return x
