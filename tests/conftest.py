@@ -4,6 +4,15 @@ import torch
 from tmd.models.wan import load_teacher
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tests use tiny models: on a loaded 2-core machine one thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher():
     return load_teacher("tiny", seed=0)

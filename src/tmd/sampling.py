@@ -89,6 +89,26 @@ def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
 
 
+def tmd_transition(
+    student: TransitionModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, inner: Tensor, generator
+) -> Tensor:
+    """One outer TMD step: backbone once, the head rolled out from fresh inner noise, a DTM step to t_next.
+
+    To ``t_next = 0`` it returns the generator sample ``x_t - t y``. Gradients flow when enabled.
+    """
+    features = student.backbone(x, t, cond)
+    y = head_rollout(student, _randn_like(x, generator), features, inner)
+    return x - (t - t_next) * y
+
+
+def few_step_transition(
+    model: VelocityModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, generator
+) -> Tensor:
+    """One DMD2-style step: predict x0 at t, re-noise it with fresh noise to t_next (none at t_next = 0)."""
+    x0 = flow.x0_from_velocity(x, model.velocity(x, t, cond), t)
+    return flow.interpolate(x0, _randn_like(x, generator), t_next) if float(t_next) > 0 else x0
+
+
 @torch.no_grad()
 def sample_tmd(
     student: TransitionModel,
@@ -105,9 +125,7 @@ def sample_tmd(
     inner = flow.inner_grid(inner_steps, inner_shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i in range(outer_steps):
-        features = student.backbone(x, outer[i], cond)
-        y = head_rollout(student, _randn_like(x, generator), features, inner)
-        x = x - (outer[i] - outer[i + 1]) * y
+        x = tmd_transition(student, x, outer[i], outer[i + 1], cond, inner, generator)
     return x
 
 
@@ -124,6 +142,5 @@ def sample_few_step(
     grid = flow.outer_grid(steps, shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i in range(steps):
-        x0 = flow.x0_from_velocity(x, model.velocity(x, grid[i], cond), grid[i])
-        x = flow.interpolate(x0, _randn_like(x, generator), grid[i + 1]) if i + 1 < steps else x0
+        x = few_step_transition(model, x, grid[i], grid[i + 1], cond, generator)
     return x

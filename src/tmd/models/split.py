@@ -11,7 +11,7 @@ student's first head evaluation equals the teacher's forward:
   [inferred: the paper's text gives the global gate, not where the zero sits], or concat,
   ``W [m; z]`` with W initialised to ``[I, 0]``.
 - time conditioning of the head: the teacher's embedding of ``s`` plus a new zero-initialised
-  embedding of ``s - r``.
+  embedding of ``s - r`` (minus its value at 0, so it vanishes at ``r = s``).
 """
 
 from __future__ import annotations
@@ -140,6 +140,14 @@ class TMDStudent(nn.Module):
         )
         return dataclasses.replace(state, hidden=hidden)
 
+    def gap_embedding(self, gap: Tensor) -> Tensor:
+        """Embedding of ``s - r``, exactly zero at ``r = s`` whatever the weights: plain transition matching
+        (always r = s) then leaves it untouched, so its flow map is the Euler step of the learnt velocity."""
+        project = self.transformer.condition_embedder.timesteps_proj
+        both = self.gap_embedder(project(torch.cat([gap, torch.zeros_like(gap)]) * TIMESTEP_SCALE))
+        at_gap, at_zero = both.chunk(2)
+        return at_gap - at_zero
+
     def head(self, y_s: Tensor, s: Tensor | float, r: Tensor | float, features: WanState) -> Tensor:
         """``y_hat``, the estimate of ``y = x1 - x``, from the inner state ``y_s`` at inner time ``s``."""
         batch = features.hidden.shape[0]
@@ -147,8 +155,7 @@ class TMDStudent(nn.Module):
             raise ValueError(f"inner state of shape {tuple(y_s.shape)} does not match the outer latents' layout")
         s = as_time(s, batch, y_s.device)
         r = as_time(r, batch, y_s.device)
-        gap = self.gap_embedder(self.transformer.condition_embedder.timesteps_proj((s - r) * TIMESTEP_SCALE))
-        temb = time_embedding(self.transformer, s, like=features.text) + gap.type_as(features.text)
+        temb = time_embedding(self.transformer, s, like=features.text) + self.gap_embedding(s - r).type_as(features.text)
         z = self.inner_block(embed_tokens(self.transformer, y_s.to(self.dtype)), temb)
         hidden = self.fusion(features.hidden, z)
         hidden, _ = run_blocks(

@@ -1,0 +1,67 @@
+"""Pieces several methods share: condition dropout, adaptive weighting, real/fake x0, the DMD loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tmd import flow
+from tmd.models.protocol import VelocityModel
+from tmd.sampling import guided_velocity
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def latent_shape(batch: dict) -> tuple[int, ...]:
+    """Data-free methods only need the latent shape; batches carry data ``x`` or an explicit ``shape``."""
+    if "x" in batch:
+        return tuple(batch["x"].shape)
+    if "shape" in batch:
+        return tuple(int(s) for s in batch["shape"])
+    raise ValueError("a batch must hold data latents 'x' or their 'shape'")
+
+
+def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Replace each sample's condition by the negative one with probability p; returns (cond, dropped mask)."""
+    dropped = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    mask = dropped.reshape(-1, *([1] * (cond.ndim - 1)))
+    return torch.where(mask, neg_cond, cond), dropped
+
+
+def adaptive_l2(error: Tensor, c: float = 1e-3, power: float = 1.0) -> Tensor:
+    """MeanFlow's adaptive weighting ``||e||^2 / sg(||e||^2 + c)^p``: robust to the wide range of target
+    scales; ``p = 0`` is the plain mean squared error."""
+    squared = error.float().pow(2).flatten(1).mean(1)
+    return (squared / (squared.detach() + c).pow(power)).mean()
+
+
+def x0_real(teacher: VelocityModel, x_t: Tensor, t: Tensor, cond: Tensor, neg_cond: Tensor, guidance: float) -> Tensor:
+    with torch.no_grad():
+        return flow.x0_from_velocity(x_t, guided_velocity(teacher, x_t, t, cond, neg_cond, guidance), t)
+
+
+def x0_of(model: VelocityModel, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    return flow.x0_from_velocity(x_t, model.velocity(x_t, t, cond), t)
+
+
+def dmd_loss(x_hat: Tensor, x0_fake: Tensor, x0_real: Tensor) -> Tensor:
+    """``0.5 ||x - sg(x - g)||^2`` with the DMD direction ``g = (x0_fake - x0_real) / mean|x - x0_real|``.
+
+    Its gradient wrt x_hat is g (per element, up to the mean's scale); the per-sample normaliser
+    makes the step size independent of how far the sample is from the teacher.
+    """
+    with torch.no_grad():
+        dims = tuple(range(1, x_hat.ndim))
+        scale = (x_hat - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        grad = (x0_fake - x0_real) / scale
+        target = x_hat - grad
+    return 0.5 * (x_hat.float() - target.float()).pow(2).mean()
+
+
+def flow_matching_loss(model: VelocityModel, x: Tensor, cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Plain flow matching: the velocity at ``x_t`` regresses ``noise - x``."""
+    x_t = flow.interpolate(x, noise, t)
+    return (model.velocity(x_t, t, cond).float() - flow.velocity_target(x, noise).float()).pow(2).mean()

@@ -1,0 +1,184 @@
+"""Tiny MLP flow models for low-dimensional worlds (``tmd.data.mog``), built like the Wan models.
+
+Time reaches every residual block (as AdaLN does in Wan), so a TMD head split off the top blocks
+conditions on its own inner time. :class:`MLPTransition` mirrors ``tmd.models.split``: the inner
+state goes through the shared input embedding and a zero-initialised residual block, is fused into
+the backbone features by a gated zero-initialised projection, and the head's time embedding gets a
+zero-initialised embedding of ``s - r``; so a student built from a velocity model starts equal to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from tmd import flow
+from tmd.data.mog import MixtureWorld
+from tmd.models.protocol import VelocityModel
+from tmd.models.wan import as_time
+from tmd.sampling import guided_velocity
+
+
+class TimeEmbedding(nn.Module):
+    """Fourier features of t in [0, 1] with frequencies up to 1000 (grid gaps reach ~1e-3), then an MLP."""
+
+    def __init__(self, width: int, frequencies: int = 16, max_frequency: float = 1000.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(0, math.log10(max_frequency), frequencies), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        angles = t[:, None].to(self.freqs.dtype) * self.freqs
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+class Block(nn.Module):
+    """Pre-norm residual MLP with the time embedding added to its hidden layer."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.time = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, h: Tensor, temb: Tensor) -> Tensor:
+        return h + self.fc2(nn.functional.silu(self.fc1(self.norm(h)) + self.time(nn.functional.silu(temb))))
+
+
+class _MLPFlow(nn.Module):
+    """Parts shared by both models, under the same names so a velocity model's weights load into a student."""
+
+    def __init__(self, dim: int, cond_dim: int, width: int, depth: int):
+        super().__init__()
+        if min(dim, cond_dim, width, depth) < 1:
+            raise ValueError(f"dim, cond_dim, width and depth must be >= 1, got {dim}, {cond_dim}, {width}, {depth}")
+        self.dim, self.cond_dim, self.width = dim, cond_dim, width
+        self.x_embed = nn.Linear(dim, width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.time_embed = TimeEmbedding(width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def _embed(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> tuple[Tensor, Tensor]:
+        if x_t.ndim != 2 or x_t.shape[1] != self.dim or cond.shape != (x_t.shape[0], self.cond_dim):
+            raise ValueError(
+                f"expected x_t (B, {self.dim}) and cond (B, {self.cond_dim}), got {tuple(x_t.shape)} and {tuple(cond.shape)}"
+            )
+        t = as_time(t, x_t.shape[0], x_t.device)
+        return self.x_embed(x_t) + self.cond_embed(cond), self.time_embed(t)
+
+    @staticmethod
+    def _run(blocks, h: Tensor, temb: Tensor) -> Tensor:
+        for block in blocks:
+            h = block(h, temb)
+        return h
+
+
+class MLPVelocity(_MLPFlow):
+    """A ``VelocityModel``: teacher copy, fake score, or few-step generator."""
+
+    def __init__(self, dim: int, cond_dim: int, width: int = 128, depth: int = 3):
+        super().__init__(dim, cond_dim, width, depth)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    def velocity(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
+        h, temb = self._embed(x_t, t, cond)
+        return self.out(self._run(self.blocks, h, temb))
+
+
+class MLPTransition(_MLPFlow):
+    """A ``TransitionModel``: ``backbone_depth`` blocks run once per outer step, ``head_depth`` per inner step."""
+
+    def __init__(self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2):
+        if backbone_depth < 1 or head_depth < 1:
+            raise ValueError(f"backbone_depth and head_depth must be >= 1, got {backbone_depth}, {head_depth}")
+        super().__init__(dim, cond_dim, width, backbone_depth + head_depth)
+        self.backbone_depth = backbone_depth
+        self.inner_block = Block(width)
+        self.fusion_gate = nn.Parameter(torch.zeros(()))
+        self.fusion = nn.Linear(width, width)
+        self.gap_embed = TimeEmbedding(width)
+        for layer in (self.inner_block.fc2, self.fusion, self.gap_embed.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_velocity_model(cls, model: MLPVelocity, head_depth: int = 1) -> "MLPTransition":
+        """Student whose head's first evaluation at ``s = t`` equals ``model.velocity`` for any ``y_s`` and ``r``."""
+        if not 1 <= head_depth < model.depth:
+            raise ValueError(f"head_depth must be in [1, {model.depth - 1}] for a model of depth {model.depth}, got {head_depth}")
+        student = cls(model.dim, model.cond_dim, model.width, model.depth - head_depth, head_depth)
+        unexpected = student.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"velocity model has parameters the student lacks: {unexpected}")
+        ref = next(model.parameters())
+        return student.to(device=ref.device, dtype=ref.dtype)
+
+    def backbone(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
+        """Features (B, width) of the outer state, reused by every head step."""
+        h, temb = self._embed(x_t, t, cond)
+        return self._run(self.blocks[: self.backbone_depth], h, temb)
+
+    def head(self, y_s: Tensor, s: Tensor | float, r: Tensor | float, features: Tensor) -> Tensor:
+        """``y_hat``, the estimate of ``y = x1 - x``, from the inner state ``y_s`` at inner time ``s``."""
+        batch = features.shape[0]
+        if y_s.shape != (batch, self.dim):
+            raise ValueError(f"inner state must be of shape ({batch}, {self.dim}), got {tuple(y_s.shape)}")
+        s = as_time(s, batch, y_s.device)
+        r = as_time(r, batch, y_s.device)
+        temb = self.time_embed(s) + self.gap_embed(s - r)
+        z = self.inner_block(self.x_embed(y_s), temb)
+        h = features + torch.sigmoid(self.fusion_gate) * self.fusion(z)
+        return self.out(self._run(self.blocks[self.backbone_depth :], h, temb))
+
+
+def fit_velocity(
+    model: MLPVelocity,
+    world: MixtureWorld,
+    teacher: VelocityModel | None = None,
+    steps: int = 1000,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    guidance: float = 1.0,
+    cond_dropout: float = 0.1,
+    seed: int = 0,
+) -> MLPVelocity:
+    """Train ``model`` in place on ``world.sample`` data: flow matching, or, given ``teacher``, regression
+    of its (CFG-``guidance``) velocity, which has no target noise and so fits in fewer steps.
+
+    Conditions are dropped to the null condition with probability ``cond_dropout`` so that the fitted
+    model has an unconditional branch for CFG. Returns the model.
+    """
+    if teacher is None and guidance != 1.0:
+        raise ValueError("guidance other than 1 needs a teacher to regress; flow matching learns the unguided velocity")
+    flow.check_steps(steps, maximum=10**6)
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    neg = world.null_cond(batch_size).to(device)
+    for _ in range(steps):
+        x, cond = world.sample(batch_size, generator=g)
+        drop = torch.rand(batch_size, generator=g) < cond_dropout
+        cond = torch.where(drop[:, None], world.null_cond(batch_size), cond).to(device)
+        t = torch.rand(batch_size, generator=g).to(device)
+        noise = torch.randn(x.shape, generator=g).to(device)
+        x = x.to(device)
+        x_t = flow.interpolate(x, noise, t)
+        if teacher is None:
+            target = flow.velocity_target(x, noise)
+        else:
+            with torch.no_grad():
+                target = guided_velocity(teacher, x_t, t, cond, neg, guidance)
+        loss = nn.functional.mse_loss(model.velocity(x_t, t, cond), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return model

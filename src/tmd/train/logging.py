@@ -1,0 +1,77 @@
+"""Metric sinks: ``metrics.jsonl`` (always; the record tests and reports read), TensorBoard, wandb.
+
+TensorBoard is skipped with a warning when it is not installed; wandb is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger:
+    """Appends one JSON line per logged step; on resume, drops lines past the checkpoint's step so the
+    file reads as one uninterrupted run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        wandb: bool = False,
+        wandb_project: str = "tmd",
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = run_dir / METRICS_FILE
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=2)
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self._wandb = None
+        if wandb:
+            try:
+                import wandb as wandb_module
+            except ImportError as e:
+                raise ImportError("train.wandb=true needs the wandb package: pip install wandb") from e
+            self._wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _json_float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no NaN/inf; write them as strings so the file stays valid JSON."""
+    return value if math.isfinite(value) else str(value)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,376 @@
+"""The training loop every method (teacher, TMD stage 1/2, DMD2, ...) runs in.
+
+A method is an object with this interface (``TrainableMethod``)::
+
+    parameter_groups() -> {"generator": [...], "fake_score": [...], ...}
+        One AdamW per group. Every parameter appears in at most one group.
+    ema_modules() -> {"generator": student}
+        Modules whose EMA is kept. All trainable parameters of one must belong to one group: its EMA
+        moves right after that group's optimizer step (so with TTUR, after each generator step).
+    state_modules() -> {"student": ..., "fake_score": ..., "discriminator": ...}
+        Everything checkpointed, by name (trainable weights and buffers). Frozen modules that are
+        rebuilt from elsewhere (the teacher) need not be listed.
+    training_step(batch, step, update) -> {"metric": float, ...}
+        ``step`` counts completed steps (0 on the first call). Compute each loss and call
+        ``update(group, loss, terms=None)`` in the order wanted; skipping a group on some steps is
+        how TTUR is written (``if step % 5 == 0: update("generator", g_loss)``). ``terms`` are the
+        named parts of the loss, logged as ``<group>/<term>`` and named if one is not finite.
+        Returns extra metrics to log.
+    generator: torch.Generator
+        Assigned by the trainer before the first step: seeded from ``train.seed``, on the training
+        device, checkpointed. Draw all of the method's noise from it.
+
+``update`` checks the loss (and the gradient norm) is finite, zeroes the grads of all groups,
+back-propagates, clips the group's grad norm to ``train.grad_clip``, steps its AdamW and its EMAs.
+Under ``train.precision=bf16`` the whole ``training_step`` runs in bf16 autocast; parameters, grads and
+optimizer states stay fp32. The trainer moves state modules to the device before building optimizers
+and batches to the device before each step; methods read ``train.activation_checkpointing`` themselves.
+
+Data comes from a ``DataSource`` (``next_batch`` plus ``state_dict``/``load_state_dict``) so a resumed
+run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tmd.config import RunConfig, save_config, to_dict
+from tmd.train import checkpoint as ckpt
+from tmd.train.logging import MetricLogger
+
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN/inf; the run stops before the bad update touches weights."""
+
+
+class Update(Protocol):
+    def __call__(self, group: str, loss: Tensor, terms: Mapping[str, Tensor] | None = None) -> None: ...
+
+
+class TrainableMethod(Protocol):
+    generator: torch.Generator
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]: ...
+
+    def ema_modules(self) -> dict[str, nn.Module]: ...
+
+    def state_modules(self) -> dict[str, nn.Module]: ...
+
+    def training_step(self, batch: Any, step: int, update: Update) -> dict[str, float]: ...
+
+
+class DataSource(Protocol):
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class GeneratorDataSource:
+    """Batch i is ``fn(i, generator seeded from (seed, i))``: resuming only needs the index."""
+
+    def __init__(self, fn: Callable[[int, torch.Generator], Any], seed: int, device: str | torch.device = "cpu"):
+        self.fn = fn
+        self.seed = seed
+        self.device = torch.device(device)
+        self.index = 0
+
+    def next_batch(self) -> Any:
+        # SeedSequence mixes (seed, i) so neighbouring batches get unrelated streams.
+        mixed = int(np.random.SeedSequence([self.seed, self.index]).generate_state(1, np.uint64)[0])
+        batch = self.fn(self.index, torch.Generator(self.device).manual_seed(mixed))
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"checkpoint was written with data seed {state['seed']}, this source has {self.seed}")
+        self.index = state["index"]
+
+
+class EMA:
+    """Exponential moving average of a module's state, kept in fp32 outside the module.
+
+    Floating entries (parameters and float buffers) are averaged; others (counters) are copied.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module = module
+        self.decay = decay
+        self.shadow = {
+            k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+            for k, v in module.state_dict().items()
+        }
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = self.module.state_dict()
+        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], 1.0 - self.decay)
+        for k, v in self.shadow.items():
+            if not v.is_floating_point():
+                v.copy_(current[k])
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]
+    """The last logged record (window means)."""
+    checkpoint: Path
+    run_dir: Path
+    ema: dict[str, dict[str, Tensor]]
+    """EMA state dicts by EMA module name, loadable with ``module.load_state_dict``."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (call before building models so their initialisation is repeatable too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to(v, device) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Runs ``method`` on ``data`` for ``cfg.train.steps`` steps in ``run_dir`` (default ``train.out_dir``).
+
+    ``resume=True`` continues from the latest checkpoint in ``run_dir`` (or starts fresh if there is
+    none); without it a run_dir that already holds checkpoints is refused rather than mixed into.
+    ``eval_fn(step) -> metrics`` runs every ``train.eval_every`` steps; its metrics are logged as ``eval/*``.
+    """
+
+    def __init__(
+        self,
+        method: TrainableMethod,
+        data: DataSource,
+        cfg: RunConfig,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        eval_fn: Callable[[int], dict[str, float]] | None = None,
+    ):
+        self.method, self.data, self.cfg, self.eval_fn = method, data, cfg, eval_fn
+        tc = cfg.train
+        self.run_dir = Path(run_dir if run_dir is not None else tc.out_dir)
+        self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
+        self.device = resolve_device(tc.device)
+
+        self.modules = method.state_modules()
+        for module in self.modules.values():
+            module.to(self.device)
+        self.groups = {name: list(params) for name, params in method.parameter_groups().items()}
+        self._check_groups()
+        unknown = set(tc.lr_groups) - set(self.groups)
+        if unknown:
+            raise ValueError(f"train.lr_groups names unknown groups {sorted(unknown)}; groups: {sorted(self.groups)}")
+        fused = True if self.device.type == "cuda" else None
+        self.optimizers = {
+            name: torch.optim.AdamW(
+                params, lr=tc.lr_groups.get(name, tc.lr), betas=tc.betas, weight_decay=tc.weight_decay, fused=fused
+            )
+            for name, params in self.groups.items()
+        }
+        self.emas = {name: EMA(module, tc.ema_decay) for name, module in method.ema_modules().items()}
+        self._ema_owner = {name: self._owner_group(name, ema.module) for name, ema in self.emas.items()}
+
+        self.generator = torch.Generator(self.device).manual_seed(tc.seed)
+        method.generator = self.generator
+        seed_everything(tc.seed)
+        self.step = 0
+
+        ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        latest = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds checkpoints (latest {latest.name}); "
+                "resume it (resume=True / --resume) or choose another train.out_dir"
+            )
+        if latest is not None:
+            self._load(latest)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / CONFIG_FILE)
+        self._window: dict[str, list[float]] = defaultdict(list)
+
+    def _check_groups(self) -> None:
+        seen: dict[int, str] = {}
+        for name, params in self.groups.items():
+            if not params:
+                raise ValueError(f"parameter group {name!r} is empty")
+            for p in params:
+                if not p.requires_grad:
+                    raise ValueError(f"parameter group {name!r} holds a parameter with requires_grad=False")
+                if id(p) in seen:
+                    raise ValueError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
+                seen[id(p)] = name
+
+    def _owner_group(self, ema_name: str, module: nn.Module) -> str:
+        group_of = {id(p): group for group, params in self.groups.items() for p in params}
+        owners = {group_of.get(id(p)) for p in module.parameters() if p.requires_grad}
+        if len(owners) != 1 or None in owners:
+            raise ValueError(
+                f"EMA module {ema_name!r}: its trainable parameters must all belong to exactly one group, "
+                f"found {sorted(str(o) for o in owners)} (None: in no group)"
+            )
+        return owners.pop()
+
+    # -- the update callback handed to training_step ------------------------------------------
+
+    def _update(self, group: str, loss: Tensor, terms: Mapping[str, Tensor] | None = None) -> None:
+        if group not in self.optimizers:
+            raise KeyError(f"update({group!r}): no such parameter group; groups: {sorted(self.optimizers)}")
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"update({group!r}) needs a scalar loss tensor, got {type(loss).__name__}")
+        values = {name: float(term.detach()) for name, term in (terms or {}).items()}
+        total = float(loss.detach())
+        if not np.isfinite(total) or not all(np.isfinite(v) for v in values.values()):
+            bad = next((name for name, v in values.items() if not np.isfinite(v)), "total")
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step} in group {group!r}: term {bad!r} = "
+                f"{values.get(bad, total)} (total {total}); stopped before updating, "
+                f"the last checkpoint in {self.checkpoint_dir} is intact"
+            )
+        with torch.autocast(self.device.type, enabled=False):
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = self.groups[group]
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not np.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm at step {self.step} in group {group!r} (loss {total}); "
+                    f"stopped before updating, the last checkpoint in {self.checkpoint_dir} is intact"
+                )
+            self.optimizers[group].step()
+            for name, ema in self.emas.items():
+                if self._ema_owner[name] == group:
+                    ema.update()
+        self._window[f"loss/{group}"].append(total)
+        self._window[f"grad_norm/{group}"].append(grad_norm)
+        for name, v in values.items():
+            self._window[f"{group}/{name}"].append(v)
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        tc = self.cfg.train
+        logger = MetricLogger(
+            self.run_dir, resume_step=self.step, tensorboard=tc.tensorboard, wandb=tc.wandb,
+            wandb_project=tc.wandb_project, config=to_dict(self.cfg),
+        )
+        bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not tc.progress, dynamic_ncols=True)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+        start = time.perf_counter()
+        last: dict[str, float] = {}
+        path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        try:
+            while self.step < tc.steps:
+                batch = move_to(self.data.next_batch(), self.device)
+                with autocast:
+                    extra = self.method.training_step(batch, self.step, self._update)
+                for key, value in (extra or {}).items():
+                    self._window[key].append(float(value))
+                self.step += 1
+                bar.update(1)
+                done = self.step == tc.steps
+                if self.step % tc.log_every == 0 or done:
+                    last = self._log(logger, time.perf_counter() - start)
+                    bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in last.items() if k.startswith("loss/")}, refresh=False)
+                if self.eval_fn is not None and tc.eval_every is not None and self.step % tc.eval_every == 0:
+                    logger.log(self.step, {f"eval/{k}": float(v) for k, v in self.eval_fn(self.step).items()})
+                if self.step % tc.checkpoint_every == 0 or done:
+                    path = self.save()
+        finally:
+            bar.close()
+            logger.close()
+        if path is None or path.name != ckpt.checkpoint_name(self.step):
+            path = self.save()
+        return TrainResult(
+            step=self.step, metrics=last, checkpoint=path, run_dir=self.run_dir,
+            ema={name: {k: v.clone() for k, v in ema.shadow.items()} for name, ema in self.emas.items()},
+        )
+
+    def _log(self, logger: MetricLogger, elapsed: float) -> dict[str, float]:
+        record = {key: sum(values) / len(values) for key, values in self._window.items() if values}
+        record.update({f"lr/{name}": opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
+        record["time"] = elapsed
+        logger.log(self.step, record)
+        self._window.clear()
+        return record
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+            "rng": ckpt.rng_state(),
+            "data": self.data.state_dict(),
+        }
+        return ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, self.modules, {n: e.shadow for n, e in self.emas.items()},
+            state, keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.modules, {n: e.shadow for n, e in self.emas.items()})
+        missing = set(self.optimizers) ^ set(state["optimizers"])
+        if missing:
+            raise ValueError(f"checkpoint {path} has optimizer groups {sorted(state['optimizers'])}, "
+                             f"the method has {sorted(self.optimizers)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.generator.set_state(state["generator"])
+        ckpt.set_rng_state(state["rng"])
+        self.data.load_state_dict(state["data"])
+        self.step = state["step"]
+
+
+def train(
+    method: TrainableMethod,
+    data: DataSource,
+    cfg: RunConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    eval_fn: Callable[[int], dict[str, float]] | None = None,
+) -> TrainResult:
+    return Trainer(method, data, cfg, run_dir, resume, eval_fn).train()
