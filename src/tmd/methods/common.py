@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -13,6 +15,24 @@ from tmd.sampling import guided_velocity
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A copy that trains (generator or fake score initialised from the teacher); the teacher stays as is."""
+    return copy.deepcopy(module).requires_grad_(True).train()
+
+
+def load_student_weights(student: nn.Module, path: str) -> None:
+    """Initialise from an earlier stage's exported weights (safetensors only), naming what does not fit."""
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} "
+            "(was it exported with other head_blocks/fusion?)"
+        )
 
 
 def latent_shape(batch: dict) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import drop_condition, flow_matching_loss
+from tmd.methods.common import drop_condition, flow_matching_loss, trainable_copy
 
 
 @dataclass
@@ -33,6 +33,11 @@ class FlowMatching(nn.Module):
         self.cfg = cfg
         self.model = model
         self.generator: torch.Generator | None = None
+
+    @classmethod
+    def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module) -> "FlowMatching":
+        """Fine-tune a copy of ``teacher``."""
+        return cls(cfg, trainable_copy(teacher))
 
     def parameter_groups(self):
         return {"model": [p for p in self.model.parameters() if p.requires_grad]}

@@ -8,19 +8,46 @@ Stage 2 ("tmd") is DMD2 where the generator sample comes from the full inner rol
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import adaptive_l2, drop_condition
+from tmd.methods.common import adaptive_l2, drop_condition, load_student_weights, trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
+from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import tmd_transition
 
 
 @dataclass
-class TransitionMatchingConfig:
+class StudentConfig:
+    """How the TMD student is cut from the teacher, and where an earlier stage left its weights."""
+
+    head_blocks: int = 2
+    fusion: str = "gated"
+    init_from: Optional[str] = None  # safetensors of an earlier stage's student (stage 2 starts from stage 1)
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
+        if self.head_blocks < 1:
+            raise ValueError(f"head_blocks must be >= 1, got {self.head_blocks}")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise FileNotFoundError(f"init_from: no student weights at {self.init_from}")
+
+    def build(self, teacher: nn.Module, activation_checkpointing: bool = False) -> TMDStudent:
+        student = TMDStudent.from_teacher(teacher, head_blocks=self.head_blocks, fusion=self.fusion)
+        if self.init_from is not None:
+            load_student_weights(student, self.init_from)
+        student.activation_checkpointing = activation_checkpointing
+        return student.requires_grad_(True).train()
+
+
+@dataclass
+class TransitionMatchingConfig(StudentConfig):
     outer_steps: int = 2
     inner_steps: int = 4
     outer_shift: float = flow.OUTER_SHIFT
@@ -34,6 +61,7 @@ class TransitionMatchingConfig:
     cond_dropout: float = 0.1
 
     def __post_init__(self):
+        super().__post_init__()
         flow.check_steps(self.outer_steps, "outer_steps", 16)
         flow.check_steps(self.inner_steps, "inner_steps", 64)
         flow.check_guidance(self.guidance)
@@ -62,6 +90,10 @@ class TransitionMatching(nn.Module):
         self.cfg = cfg
         self.student = student
         self.generator: torch.Generator | None = None
+
+    @classmethod
+    def from_teacher(cls, cfg: TransitionMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False):
+        return cls(cfg, cfg.build(teacher, activation_checkpointing))
 
     def parameter_groups(self):
         return {"student": list(self.student.parameters())}
@@ -124,12 +156,13 @@ class TransitionMatching(nn.Module):
 
 
 @dataclass
-class TMDConfig(DistributionMatchingConfig):
+class TMDConfig(DistributionMatchingConfig, StudentConfig):
     inner_steps: int = 4
     inner_shift: float = flow.INNER_SHIFT
 
     def __post_init__(self):
-        super().__post_init__()
+        DistributionMatchingConfig.__post_init__(self)
+        StudentConfig.__post_init__(self)
         flow.check_steps(self.inner_steps, "inner_steps", 64)
 
 
@@ -138,6 +171,10 @@ class TMD(DistributionMatching):
     """Stage 2: DMD2 whose generator sample runs the whole inner rollout, with gradients through it."""
 
     Config = TMDConfig
+
+    @classmethod
+    def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "TMD":
+        return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing), trainable_copy(teacher))
 
     def generate(self, batch, noise, step_index):
         cond = batch["cond"]

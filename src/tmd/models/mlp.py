@@ -132,7 +132,9 @@ class MLPTransition(_MLPFlow):
             raise ValueError(f"inner state must be of shape ({batch}, {self.dim}), got {tuple(y_s.shape)}")
         s = as_time(s, batch, y_s.device)
         r = as_time(r, batch, y_s.device)
-        temb = self.time_embed(s) + self.gap_embed(s - r)
+        # minus the embedding at zero gap: exactly zero at r = s, as in the Wan student (see tmd.models.split)
+        gap = self.gap_embed(torch.cat([s - r, torch.zeros_like(s)]))
+        temb = self.time_embed(s) + gap[:batch] - gap[batch:]
         z = self.inner_block(self.x_embed(y_s), temb)
         h = features + torch.sigmoid(self.fusion_gate) * self.fusion(z)
         return self.out(self._run(self.blocks[self.backbone_depth :], h, temb))
