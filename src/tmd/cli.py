@@ -75,18 +75,154 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=_cmd_sample)
 
 
+def _cmd_train_teacher(args: argparse.Namespace) -> int:
+    """Build the world's assets (autoencoder, text encoder) where missing and train + export the teacher."""
+    import shlex
+
+    import torch
+
+    from tmd.config import load_config
+    from tmd.train.world_teacher import WorldTeacherConfig, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(WorldTeacherConfig, args.config, args.overrides)
+    run(cfg, args.stage, args.resume, command=shlex.join(["tmd", *args.argv]))
+    return 0
+
+
+def _add_train_teacher(sub) -> None:
+    p = sub.add_parser("train-teacher", help="train the synthetic world's autoencoder, text encoder and Wan teacher")
+    p.add_argument("--config", type=Path, required=True, help="e.g. configs/world_teacher.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
+    p.add_argument("--resume", action="store_true", help="continue the teacher run from its latest checkpoint")
+    p.add_argument(
+        "--stage", choices=("autoencoder", "decoder", "text", "teacher", "all"), default="all",
+        help="rebuild one part ('decoder': fine-tune the autoencoder's decoder only); "
+        "'all' builds the autoencoder and text encoder only where missing, then the teacher",
+    )
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, busy CPU)")
+    p.set_defaults(func=_cmd_train_teacher)
+
+
+_TABLE_SCORES = ("total", "quality", "semantic", "frechet", "diversity")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score samplers on the world benchmark's fixed prompt set: quality vs cost, one row per step count."""
+    import torch
+
+    from tmd import flow
+    from tmd.data.world_data import WorldAssets, eval_prompts
+    from tmd.eval.benchmark import format_table
+    from tmd.sampling import sample_teacher
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assets = WorldAssets(args.assets)
+    shift = assets.shift if args.shift is None else args.shift
+    prompts = eval_prompts(args.per_prompt)
+    ceiling = assets.reconstruction_score(prompts, seed=args.seed)
+    rows = [{"method": "autoencoded world (ceiling)", **{k: getattr(ceiling, k) for k in _TABLE_SCORES}}]
+    for guidance in args.guidance or [assets.guidance]:
+        for steps in args.steps:
+            score = assets.evaluate_sampler(
+                lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, steps, guidance, shift),
+                prompts=prompts,
+                seed=args.seed,
+            )
+            result = score.result
+            rows.append({
+                "method": f"teacher w={guidance:g}",
+                "steps": steps,
+                "nfe": flow.teacher_effective_nfe(steps, guidance),
+                "s/video": score.seconds_per_video,
+                **{k: getattr(result, k) for k in _TABLE_SCORES},
+            })
+            print(f"{rows[-1]['method']} {steps} steps: total {result.total:.4f}", file=sys.stderr, flush=True)
+    print(f"{len(prompts)} videos ({args.per_prompt} per prompt), noise seed {args.seed}, shift {shift:g}")
+    print(format_table(rows))
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score samplers on the synthetic world benchmark (quality vs cost table)")
+    p.add_argument("--sampler", choices=("teacher",), default="teacher")
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 16, 8, 4, 2, 1])
+    p.add_argument("--guidance", type=float, nargs="+", help="CFG scales to compare (default: the world's)")
+    p.add_argument("--shift", type=float, help="teacher time shift (default: the world's)")
+    p.add_argument("--per-prompt", type=int, default=1, help="videos per each of the 72 prompts")
+    p.add_argument("--assets", type=Path, help="world assets folder (default: the packaged one)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the prompt set is fixed)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, busy CPU)")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Train one method on the synthetic world from a YAML run config; exports the EMA generator."""
+    import torch
+
+    from tmd.config import RunConfig, load_config
+    from tmd.train.run import train_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    path = train_run(cfg, resume=args.resume)
+    print(f"student weights written to {path}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a distillation method (tm, tmd, dmd2, ...) from a YAML config")
+    p.add_argument("--config", type=Path, required=True, help="run config (configs/world_tmd_stage1.yaml, ...)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 method.head_blocks=1")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Stage 1, stage 2, the DMD2 baseline and the evaluation of every sampler, into --out."""
+    import torch
+
+    from tmd.demo import run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(args.out, args.preset, args.assets, args.seed)
+    print(f"report written to {args.out / 'report.md'}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="distil the shipped world teacher with TMD and DMD2, evaluate, and report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (report.md, report.json, plot, GIF)")
+    p.add_argument("--preset", default="quick", help="quick (about 15 min on 2 CPU cores) or full (a GPU)")
+    p.add_argument("--assets", default=None, help="world assets folder (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmd", description="Transition Matching Distillation for fast video generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_sample(sub)
+    _add_train_teacher(sub)
+    _add_evaluate(sub)
+    _add_train(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded next to what a command builds, so it can be re-run exactly
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         # user errors (bad shapes, missing files, bad config keys) read as one line, not a traceback
         print(f"tmd {args.command}: error: {error}", file=sys.stderr)
         return 2

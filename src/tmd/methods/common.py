@@ -22,16 +22,26 @@ def trainable_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(True).train()
 
 
-def load_student_weights(student: nn.Module, path: str) -> None:
-    """Initialise from an earlier stage's exported weights (safetensors only), naming what does not fit."""
+def load_student_weights(student: nn.Module, path: str, expect: dict | None = None) -> None:
+    """Initialise from an earlier stage's exported weights (safetensors only), naming what does not fit.
+
+    ``expect`` holds settings the export must have been made with (e.g. head_blocks): they are not
+    visible in parameter names, so the export carries them as metadata.
+    """
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(path)
-    result = student.load_state_dict(state, strict=False)
+    with safe_open(path, framework="pt") as handle:
+        exported = json.loads((handle.metadata() or {}).get("method_config", "{}"))
+    for key, value in (expect or {}).items():
+        if key in exported and exported[key] != value:
+            raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")
+    result = student.load_state_dict(load_file(path), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]} "
-            "(was it exported with other head_blocks/fusion?)"
+            f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
 
 

@@ -41,7 +41,7 @@ class StudentConfig:
     def build(self, teacher: nn.Module, activation_checkpointing: bool = False) -> TMDStudent:
         student = TMDStudent.from_teacher(teacher, head_blocks=self.head_blocks, fusion=self.fusion)
         if self.init_from is not None:
-            load_student_weights(student, self.init_from)
+            load_student_weights(student, self.init_from, {"head_blocks": self.head_blocks, "fusion": self.fusion})
         student.activation_checkpointing = activation_checkpointing
         return student.requires_grad_(True).train()
 

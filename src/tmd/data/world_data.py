@@ -1,0 +1,186 @@
+"""Training on the synthetic world in latent space (LFM), and scoring samplers on its benchmark.
+
+The teacher and every student see the world through the same two frozen models: the video
+autoencoder (videos <-> latents) and the tiny text encoder (prompt -> embeddings). ``WorldAssets``
+loads them, with the teacher, from one folder so that every run and every table uses the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from tmd.config import register_data_config
+from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_videos
+from tmd.eval.benchmark import BenchmarkResult, score_videos
+from tmd.models.autoencoder import VideoAutoencoder
+from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
+from tmd.train.loop import GeneratorDataSource
+
+DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
+"""The shipped world: ``autoencoder/``, ``text_encoder/`` + ``tokenizer/``, ``teacher/``, ``world.json``."""
+AUTOENCODER_DIR = "autoencoder"
+TEACHER_DIR = "teacher"
+METADATA_FILE = "world.json"
+
+EVAL_SEEDS = 1
+"""Videos per prompt in the benchmark's fixed prompt set. One (72 videos) keeps a 50-step CFG teacher
+curve to minutes on 2 shared CPU cores; diversity then falls back to the global variance ratio
+(``score_videos``), so pass 2+ where within-prompt diversity matters."""
+EVAL_BATCH = 72
+
+SampleFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``sample_fn(noise, cond, neg_cond) -> latents``; all (B, ...) tensors, latents like ``noise``."""
+
+
+@dataclass
+class WorldDataConfig:
+    """The ``data:`` section of a world run. ``assets`` null means the packaged ``assets/world``."""
+
+    assets: Optional[str] = None
+
+
+register_data_config("world", WorldDataConfig)
+
+
+def assets_dir(path: str | Path | None = None) -> Path:
+    return DEFAULT_ASSETS if path is None else Path(path)
+
+
+def eval_prompts(seeds: int = EVAL_SEEDS) -> list[str]:
+    """The fixed benchmark prompt set: every prompt ``seeds`` times, prompt-major."""
+    return [p for p in all_prompts() for _ in range(seeds)]
+
+
+class PromptEmbeddings:
+    """All 72 prompt embeddings and the negative one, encoded once: the world has no other prompts."""
+
+    def __init__(self, text_encoder: TextEncoder):
+        prompts = all_prompts()
+        self.index = {p: i for i, p in enumerate(prompts)}
+        self.table = text_encoder.encode(prompts)
+        self.negative = text_encoder.encode([SYNTHETIC_NEGATIVE_PROMPT])
+
+    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(cond, neg_cond) for ``prompts``, each (B, L, D)."""
+        try:
+            idx = [self.index[p] for p in prompts]
+        except KeyError as e:
+            raise ValueError(f"prompt {e.args[0]!r} is not one of the world's 72 prompts (see all_prompts())") from None
+        cond = self.table[idx]
+        return cond, self.negative.expand_as(cond).contiguous()
+
+
+def world_data_source(
+    autoencoder: VideoAutoencoder,
+    text_encoder: TextEncoder,
+    batch_size: int,
+    seed: int,
+    world: WorldConfig = WorldConfig(),
+) -> GeneratorDataSource:
+    """Batch i: fresh world videos for random prompts, seeded by (seed, i), encoded to latents.
+
+    Keys ``x`` (B, C, F', H', W'), ``cond`` and ``neg_cond`` (B, L, D), ``prompts``.
+    """
+    embeddings = PromptEmbeddings(text_encoder)
+    autoencoder = autoencoder.eval()
+
+    def batch(_: int, generator: torch.Generator) -> dict[str, Any]:
+        prompts = random_prompts(batch_size, generator)
+        videos = sample_videos(prompts, world, generator).videos
+        with torch.no_grad():
+            x = autoencoder.encode(videos)
+        cond, neg_cond = embeddings(prompts)
+        return {"x": x, "cond": cond, "neg_cond": neg_cond, "prompts": prompts}
+
+    return GeneratorDataSource(batch, seed)
+
+
+@dataclass
+class SamplerScore:
+    result: BenchmarkResult
+    seconds_per_video: float
+    """Sampling wall-clock (decoding excluded) divided by the number of videos, at ``EVAL_BATCH``."""
+
+
+class WorldAssets:
+    """The shipped autoencoder, text encoder and (optionally) teacher, loaded from one folder."""
+
+    def __init__(self, path: str | Path | None = None, teacher: bool = True, device: str | torch.device = "cpu"):
+        from tmd.models.wan import load_teacher
+
+        self.path = assets_dir(path)
+        self.device = torch.device(device)
+        missing = [name for name in self.required(teacher) if not (self.path / name).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"world assets folder {self.path} lacks {', '.join(missing)}; build them with "
+                f"`tmd train-teacher --config configs/world_teacher.yaml` (or pass the folder that holds them)"
+            )
+        self.autoencoder = VideoAutoencoder.from_pretrained(self.path / AUTOENCODER_DIR, map_location=self.device)
+        self.text_encoder = TextEncoder.from_pretrained(self.path, device=self.device)
+        self.embeddings = PromptEmbeddings(self.text_encoder)
+        self.teacher = load_teacher(self.path / TEACHER_DIR, device=self.device) if teacher else None
+        metadata = self.path / METADATA_FILE
+        self.metadata: dict[str, Any] = json.loads(metadata.read_text()) if metadata.is_file() else {}
+
+    @staticmethod
+    def required(teacher: bool = True) -> list[str]:
+        names = [AUTOENCODER_DIR, "text_encoder", "tokenizer"]
+        return names + [TEACHER_DIR] if teacher else names
+
+    @property
+    def guidance(self) -> float:
+        """The world's default CFG scale (the one the teacher scored best with)."""
+        return float(self.metadata.get("guidance", 5.0))
+
+    @property
+    def shift(self) -> float:
+        return float(self.metadata.get("shift", 5.0))
+
+    def latent_shape(self, world: WorldConfig = WorldConfig()) -> tuple[int, int, int, int]:
+        _, frames, height, width = world.video_shape
+        return self.autoencoder.latent_shape(frames, height, width)
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        cond, neg_cond = self.embeddings(prompts)
+        return cond.to(self.device), neg_cond.to(self.device)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> videos (B, 3, F, H, W) in [-1, 1]."""
+        return self.autoencoder.decode(latents.to(self.device).float())
+
+    def reconstruction_score(self, prompts: list[str] | None = None, seed: int = 0) -> BenchmarkResult:
+        """The benchmark on autoencoded world videos: the ceiling any latent-space generator can reach."""
+        prompts = eval_prompts() if prompts is None else prompts
+        videos = sample_videos(prompts, WorldConfig(), torch.Generator().manual_seed(seed)).videos
+        with torch.no_grad():
+            recon = self.decode(self.autoencoder.encode(videos.to(self.device)))
+        return score_videos(recon.cpu(), prompts)
+
+    def evaluate_sampler(
+        self, sample_fn: SampleFn, prompts: list[str] | None = None, seed: int = 0, batch_size: int = EVAL_BATCH
+    ) -> SamplerScore:
+        """Sample one video per prompt (default: the fixed ``eval_prompts()`` set) from noise seeded by
+        ``seed``, decode and score it; the same seed gives every sampler the same noise."""
+        prompts = eval_prompts() if prompts is None else prompts
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(len(prompts), *self.latent_shape(), generator=generator)
+        videos, seconds = [], 0.0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            cond, neg_cond = self.encode_prompts(chunk)
+            began = time.perf_counter()
+            with torch.no_grad():
+                latents = sample_fn(noise[start : start + len(chunk)].to(self.device), cond, neg_cond)
+            seconds += time.perf_counter() - began
+            videos.append(self.decode(latents).cpu())
+        return SamplerScore(score_videos(torch.cat(videos), prompts), seconds / len(prompts))

@@ -1,0 +1,206 @@
+"""``tmd demo``: the whole story on the synthetic world, measured in one run.
+
+Shipped teacher -> TMD stage 1 (transition matching) -> TMD stage 2 (DMD2 with head rollout) and the
+DMD2 baseline with the same budget -> every sampler scored on the same prompts and noise -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tmd import flow
+from tmd.config import RunConfig, from_dict, save_config
+from tmd.data.world_data import WorldAssets
+from tmd.eval.benchmark import format_table
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.train.run import train_run
+
+
+@dataclass
+class Preset:
+    """Budgets of one demo; ``quick`` is sized for 15 minutes on 2 CPU cores (measured in report.md)."""
+
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int
+    head_blocks: int
+    teacher_steps: tuple[int, ...]
+    eval_seeds: int
+    lr: float = 1e-4
+    generator_every: int = 5
+    gan_weight: float = 0.03
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+PRESETS = {
+    "quick": Preset(stage1_steps=150, stage2_steps=300, batch_size=8, head_blocks=2, teacher_steps=(50, 8, 4, 2, 1), eval_seeds=1, generator_every=2),
+    "full": Preset(stage1_steps=2000, stage2_steps=4000, batch_size=32, head_blocks=2, teacher_steps=(50, 16, 8, 4, 2, 1), eval_seeds=4),
+}
+"""``full`` is for a GPU (or a patient CPU)."""
+
+METHOD_SETS = {"default": ("tmd", "dmd2")}
+TMD_GRID = ((1, 2), (1, 4), (2, 2), (2, 4))
+DMD2_STEPS = (1, 2)
+GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
+
+
+def _run_config(method: str, method_cfg: dict, preset: Preset, out: Path, assets: str | None, seed: int) -> RunConfig:
+    return from_dict(
+        RunConfig,
+        {
+            "method_name": method,
+            "data_kind": "world",
+            "method": method_cfg,
+            "data": {"assets": assets},
+            "train": {
+                "steps": preset.stage1_steps if method == "tm" else preset.stage2_steps,
+                "batch_size": preset.batch_size,
+                "lr": preset.lr,
+                "betas": [0.9, 0.99],
+                "weight_decay": 0.01,
+                "ema_decay": 0.99,
+                "seed": seed,
+                "log_every": 10,
+                "checkpoint_every": 10**6,
+                "out_dir": str(out),
+                "tensorboard": False,
+                "device": "cpu",
+            },
+        },
+        source=f"tmd demo preset ({method})",
+    )
+
+
+def _latency_ms(sample: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+    """Median wall-clock of one single-video sample after a warm-up run."""
+    sample()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+class Demo:
+    def __init__(self, out: Path, preset: str = "quick", assets: str | None = None, seed: int = 0, progress: bool = True):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        self.out, self.preset_name, self.preset, self.seed = Path(out), preset, PRESETS[preset], seed
+        self.assets_path = assets
+        self.assets = WorldAssets(assets)
+        self.teacher = self.assets.teacher
+        self.guidance, self.shift = self.assets.guidance, self.assets.shift
+        self.progress = progress
+        self.samplers: dict[str, tuple[dict, Callable]] = {}
+        self.timings: dict[str, float] = {}
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _train(self, name: str, method: str, method_cfg: dict) -> tuple[RunConfig, Path]:
+        cfg = _run_config(method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed)
+        cfg.train.progress = self.progress
+        start = time.perf_counter()
+        weights = train_run(cfg, assets=self.assets)
+        self.timings[name] = time.perf_counter() - start
+        return cfg, weights
+
+    def _load(self, cfg: RunConfig, weights: Path) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        from tmd.methods import get_method
+
+        method = get_method(cfg.method_name).from_teacher(cfg.method, self.teacher)
+        module = next(iter(method.ema_modules().values()))
+        module.load_state_dict(load_file(str(weights)))
+        return module.eval().requires_grad_(False)
+
+    def train_all(self) -> None:
+        p = self.preset
+        distill = {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight}
+        stage1_cfg, stage1 = self._train("tmd_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance})
+        tmd_cfg, tmd = self._train("tmd_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1)})
+        dmd_cfg, dmd = self._train("dmd2", "dmd2", distill)
+        self.student = self._load(tmd_cfg, tmd)
+        self.stage1_student = self._load(stage1_cfg, stage1)
+        self.dmd2 = self._load(dmd_cfg, dmd)
+        for cfg in (stage1_cfg, tmd_cfg, dmd_cfg):
+            save_config(cfg, self.out / "runs" / f"{cfg.method_name}.yaml")
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _rows_spec(self) -> list[tuple[dict, Callable]]:
+        teacher, num_blocks = self.teacher, self.teacher.num_blocks
+        specs = []
+        for steps in self.preset.teacher_steps:
+            specs.append((
+                {"method": "teacher", "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
+                lambda n, c, u, steps=steps: sample_teacher(teacher, n, c, u, steps, self.guidance, self.shift),
+            ))
+        for steps in DMD2_STEPS:
+            specs.append((
+                {"method": "dmd2", "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
+                lambda n, c, u, steps=steps: sample_few_step(self.dmd2, n, c, steps, torch.Generator().manual_seed(self.seed)),
+            ))
+        for name, student in (("tmd", self.student), ("tmd_stage1", self.stage1_student)):
+            for m, n_inner in TMD_GRID:
+                specs.append((
+                    {"method": name, "outer_steps": m, "inner_steps": n_inner,
+                     "effective_nfe": flow.tmd_effective_nfe(m, n_inner, self.preset.head_blocks, num_blocks)},
+                    lambda n, c, u, m=m, k=n_inner, s=student: sample_tmd(s, n, c, m, k, torch.Generator().manual_seed(self.seed)),
+                ))
+        return specs
+
+    def evaluate(self) -> list[dict]:
+        rows = []
+        one_noise = torch.randn(1, *self.assets.latent_shape(), generator=torch.Generator().manual_seed(self.seed))
+        one_cond, one_neg = self.assets.encode_prompts([GRID_PROMPTS[0]])
+        self.grid_samples = {}
+        for spec, fn in self._rows_spec():
+            score = self.assets.evaluate_sampler(fn, seed=self.seed)
+            latency = _latency_ms(lambda: fn(one_noise, one_cond, one_neg))
+            row = {**spec, "latency_ms": latency, "ms_per_video_batched": 1000 * score.seconds_per_video}
+            row.update({k: score.result.as_dict()[k] for k in ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")})
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
+            self.grid_samples[self._label(row)] = self._grid_videos(fn)
+        teacher_ms = next(r["latency_ms"] for r in rows if r["method"] == "teacher" and r["outer_steps"] == max(self.preset.teacher_steps))
+        for row in rows:
+            row["speedup_vs_teacher"] = teacher_ms / row["latency_ms"]
+        return rows
+
+    @staticmethod
+    def _label(row: dict) -> str:
+        inner = f"x{row['inner_steps']}" if row["inner_steps"] else ""
+        return f"{row['method']} {row['outer_steps']}{inner}"
+
+    def _grid_videos(self, fn) -> torch.Tensor:
+        cond, neg = self.assets.encode_prompts(list(GRID_PROMPTS))
+        noise = torch.randn(len(GRID_PROMPTS), *self.assets.latent_shape(), generator=torch.Generator().manual_seed(self.seed + 1))
+        with torch.no_grad():
+            return self.assets.decode(fn(noise, cond, neg)).cpu()
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        self.train_all()
+        rows = self.evaluate()
+        self.timings["total"] = time.perf_counter() - start
+        from tmd.eval.report import write_report
+
+        report = {"preset": self.preset_name, "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
+        write_report(self.out, report, self.grid_samples, list(GRID_PROMPTS))
+        return report
+
+
+def run_demo(out: str | Path, preset: str = "quick", assets: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    report = Demo(Path(out), preset, assets, seed, progress).run()
+    print(json.dumps(report["timings_s"]))
+    return report
