@@ -10,15 +10,6 @@ from tmd.train.autoencoder import train_autoencoder
 TINY = dict(base_channels=8, latent_channels=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny convolutions gain nothing from threads, and OpenMP threads thrash (10x slower) on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def blob_videos(n: int, generator: torch.Generator, frames: int = 4, size: int = 16) -> torch.Tensor:
     """Coloured Gaussian blobs moving linearly on black: a stand-in for the world that needs no renderer."""
     colour = torch.rand(n, 3, generator=generator) * 2 - 1

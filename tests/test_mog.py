@@ -9,15 +9,6 @@ from tmd.models.protocol import TransitionModel, VelocityModel
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every op here is tiny: on a shared 2-core machine intra-op threading makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def world():
     return MixtureWorld()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tmd.models.wan import (
     TIMESTEP_SCALE,
     WanState,
+    WanModule,
     WanTeacher,
     as_time,
     block_modulation,
@@ -85,7 +86,7 @@ class ConcatFusion(nn.Module):
 FUSIONS = {"gated": GatedFusion, "concat": ConcatFusion}
 
 
-class TMDStudent(nn.Module):
+class TMDStudent(WanModule):
     """Backbone/flow-head student built from a Wan teacher; implements ``TransitionModel``."""
 
     def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated"):
@@ -115,20 +116,8 @@ class TMDStudent(nn.Module):
         return cls(teacher, head_blocks=head_blocks, fusion=fusion).to(teacher.transformer.device)
 
     @property
-    def config(self):
-        return self.transformer.config
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.blocks)
-
-    @property
     def split_index(self) -> int:
         return self.num_blocks - self.head_blocks
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.patch_embedding.weight.dtype
 
     def backbone(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> WanState:
         """Features ``m`` of the outer state; computed once per outer step and reused by every head step."""

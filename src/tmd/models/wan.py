@@ -165,15 +165,10 @@ def tokens_to_grid(hidden: Tensor, grid: tuple[int, int, int]) -> Tensor:
     return hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], *grid)
 
 
-class WanTeacher(nn.Module):
-    """A Wan2.1 transformer answering ``velocity(x_t, t, text_embeds)`` with t in [0, 1], t = 1 noise."""
+class WanModule(nn.Module):
+    """What every model built around a Wan transformer (teacher, TMD student) exposes."""
 
-    def __init__(self, transformer: WanTransformer3DModel):
-        super().__init__()
-        if getattr(transformer.config, "image_dim", None) is not None:
-            raise ValueError("this is an image-to-video Wan model (image_dim is set); tmd distils text-to-video models")
-        self.transformer = transformer
-        self.activation_checkpointing = False
+    transformer: WanTransformer3DModel
 
     @property
     def config(self):
@@ -186,6 +181,17 @@ class WanTeacher(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.patch_embedding.weight.dtype
+
+
+class WanTeacher(WanModule):
+    """A Wan2.1 transformer answering ``velocity(x_t, t, text_embeds)`` with t in [0, 1], t = 1 noise."""
+
+    def __init__(self, transformer: WanTransformer3DModel):
+        super().__init__()
+        if getattr(transformer.config, "image_dim", None) is not None:
+            raise ValueError("this is an image-to-video Wan model (image_dim is set); tmd distils text-to-video models")
+        self.transformer = transformer
+        self.activation_checkpointing = False
 
     def velocity_and_features(
         self, x_t: Tensor, t: Tensor | float, cond: Tensor, feature_blocks: Sequence[int] = ()
