@@ -205,6 +205,123 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Generate mp4 files from a Wan teacher pipeline or an exported student folder."""
+    import torch
+
+    from tmd.generate import generate, read_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    records = generate(
+        args.model, prompts, args.out, pipeline=args.pipeline, steps=args.steps, inner_steps=args.inner_steps,
+        guidance=args.guidance, shift=args.shift, seed=args.seed, frames=args.frames, height=args.height,
+        width=args.width, batch_size=args.batch_size, fps=args.fps, negative_prompt=args.negative_prompt,
+        save_latents=args.save_latents, dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
+    )
+    mean = sum(r["seconds"] for r in records) / len(records)
+    nfe = records[0]["effective_nfe"]
+    print(f"{len(records)} videos written to {args.out} ({nfe:g} effective NFE, {mean:.2f} s/video)")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="text-to-video with a Wan teacher pipeline or an exported student, to mp4")
+    p.add_argument("--model", type=Path, required=True, help="a diffusers Wan pipeline root (teacher) or a student folder")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
+    p.add_argument("--out", type=Path, required=True, help="output folder (mp4 files and generation.json)")
+    p.add_argument("--pipeline", type=Path, help="pipeline root for text encoder and VAE (default: the student's teacher)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: 50 for a teacher, 2 for a student)")
+    p.add_argument("--inner-steps", type=int, help="TMD inner flow-head steps N (default 4; TMD students only)")
+    p.add_argument("--guidance", type=float, help="teacher CFG scale (default 5; 1 = none; teachers only)")
+    p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
+    p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
+    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by seed + i")
+    p.add_argument("--save-latents", action="store_true", help="also write each video's latents (.safetensors)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="transformer and text encoder precision")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    """Encode captioned videos (or, text-only, prompts) into latent / embedding shards for training."""
+    import logging
+
+    import torch
+
+    from tmd.data.prepare import prepare
+    from tmd.generate import read_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.text_only:
+        if args.prompts is None or args.captions is not None or args.videos is not None:
+            raise ValueError("--text-only takes --prompts FILE, without --videos and --captions")
+        sources = {"prompts": read_prompts(args.prompts)}
+    else:
+        if args.videos is None or args.captions is None or args.prompts is not None:
+            raise ValueError("give --videos DIR and --captions FILE (or --text-only --prompts FILE)")
+        sources = {"videos": args.videos, "captions": args.captions}
+    index = prepare(
+        args.out, args.model, **sources, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
+        shard_size=args.shard_size, workers=args.workers, negative_prompt=args.negative_prompt,
+        dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
+    )
+    print(f"{index['samples']} samples in {len(index['shards'])} shards written to {args.out} ({index['skipped']} skipped)")
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="encode videos + captions (or prompts only) into training shards")
+    p.add_argument("--videos", type=Path, help="folder of video files (the caption file names them relative to it)")
+    p.add_argument("--captions", type=Path, help=".json {video: caption} or .jsonl lines {video, caption}")
+    p.add_argument("--model", type=Path, required=True, help="a diffusers Wan pipeline root (VAE, text encoder)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
+    p.add_argument("--text-only", action="store_true", help="prompt embeddings only (data-free methods)")
+    p.add_argument("--prompts", type=Path, help="with --text-only: a text file, one prompt per line")
+    p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--fps", type=float, default=16.0, help="clips are resampled to this frame rate")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (the unit of resuming)")
+    p.add_argument("--workers", type=int, default=4, help="video decoding threads")
+    p.add_argument("--negative-prompt", help="the stored CFG negative prompt (default: Wan's)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="text encoder precision (the VAE runs fp32)")
+    p.add_argument("--device", help="torch device (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Turn a run's student.safetensors into a self-describing student folder for tmd generate."""
+    from tmd.models.export import export_run
+
+    path = export_run(args.run, args.teacher, args.out)
+    print(f"student folder written to {path}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="turn a training run's student.safetensors into a student folder")
+    p.add_argument("--run", type=Path, required=True, help="the run's student.safetensors")
+    p.add_argument("--teacher", type=Path, required=True, help="the teacher's diffusers Wan pipeline root")
+    p.add_argument("--out", type=Path, required=True, help="the student folder to write")
+    p.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmd", description="Transition Matching Distillation for fast video generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_train(sub)
     _add_demo(sub)
+    _add_generate(sub)
+    _add_prepare(sub)
+    _add_export(sub)
     return parser
 
 

@@ -61,7 +61,7 @@ METHOD_CONFIGS: dict[str, type] = {}
 DATA_CONFIGS: dict[str, type] = {}
 """Data kind -> dataclass of its options (the ``data:`` section)."""
 
-PLUGIN_MODULES = ("tmd.methods", "tmd.data")
+PLUGIN_MODULES = ("tmd.methods", "tmd.data.world_data", "tmd.data.prepare")
 """Imported once when a name is not registered yet: importing them registers the built-in configs."""
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers import WanTransformer3DModel
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
@@ -114,6 +116,37 @@ class TMDStudent(WanModule):
     @classmethod
     def from_teacher(cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated") -> "TMDStudent":
         return cls(teacher, head_blocks=head_blocks, fusion=fusion).to(teacher.transformer.device)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "TMDStudent":
+        """Load a folder written by ``tmd.models.export.export_student`` (no teacher or run needed).
+
+        The split is built around a weightless (meta) copy of the transformer, then the saved one is
+        put in its place, so a large model is never held twice in memory.
+        """
+        from safetensors.torch import load_file
+
+        from tmd.models.export import PARTS_FILE, TMD_PARTS, TRANSFORMER_DIR, read_student_config
+        from tmd.models.wan import cast_transformer, load_teacher
+
+        path = Path(path)
+        config = read_student_config(path)
+        if config["kind"] != "tmd_student":
+            raise ValueError(f"{path} holds a {config['kind']} generator, not a TMD student; load it with load_teacher")
+        with torch.device("meta"):
+            skeleton = WanTransformer3DModel.from_config(config["transformer"])
+        student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"])
+        student.transformer = load_teacher(path / TRANSFORMER_DIR, dtype=dtype).transformer
+        parts = load_file(str(path / PARTS_FILE))
+        result = nn.ModuleDict({name: getattr(student, name) for name in TMD_PARTS}).load_state_dict(parts, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{path / PARTS_FILE} does not fit a {config['fusion']} student: "
+                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        return student.to(device).eval()
 
     @property
     def split_index(self) -> int:

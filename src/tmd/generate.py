@@ -1,0 +1,275 @@
+"""Text-to-video generation from a Wan teacher or an exported student, decoded to mp4 files.
+
+``model`` is either a diffusers Wan pipeline root (the teacher: Euler steps with CFG) or a student
+folder from ``tmd.models.export`` (TMD or plain few-step; sampled without CFG). The text encoder and
+the VAE always come from a pipeline root: the teacher's own, or for a student the one recorded in its
+``config.json`` (``pipeline`` overrides it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tmd import flow
+
+DEFAULT_TEACHER_STEPS = 50
+DEFAULT_STUDENT_STEPS = 2
+DEFAULT_INNER_STEPS = 4
+DEFAULT_GUIDANCE = 5.0
+DEFAULT_SHIFT = 5.0
+"""Teacher time shift when the pipeline's scheduler config names none."""
+WAN_FPS = 16
+MANIFEST_FILE = "generation.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# The Wan VAE: latent normalisation and layout, shared with data preparation.
+
+
+def load_vae(pipeline: str | Path, device: str | torch.device = "cpu"):
+    """``AutoencoderKLWan`` from ``pipeline/vae``, in float32 (Wan's VAE is not run in bf16)."""
+    from diffusers import AutoencoderKLWan
+
+    folder = Path(pipeline) / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no vae/config.json under {pipeline}: expected a diffusers Wan pipeline root")
+    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True).to(device).eval()
+
+
+def _latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
+    return mean, std
+
+
+def normalize_latents(vae, z: Tensor) -> Tensor:
+    """VAE latents -> what the transformer sees: ``(z - mean) / std`` per channel, as WanPipeline inverts."""
+    mean, std = _latent_stats(vae, z)
+    return (z - mean) / std
+
+
+def denormalize_latents(vae, latents: Tensor) -> Tensor:
+    """The inverse, exactly ``latents / (1 / std) + mean`` as in diffusers' ``WanPipeline`` before decoding."""
+    mean, std = _latent_stats(vae, latents)
+    return latents / (1.0 / std) + mean
+
+
+def latent_shape(vae, transformer_config, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, F', H', W') of the latents of a ``frames x height x width`` video, with the sizes checked."""
+    temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    if frames < 1 or (frames - 1) % temporal:
+        raise ValueError(f"frames must be {temporal} k + 1 for the Wan VAE (e.g. 81), got {frames}")
+    _, patch_h, patch_w = transformer_config.patch_size
+    for name, size, patch in (("height", height, patch_h), ("width", width, patch_w)):
+        if size < 1 or size % (spatial * patch):
+            raise ValueError(f"{name} must be a positive multiple of {spatial * patch} (VAE x patch size), got {size}")
+    if vae.config.z_dim != transformer_config.in_channels:
+        raise ValueError(
+            f"the VAE has {vae.config.z_dim} latent channels but the transformer expects {transformer_config.in_channels}"
+        )
+    return (vae.config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
+
+
+@torch.no_grad()
+def decode_video(vae, latents: Tensor) -> Tensor:
+    """Normalised latents (B, C, F', H', W') -> uint8 frames (B, F, H, W, 3)."""
+    z = denormalize_latents(vae, latents.to(next(vae.parameters()).device, torch.float32))
+    video = vae.decode(z).sample  # (B, 3, F, H, W) in [-1, 1]
+    video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()
+
+
+def write_mp4(path: str | Path, frames: Tensor, fps: int = WAN_FPS) -> None:
+    """uint8 (F, H, W, 3) frames -> H.264 mp4 through imageio-ffmpeg."""
+    import imageio.v2 as imageio
+
+    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8) as writer:
+        for frame in frames.numpy():
+            writer.append_data(frame)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models.
+
+
+@dataclass
+class GenerationModel:
+    kind: str  # "teacher", "tmd_student" or "few_step"
+    model: nn.Module
+    pipeline: Path
+    """The pipeline root the text encoder and VAE are loaded from."""
+
+    def effective_nfe(self, steps: int, inner_steps: int | None, guidance: float | None) -> float:
+        if self.kind == "teacher":
+            return flow.teacher_effective_nfe(steps, guidance)
+        if self.kind == "tmd_student":
+            return flow.tmd_effective_nfe(steps, inner_steps, self.model.head_blocks, self.model.num_blocks)
+        flow.check_steps(steps)
+        return float(steps)
+
+
+def load_generation_model(
+    path: str | Path,
+    pipeline: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> GenerationModel:
+    from tmd.models.export import TRANSFORMER_DIR, is_student_folder, read_student_config
+    from tmd.models.split import TMDStudent
+    from tmd.models.wan import load_teacher
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not is_student_folder(path):
+        return GenerationModel("teacher", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
+    config = read_student_config(path)
+    pipeline = pipeline or config.get("teacher")
+    if pipeline is None:
+        raise ValueError(f"{path} does not record its teacher pipeline; pass --pipeline PATH (a Wan pipeline root)")
+    if config["kind"] == "tmd_student":
+        model = TMDStudent.from_pretrained(path, dtype=dtype, device=device)
+    else:
+        model = load_teacher(path / TRANSFORMER_DIR, dtype=dtype, device=device)
+    return GenerationModel(config["kind"], model, Path(pipeline))
+
+
+def teacher_shift(pipeline: Path) -> float:
+    """The time shift the pipeline's scheduler was saved with (``shift`` or UniPC's ``flow_shift``)."""
+    config_file = pipeline / "scheduler" / "scheduler_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in ("shift", "flow_shift"):
+            if config.get(key) is not None:
+                return float(config[key])
+    return DEFAULT_SHIFT
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation.
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def _slug(prompt: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "video"
+
+
+def generate(
+    model_path: str | Path,
+    prompts: list[str],
+    out: str | Path,
+    *,
+    pipeline: str | Path | None = None,
+    steps: int | None = None,
+    inner_steps: int | None = None,
+    guidance: float | None = None,
+    shift: float | None = None,
+    seed: int = 0,
+    frames: int = 81,
+    height: int = 480,
+    width: int = 832,
+    batch_size: int = 1,
+    fps: int = WAN_FPS,
+    negative_prompt: str | None = None,
+    save_latents: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate one mp4 per prompt into ``out``; returns (and writes to ``generation.json``) one record each.
+
+    Video i starts from noise seeded by ``seed + i`` whatever the batch size; a student's inner noise
+    is drawn per batch. The wall-clock per video covers text encoding, sampling and decoding (a batch's
+    time split evenly), not model loading.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
+    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+
+    if not prompts:
+        raise ValueError("no prompts to generate")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_generation_model(model_path, pipeline, dtype, device)
+    teacher = loaded.kind == "teacher"
+    if not teacher and guidance is not None:
+        raise ValueError("students are sampled without CFG (distillation bakes guidance in); drop --guidance")
+    if loaded.kind != "tmd_student" and inner_steps is not None:
+        raise ValueError(f"--inner-steps applies to TMD students only; {model_path} is a {loaded.kind}")
+    if steps is None:
+        steps = DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS
+    inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
+    guidance = (DEFAULT_GUIDANCE if guidance is None else guidance) if teacher else None
+    shift = shift if shift is not None else (teacher_shift(loaded.pipeline) if teacher else flow.OUTER_SHIFT)
+    nfe = loaded.effective_nfe(steps, inner_steps, guidance)
+
+    vae = load_vae(loaded.pipeline, device)
+    shape = latent_shape(vae, loaded.model.config, frames, height, width)
+    text_encoder = TextEncoder.from_pretrained(loaded.pipeline, device=device, dtype=dtype)
+    negative = None
+    if teacher and guidance != 1.0:
+        negative = text_encoder.encode([WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(prompts), desc=f"{loaded.kind} {nfe:g} NFE", unit="video", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        seeds = [seed + start + i for i in range(len(batch))]
+        noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+        began = time.perf_counter()
+        cond = text_encoder.encode(batch)
+        if teacher:
+            latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, shift)
+        else:
+            inner_noise = torch.Generator(device).manual_seed(seeds[0])
+            if loaded.kind == "tmd_student":
+                latents = sample_tmd(loaded.model, noise, cond, steps, inner_steps, inner_noise, outer_shift=shift)
+            else:
+                latents = sample_few_step(loaded.model, noise, cond, steps, inner_noise, shift=shift)
+        videos = torch.cat([decode_video(vae, latents[i : i + 1]) for i in range(len(batch))])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - began) / len(batch)
+        for i, prompt in enumerate(batch):
+            name = f"{start + i:04d}-{_slug(prompt)}"
+            write_mp4(out / f"{name}.mp4", videos[i], fps)
+            if save_latents:
+                tensors = {"latents": latents[i].contiguous().cpu()}
+                save_file(tensors, str(out / f"{name}.safetensors"), metadata={"prompt": prompt})
+            records.append(
+                {"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds}
+            )
+            bar.write(f"{name}.mp4: {nfe:g} effective NFE, {seconds:.2f} s")
+        bar.update(len(batch))
+    bar.close()
+    settings = {
+        "model": str(model_path), "kind": loaded.kind, "pipeline": str(loaded.pipeline), "steps": steps,
+        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
+        "frames": frames, "height": height, "width": width, "fps": fps, "dtype": str(dtype).removeprefix("torch."),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")
+    return records

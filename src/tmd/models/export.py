@@ -1,0 +1,120 @@
+"""Self-describing student folders: what ``tmd generate`` loads without the training run.
+
+A TMD student folder holds ``config.json`` (kind ``"tmd_student"``, the split, the transformer config
+and the teacher it came from), ``transformer/`` (backbone + head, written by diffusers'
+``save_pretrained`` so the keys are the teacher's diffusers names and any Wan tool can read them) and
+``tmd_parts.safetensors`` (the parameters TMD adds). A plain few-step generator (DMD2, ...) is a
+Wan transformer, so its folder is ``config.json`` (kind ``"few_step"``) plus ``transformer/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from tmd.models.wan import WanTeacher
+
+CONFIG_FILE = "config.json"
+TRANSFORMER_DIR = "transformer"
+PARTS_FILE = "tmd_parts.safetensors"
+TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
+"""The TMDStudent submodules that are not part of the teacher's transformer."""
+STUDENT_KINDS = ("tmd_student", "few_step")
+
+
+def export_student(student, path: str | Path, teacher_source: str | None = None) -> Path:
+    """Write ``student`` (a ``TMDStudent`` or a few-step ``WanTeacher``) as a student folder at ``path``.
+
+    ``teacher_source`` (the teacher's diffusers pipeline root) is recorded so that generation can find
+    the text encoder and VAE the student was distilled with.
+    """
+    from tmd.models.split import TMDStudent
+
+    path = Path(path)
+    if isinstance(student, TMDStudent):
+        config: dict[str, Any] = {"kind": "tmd_student", "head_blocks": student.head_blocks, "fusion": student.fusion_kind}
+    elif isinstance(student, WanTeacher):
+        config = {"kind": "few_step"}
+    else:
+        raise TypeError(f"can export a TMDStudent or a WanTeacher-style few-step generator, got {type(student).__name__}")
+    path.mkdir(parents=True, exist_ok=True)
+    student.transformer.save_pretrained(path / TRANSFORMER_DIR, safe_serialization=True)
+    if config["kind"] == "tmd_student":
+        parts = {
+            f"{name}.{key}": value.detach().contiguous().cpu()
+            for name in TMD_PARTS
+            for key, value in getattr(student, name).state_dict().items()
+        }
+        save_file(parts, str(path / PARTS_FILE))
+    config["transformer"] = {k: v for k, v in student.transformer.config.items() if not k.startswith("_")}
+    config["teacher"] = None if teacher_source is None else str(teacher_source)
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def export_run(weights: str | Path, teacher: str | Path, path: str | Path) -> Path:
+    """Turn a training run's ``student.safetensors`` (``tmd.train.run``) into a student folder.
+
+    The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student; any
+    other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
+    """
+    from safetensors import safe_open
+
+    from tmd.methods.common import load_student_weights
+    from tmd.models.split import TMDStudent
+    from tmd.models.wan import load_teacher
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no student weights at {weights}")
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "method_config" not in metadata:
+        raise ValueError(f"{weights} has no method_config metadata: it was not written by tmd train")
+    method_config = json.loads(metadata["method_config"])
+    model = load_teacher(teacher)
+    split = {k: method_config[k] for k in ("head_blocks", "fusion") if k in method_config}
+    if "head_blocks" in split:
+        model = TMDStudent.from_teacher(model, **split)
+    try:
+        load_student_weights(model, str(weights), split)
+    except ValueError as e:
+        raise ValueError(f"cannot export the {metadata.get('method')!r} run: {e}") from None
+    return export_student(model, path, teacher_source=str(teacher))
+
+
+def read_student_config(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a student folder, checked; errors say what the folder looks like instead."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"student folder {path} does not exist")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        pipeline_root = (path / "model_index.json").is_file()
+        hint = " (it looks like a diffusers pipeline root: load it as a teacher)" if pipeline_root else ""
+        raise FileNotFoundError(f"{path} is not a student folder: no {CONFIG_FILE}{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    kind = config.get("kind") if isinstance(config, dict) else None
+    if kind not in STUDENT_KINDS:
+        raise ValueError(f"{config_file} has kind {kind!r}; a student folder has kind one of {list(STUDENT_KINDS)}")
+    required = [TRANSFORMER_DIR] + ([PARTS_FILE] if kind == "tmd_student" else [])
+    missing = [name for name in required if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"student folder {path} is incomplete: missing {missing}")
+    return config
+
+
+def is_student_folder(path: str | Path) -> bool:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("kind") in STUDENT_KINDS
+    except (json.JSONDecodeError, AttributeError):
+        return False

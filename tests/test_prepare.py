@@ -1,0 +1,134 @@
+import json
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tmd.cli import main
+from tmd.config import ConfigError, RunConfig, load_config
+from tmd.data import prepare as prep
+from tmd.data.prepare import PreparedDataset, load_clip, prepare
+from tmd.generate import load_vae, normalize_latents
+from test_generate import build_tiny_pipeline
+
+FRAMES, SIZE = 5, 32
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("wan"))
+
+
+def write_video(path, frames, height=40, width=48, fps=16, seed=0):
+    video = np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    imageio.mimwrite(path, video, format="FFMPEG", fps=fps, macro_block_size=8)
+
+
+@pytest.fixture
+def videos(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "good.mp4", 10)
+    write_video(folder / "short.mp4", 3)
+    (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    write_video(folder / "slow.mp4", 4, height=48, width=40, fps=8, seed=1)  # 8 fps: each frame is used twice
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({
+        "good.mp4": "a red circle moving left",
+        "short.mp4": "a blue square",
+        "corrupt.mp4": "a red square",
+        "slow.mp4": "a blue circle moving right",
+    }))
+    return folder, captions
+
+
+def run_prepare(folder, captions, pipeline, out, **kwargs):
+    return prepare(out, pipeline, videos=folder, captions=captions, frames=FRAMES, height=SIZE, width=SIZE,
+                   shard_size=2, workers=2, negative_prompt="", progress=False, **kwargs)
+
+
+def test_prepare_videos(tmp_path, videos, pipeline, monkeypatch, caplog):
+    folder, captions = videos
+    out = tmp_path / "data"
+    index = run_prepare(folder, captions, pipeline, out)
+
+    assert index["samples"] == 2 and index["skipped"] == 2 and len(index["shards"]) == 2
+    reasons = {s["video"]: s["reason"] for s in index["skipped_videos"]}
+    assert reasons["short.mp4"].startswith("too short") and reasons["corrupt.mp4"].startswith("cannot decode")
+    assert "skipped corrupt.mp4" in caplog.text
+    assert json.loads((out / "index.json").read_text()) == index
+    assert index["latent_shape"] == [4, 2, 4, 4] and index["text_max_length"] == 16
+
+    shard = load_file(out / "shard-00000.safetensors")
+    assert shard["latents"].shape == (1, 4, 2, 4, 4)
+    assert shard["cond"].shape == (1, 6, 32) and shard["cond_lengths"].tolist() == [6]  # 5 words + </s>
+    vae = load_vae(pipeline)
+    clip = load_clip(folder / "good.mp4", FRAMES, SIZE, SIZE, 16)
+    assert clip.shape == (3, FRAMES, SIZE, SIZE) and -1 <= clip.min() and clip.max() <= 1
+    expected = normalize_latents(vae, vae.encode(clip[None]).latent_dist.mode())[0]
+    torch.testing.assert_close(shard["latents"][0], expected)
+    slow = load_clip(folder / "slow.mp4", FRAMES, SIZE, SIZE, 16)
+    assert torch.equal(slow[:, 0], slow[:, 1]) and not torch.equal(slow[:, 1], slow[:, 2])
+
+    # resume: nothing left to do, so no video is decoded and no shard rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    monkeypatch.setattr(prep, "load_clip", lambda *a: pytest.fail("a resumed, finished run decoded a video"))
+    assert run_prepare(folder, captions, pipeline, out) == index
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    monkeypatch.undo()
+    # a lost shard is redone, alone, to the same index
+    (out / "shard-00001.safetensors").unlink()
+    assert run_prepare(folder, captions, pipeline, out) == index
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == stamps["shard-00000.safetensors"]
+
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(out, pipeline, videos=folder, captions=captions, frames=9, height=SIZE, width=SIZE, shard_size=2,
+                negative_prompt="", progress=False)
+
+
+def test_prepared_dataset(tmp_path, videos, pipeline):
+    folder, captions = videos
+    out = tmp_path / "data"
+    run_prepare(folder, captions, pipeline, out)
+    data = PreparedDataset(out, batch_size=3, seed=1)
+    first = data.next_batch()  # 3 samples from 2: crosses into the second epoch
+    assert first["x"].shape == (3, 4, 2, 4, 4)
+    assert first["cond"].shape == first["neg_cond"].shape == (3, 16, 32)
+    assert sorted(first["prompts"][:2]) == ["a blue circle moving right", "a red circle moving left"]
+    negative = load_file(out / "negative.safetensors")["cond"][0]
+    torch.testing.assert_close(first["neg_cond"][0, : negative.shape[0]], negative)
+    assert first["neg_cond"][0, negative.shape[0] :].abs().sum() == 0
+
+    state = data.state_dict()
+    expected = data.next_batch()
+    resumed = PreparedDataset(out, batch_size=3, seed=1)
+    resumed.load_state_dict(state)
+    again = resumed.next_batch()
+    assert again["prompts"] == expected["prompts"] and torch.equal(again["x"], expected["x"])
+    with pytest.raises(ValueError, match="data seed"):
+        PreparedDataset(out, batch_size=3, seed=2).load_state_dict(state)
+
+    cfg = load_config(RunConfig, overrides=["method_name=tm", "data_kind=prepared", f"data.path={out}"])
+    assert cfg.data.path == str(out)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(RunConfig, overrides=["method_name=tm", "data_kind=prepared", f"data.path={tmp_path / 'none'}"])
+
+
+def test_prepare_text_only_cli(tmp_path, pipeline, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square moving left\na circle\n")
+    out = tmp_path / "text"
+    args = ["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(out),
+            "--frames", "5", "--height", "32", "--width", "32", "--shard-size", "2", "--negative-prompt", ""]
+    assert main(args) == 0
+    assert "3 samples in 2 shards" in capsys.readouterr().out
+    batch = PreparedDataset(out, batch_size=2).next_batch()
+    assert batch["shape"] == (2, 4, 2, 4, 4) and "x" not in batch and batch["cond"].shape == (2, 16, 32)
+
+    assert main(["prepare", "--model", str(pipeline), "--out", str(out), "--prompts", str(prompts)]) == 2
+    assert "--videos DIR and --captions FILE" in capsys.readouterr().err
+    args = ["prepare", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--text-only", "--prompts", str(prompts)]
+    assert main(args) == 2
+    assert "pipeline root" in capsys.readouterr().err
