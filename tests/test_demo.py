@@ -51,13 +51,17 @@ def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
     assert "no student weights at /nope.safetensors" in capsys.readouterr().err
 
 
-def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("methods", ["default", pytest.param("all", marks=pytest.mark.slow)])
+def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
     monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=1))
-    report = run_demo(tmp_path, "micro", str(tiny_assets), progress=False)
+    report = run_demo(tmp_path, "micro", str(tiny_assets), progress=False, methods=methods)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == report["rows"]
-    methods = {(r["method"], r["outer_steps"], r["inner_steps"]) for r in saved["rows"]}
-    assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("tmd", 2, 4), ("tmd", 1, 2)} <= methods
+    samplers = {(r["method"], r["outer_steps"], r["inner_steps"]) for r in saved["rows"]}
+    assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("tmd", 2, 4), ("tmd", 1, 2)} <= samplers
+    if methods == "all":
+        assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow"}
+        assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers
     for row in saved["rows"]:
         for key in ("effective_nfe", "latency_ms", "total", "quality", "semantic", "frechet", "diversity"):
             assert isinstance(row[key], float), key

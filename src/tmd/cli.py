@@ -190,7 +190,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_demo(args.out, args.preset, args.assets, args.seed)
+    run_demo(args.out, args.preset, args.assets, args.seed, methods=args.methods)
     print(f"report written to {args.out / 'report.md'}")
     return 0
 
@@ -199,6 +199,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="distil the shipped world teacher with TMD and DMD2, evaluate, and report")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (report.md, report.json, plot, GIF)")
     p.add_argument("--preset", default="quick", help="quick (about 15 min on 2 CPU cores) or full (a GPU)")
+    p.add_argument("--methods", default="default", help="default (TMD and DMD2) or all (every baseline too)")
     p.add_argument("--assets", default=None, help="world assets folder (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -322,6 +323,49 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Latency, peak memory and throughput of every sampler and training step, against effective NFE."""
+    import torch
+
+    from tmd.bench import BenchSettings, format_report, run_bench, write_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    quick = {"repeats": 3, "warmup": 1} if args.quick else {"repeats": 5, "warmup": 2}
+    settings = BenchSettings(
+        model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
+        repeats=args.repeats or quick["repeats"], warmup=quick["warmup"] if args.warmup is None else args.warmup,
+        device=device, dtype=args.dtype, head_blocks=args.head_blocks, quick=args.quick,
+    )
+    result = run_bench(settings, progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
+    result["meta"]["command"] = " ".join(["tmd", *args.argv])
+    print(format_report(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="latency / memory / throughput tables of samplers and training steps")
+    p.add_argument("--model", default="world", help='"world" (CPU default), "wan1.3b" (GPU), a diffusers Wan folder, '
+                   'a .json/.yaml transformer config, or "tiny"')
+    p.add_argument("--latent", type=int, nargs=4, metavar=("C", "F", "H", "W"), help="latent shape (default: the model's)")
+    p.add_argument("--batch", type=int, help="samples per call (default 4; 1 for wan1.3b)")
+    p.add_argument("--repeats", type=int, help="timed repeats per row, median reported (default 5; 3 with --quick)")
+    p.add_argument("--warmup", type=int, help="untimed runs per row first (default 2; 1 with --quick)")
+    p.add_argument("--head-blocks", type=int, help="TMD flow-head blocks H (default 2 for world, 5 for wan1.3b)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU: on a shared 2-core machine one "
+                   "thread measured ~10x faster than two; 0 = torch's default)")
+    p.add_argument("--json", type=Path, help="also write the tables to this JSON file")
+    p.add_argument("--quick", action="store_true", help="fewer rows and repeats (a couple of minutes on CPU)")
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmd", description="Transition Matching Distillation for fast video generation")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -333,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_prepare(sub)
     _add_export(sub)
+    _add_bench(sub)
     return parser
 
 

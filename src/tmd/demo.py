@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 
 from tmd import flow
-from tmd.config import RunConfig, from_dict, save_config
+from tmd.config import RunConfig, from_dict
 from tmd.data.world_data import WorldAssets
 from tmd.eval.benchmark import format_table
-from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.methods import get_method
+from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.run import train_run
 
 
@@ -45,9 +46,8 @@ PRESETS = {
 }
 """``full`` is for a GPU (or a patient CPU)."""
 
-METHOD_SETS = {"default": ("tmd", "dmd2")}
+METHOD_SETS = {"default": ("tmd", "dmd2"), "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow")}
 TMD_GRID = ((1, 2), (1, 4), (2, 2), (2, 4))
-DMD2_STEPS = (1, 2)
 GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
 
 
@@ -115,24 +115,32 @@ class Demo:
     def _load(self, cfg: RunConfig, weights: Path) -> torch.nn.Module:
         from safetensors.torch import load_file
 
-        from tmd.methods import get_method
-
         method = get_method(cfg.method_name).from_teacher(cfg.method, self.teacher)
         module = next(iter(method.ema_modules().values()))
         module.load_state_dict(load_file(str(weights)))
         return module.eval().requires_grad_(False)
 
-    def train_all(self) -> None:
+    def _baseline_config(self, method: str) -> dict:
+        p = self.preset
+        cfg: dict[str, Any] = {"guidance": self.guidance}
+        if method == "dmd2":
+            cfg.update(generator_every=p.generator_every, gan_weight=p.gan_weight)
+        if method == "phased_dmd":
+            cfg["phase_steps"] = p.stage2_steps // 2
+        return cfg
+
+    def train_all(self, methods: tuple[str, ...]) -> None:
+        """TMD (stage 1 then stage 2) and each baseline, every distillation with the same step budget."""
         p = self.preset
         distill = {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight}
         stage1_cfg, stage1 = self._train("tmd_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance})
         tmd_cfg, tmd = self._train("tmd_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1)})
-        dmd_cfg, dmd = self._train("dmd2", "dmd2", distill)
-        self.student = self._load(tmd_cfg, tmd)
-        self.stage1_student = self._load(stage1_cfg, stage1)
-        self.dmd2 = self._load(dmd_cfg, dmd)
-        for cfg in (stage1_cfg, tmd_cfg, dmd_cfg):
-            save_config(cfg, self.out / "runs" / f"{cfg.method_name}.yaml")
+        self.tmd_students = {"tmd": self._load(tmd_cfg, tmd), "tmd_stage1": self._load(stage1_cfg, stage1)}
+        self.baselines = {}
+        for method in methods:
+            if method != "tmd":
+                cfg, weights = self._train(method, method, self._baseline_config(method))
+                self.baselines[method] = self._load(cfg, weights)
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -144,12 +152,14 @@ class Demo:
                 {"method": "teacher", "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
                 lambda n, c, u, steps=steps: sample_teacher(teacher, n, c, u, steps, self.guidance, self.shift),
             ))
-        for steps in DMD2_STEPS:
-            specs.append((
-                {"method": "dmd2", "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
-                lambda n, c, u, steps=steps: sample_few_step(self.dmd2, n, c, steps, torch.Generator().manual_seed(self.seed)),
-            ))
-        for name, student in (("tmd", self.student), ("tmd_stage1", self.stage1_student)):
+        for name, module in self.baselines.items():
+            method = get_method(name)
+            for steps in method.sample_steps:
+                specs.append((
+                    {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
+                    lambda n, c, u, steps=steps, m=module, sample=method.sample: sample(m, n, c, steps, torch.Generator().manual_seed(self.seed)),
+                ))
+        for name, student in self.tmd_students.items():
             for m, n_inner in TMD_GRID:
                 specs.append((
                     {"method": name, "outer_steps": m, "inner_steps": n_inner,
@@ -187,20 +197,24 @@ class Demo:
         with torch.no_grad():
             return self.assets.decode(fn(noise, cond, neg)).cpu()
 
-    def run(self) -> dict:
+    def run(self, methods: tuple[str, ...]) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        self.train_all()
+        self.train_all(methods)
         rows = self.evaluate()
         self.timings["total"] = time.perf_counter() - start
         from tmd.eval.report import write_report
 
-        report = {"preset": self.preset_name, "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
+        report = {"preset": self.preset_name, "methods": list(methods), "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
         write_report(self.out, report, self.grid_samples, list(GRID_PROMPTS))
         return report
 
 
-def run_demo(out: str | Path, preset: str = "quick", assets: str | None = None, seed: int = 0, progress: bool = True) -> dict:
-    report = Demo(Path(out), preset, assets, seed, progress).run()
+def run_demo(
+    out: str | Path, preset: str = "quick", assets: str | None = None, seed: int = 0, progress: bool = True, methods: str = "default"
+) -> dict:
+    if methods not in METHOD_SETS:
+        raise ValueError(f"unknown method set {methods!r}; choose one of {sorted(METHOD_SETS)}")
+    report = Demo(Path(out), preset, assets, seed, progress).run(METHOD_SETS[methods])
     print(json.dumps(report["timings_s"]))
     return report

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
+from tmd.sampling import sample_few_step
 
 
 @dataclass
@@ -75,6 +76,14 @@ class DistributionMatching(nn.Module):
 
     def outer_grid(self, device) -> Tensor:
         return flow.outer_grid(self.cfg.outer_steps, self.cfg.outer_shift).to(device=device, dtype=torch.float32)
+
+    sample_steps: tuple[int, ...] = (1, 2)
+    """Step counts at which ``tmd demo`` evaluates the trained generator."""
+
+    @staticmethod
+    def sample(generator_module: nn.Module, noise: Tensor, cond: Tensor, steps: int, rng: torch.Generator | None = None) -> Tensor:
+        """How this method's trained generator samples: DMD2-style predict-x0-and-re-noise steps."""
+        return sample_few_step(generator_module, noise, cond, steps, rng)
 
     def generate(self, batch: dict, noise: Tensor, step_index: int) -> Tensor:
         """Generator sample ``x_hat`` (x0 estimate) from outer grid time ``step_index``, backward-simulated

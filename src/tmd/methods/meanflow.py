@@ -72,6 +72,12 @@ class MeanFlow(nn.Module):
     def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MeanFlow":
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing))
 
+    sample_steps = (1, 2)
+
+    @staticmethod
+    def sample(student, noise, cond, steps, rng=None):
+        return sample_mean_flow(student, noise, cond, steps)
+
     def parameter_groups(self):
         return {"student": list(self.student.parameters())}
 

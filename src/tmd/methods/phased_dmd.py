@@ -145,6 +145,14 @@ class PhasedDMD(IntervalMatching):
         self.phase = self.fake_score.phase = min(step // self.cfg.phase_steps, self.cfg.outer_steps - 1)
         return {**super().training_step(batch, step, update), "phase": float(self.phase)}
 
+    sample_steps = (2,)  # one expert per outer step: the expert count fixes the step count
+
+    @staticmethod
+    def sample(generator_module, noise, cond, steps, rng=None):
+        if steps != len(generator_module):
+            raise ValueError(f"phased DMD samples with its {len(generator_module)} experts, not {steps} steps")
+        return sample_phased(generator_module, noise, cond, rng)
+
     def generate(self, batch, noise, step_index):
         """``x_s`` at the current phase's boundary; ``step_index`` (random) is ignored: the phase decides."""
         k, cond, grid = self.phase, batch["cond"], self.outer_grid(noise.device)

@@ -51,6 +51,10 @@ class TDM(IntervalMatching):
         generator.activation_checkpointing = activation_checkpointing
         return cls(cfg, teacher, generator, trainable_copy(teacher))
 
+    @staticmethod
+    def sample(generator_module, noise, cond, steps, rng=None):
+        return sample_deterministic(generator_module, noise, cond, steps)
+
     def generate(self, batch, noise, step_index):
         cond, grid = batch["cond"], self.outer_grid(noise.device)
         x = noise

@@ -50,7 +50,8 @@ class InnerStateBlock(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        # hidden width = dim, not 4 dim: the block runs once per inner step, and its job (embed y_s) is small
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.modulation = nn.Linear(dim, 3 * dim)
         nn.init.zeros_(self.modulation.weight)
         nn.init.zeros_(self.modulation.bias)
