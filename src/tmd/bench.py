@@ -1,0 +1,349 @@
+"""``tmd bench``: latency, memory and throughput of every sampler and training step, in one process.
+
+Effective NFE is the cost model every table in tmd reports; this checks it against the clock on the
+same shapes, next to what the analytic FLOP model (``tmd.eval.flops``) predicts, so that a gap can be
+read as either the sampler's overhead or the cost model's optimism. Weights are random (timing does
+not depend on them) unless a diffusers folder is given; students are untrained copies of the teacher.
+
+Repeats are taken round-robin over the rows (row A, row B, ..., then again), so that load drifting on
+a shared machine hits every row alike and the speed-up ratios stay comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tmd import flow
+from tmd.eval import flops
+
+WAN_1_3B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 1.3B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+WAN_1_3B_LATENT = (16, 21, 60, 104)
+"""Latents of an 81 x 480 x 832 video (VAE: 4x temporal, 8x spatial)."""
+WAN_TEXT_LEN = 512
+"""UMT5 prompt length Wan pads to."""
+
+TEACHER_STEPS = 50
+TEACHER_GUIDANCE = 5.0
+TEACHER_SHIFT = 5.0
+WORLD_CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "world_teacher.yaml"
+
+
+@dataclass
+class BenchModel:
+    """A teacher to benchmark with the shapes it is used at."""
+
+    name: str
+    config: dict[str, Any] | None  # None: read from ``path`` when the teacher is loaded
+    latent: tuple[int, int, int, int] | None
+    text_len: int | None  # None: Wan's 512 for a 4096-wide text encoder (UMT5), else 8
+    head_blocks: int | None
+    weights: str
+    path: str | None = None  # what ``load_teacher`` loads; None builds ``config`` with random weights
+
+
+def world_model() -> BenchModel:
+    """The synthetic world's teacher: the shipped one's config if built, else ``configs/world_teacher.yaml``."""
+    from tmd.config import load_config
+    from tmd.data.world import WorldConfig
+    from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
+    from tmd.models.autoencoder import AutoencoderConfig
+    from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
+
+    cfg = load_config(WorldTeacherConfig, WORLD_CONFIG_FILE if WORLD_CONFIG_FILE.is_file() else None)
+    shipped = DEFAULT_ASSETS / TEACHER_DIR / "config.json"
+    if shipped.is_file():
+        config, source = json.loads(shipped.read_text()), str(shipped.parent)
+    else:
+        config, source = transformer_config(cfg, cfg.autoencoder.latent_channels, cfg.text.dim), "configs/world_teacher.yaml"
+    down = AutoencoderConfig()
+    _, frames, height, width = WorldConfig().video_shape
+    latent = (config["in_channels"], frames // down.temporal_down, height // down.spatial_down, width // down.spatial_down)
+    return BenchModel("world", config, latent, cfg.text.max_length, 2, f"random (architecture of {source})")
+
+
+def resolve_model(spec: str) -> BenchModel:
+    """``world``, ``wan1.3b``, or anything ``load_teacher`` takes (a diffusers folder, a config file, ``tiny``)."""
+    if spec == "world":
+        return world_model()
+    if spec == "wan1.3b":
+        return BenchModel("wan1.3b", dict(WAN_1_3B_CONFIG), WAN_1_3B_LATENT, WAN_TEXT_LEN, 5, "random (Wan2.1 1.3B architecture)")
+    weights = f"loaded from {spec}" if Path(spec).is_dir() else "random"
+    return BenchModel(spec, None, None, None, None, weights, path=spec)
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """CUDA memory a call allocates above what was in use before it; None on CPU.
+
+    On CPU neither glibc's heap (it keeps freed tensor buffers and reuses them, so peak RSS rises only
+    past earlier rows' peaks) nor returning large buffers with mmap (the kernel's peak RSS then misses
+    them) gave a per-call peak when tried, so CPU rows say n/a rather than print a misleading number.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per callable; every round runs each callable once, in order."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_seconds(fn, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class BenchSettings:
+    model: str = "world"
+    latent: tuple[int, int, int, int] | None = None
+    batch: int | None = None  # None: 1 for wan1.3b, 4 otherwise
+    repeats: int = 5
+    warmup: int = 2
+    device: str = "cpu"
+    dtype: str = "fp32"
+    head_blocks: int | None = None
+    quick: bool = False
+
+
+def _scaling_latents(latent: tuple[int, ...], config: dict[str, Any], sizes: int) -> list[tuple[int, ...]]:
+    """The base latent, then 2x frames, then 2x height and width; halved instead for video-sized
+    latents (over 8192 tokens), whose doubling would not fit a benchmark."""
+    c, f, h, w = latent
+    pt, ph, pw = config["patch_size"]
+    if flops.tokens(config, latent) > 8192:
+        half = lambda size, patch: max(patch, size // 2 // patch * patch)  # noqa: E731
+        variants = [(c, half(f, pt), h, w), (c, f, half(h, ph), half(w, pw))]
+    else:
+        variants = [(c, 2 * f, h, w), (c, f, 2 * h, 2 * w)]
+    return [tuple(latent), *variants][:sizes]
+
+
+def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """All tables as lists of row dicts, plus the settings they were measured with (``meta``)."""
+    from tmd.methods import get_method
+    from tmd.models.split import TMDStudent
+    from tmd.models.wan import load_teacher, parameter_count
+    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+
+    device = torch.device(settings.device)
+    if device.type == "cpu" and settings.model == "wan1.3b":
+        raise ValueError(
+            "wan1.3b is a GPU benchmark (three 1.3B-parameter copies for training, 32760 tokens per sample); "
+            "pass --device cuda, or --model world on CPU"
+        )
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
+    model = resolve_model(settings.model)
+    batch = settings.batch or (1 if model.name == "wan1.3b" else 4)
+    teacher = load_teacher(model.path or model.config, dtype=dtype, device=device)
+    config = dict(teacher.config)
+    blocks = teacher.num_blocks
+    latent = tuple(settings.latent or model.latent or (config["in_channels"], 4, 8, 8))
+    head_blocks = settings.head_blocks or model.head_blocks or max(1, round(blocks / 6))
+    text_len = model.text_len or (WAN_TEXT_LEN if config["text_dim"] == WAN_1_3B_CONFIG["text_dim"] else 8)
+    student = TMDStudent.from_teacher(teacher, head_blocks=head_blocks).eval()
+    repeats, warmup = settings.repeats, settings.warmup
+
+    g = torch.Generator(device).manual_seed(0)
+    noise = torch.randn(batch, *latent, generator=g, device=device)
+    cond = torch.randn(batch, text_len, config["text_dim"], generator=g, device=device)
+    neg_cond = torch.randn(batch, text_len, config["text_dim"], generator=g, device=device)
+    seeded = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+
+    def forward_gflop(latent_shape) -> float:
+        return flops.forward_flops(config, latent_shape, text_len) * batch / 1e9
+
+    # ---- sampling: each sampler's cost model and its callable
+    teacher_nfe = flow.teacher_effective_nfe(TEACHER_STEPS, TEACHER_GUIDANCE)
+    samplers: dict[str, tuple[float, float, Callable[[], Any]]] = {
+        f"teacher {TEACHER_STEPS}x2 (CFG batched)": (
+            teacher_nfe,
+            TEACHER_STEPS * 2 * forward_gflop(latent),
+            lambda: sample_teacher(teacher, noise, cond, neg_cond, TEACHER_STEPS, TEACHER_GUIDANCE, TEACHER_SHIFT),
+        )
+    }
+    for steps in (1, 2) if settings.quick else (1, 2, 4):
+        samplers[f"dmd2 {steps} step{'s' if steps > 1 else ''}"] = (
+            float(steps), steps * forward_gflop(latent), lambda s=steps: sample_few_step(teacher, noise, cond, s, seeded())
+        )
+    for outer in (1, 2) if settings.quick else (1, 2, 4):
+        for inner in (2, 4):
+            samplers[f"tmd {outer}x{inner} (H={head_blocks})"] = (
+                flow.tmd_effective_nfe(outer, inner, head_blocks, blocks),
+                flops.tmd_sample_flops(config, latent, text_len, head_blocks, outer, inner) * batch / 1e9,
+                lambda m=outer, n=inner: sample_tmd(student, noise, cond, m, n, seeded()),
+            )
+    progress(f"sampling: {len(samplers)} samplers x {repeats} repeats")
+    seconds = time_round_robin({name: fn for name, (_, _, fn) in samplers.items()}, repeats, warmup, device)
+    teacher_name = next(iter(samplers))
+    teacher_gflop, teacher_s = samplers[teacher_name][1], seconds[teacher_name]
+    sampling = []
+    for name, (nfe, gflop, _) in samplers.items():
+        predicted = teacher_nfe / nfe
+        measured = teacher_s / seconds[name]
+        sampling.append({
+            "sampler": name, "eff_nfe": nfe, "nfe_speedup": predicted, "flop_speedup": teacher_gflop / gflop,
+            "ms": 1000 * seconds[name], "speedup": measured, "measured/nfe": measured / predicted,
+            "gflop": gflop, "tflop/s": gflop / seconds[name] / 1000,
+        })
+
+    # ---- components: what one call of each part costs against one teacher forward of the same batch
+    doubled = lambda x: torch.cat([x, x])  # noqa: E731
+    t_mid = torch.full((batch,), 0.5, device=device)
+    with torch.no_grad():
+        features = student.backbone(noise, t_mid, cond)
+    parts = {
+        "teacher forward, batch 2B (CFG)": (2.0, 2 * forward_gflop(latent),
+                                            lambda: teacher.velocity(doubled(noise), doubled(t_mid), doubled(cond))),
+        "teacher forward, batch B": (1.0, forward_gflop(latent), lambda: teacher.velocity(noise, t_mid, cond)),
+        "tmd backbone, batch B": ((blocks - head_blocks) / blocks,
+                                  flops.backbone_flops(config, latent, text_len, head_blocks) * batch / 1e9,
+                                  lambda: student.backbone(noise, t_mid, cond)),
+        "tmd head step, batch B": (head_blocks / blocks,
+                                   flops.head_flops(config, latent, text_len, head_blocks) * batch / 1e9,
+                                   lambda: student.head(noise, 0.5, 0.25, features)),
+    }
+    progress("components")
+    with torch.no_grad():
+        part_s = time_round_robin({name: fn for name, (_, _, fn) in parts.items()}, repeats, warmup, device)
+    forward_s = part_s["teacher forward, batch B"]
+    components = [
+        {"part": name, "nfe_cost": nfe, "flop_cost": gflop / forward_gflop(latent), "measured_cost": part_s[name] / forward_s,
+         "ms": 1000 * part_s[name], "gflop": gflop, "tflop/s": gflop / part_s[name] / 1000}
+        for name, (nfe, gflop, _) in parts.items()
+    ]
+
+    # ---- training: one training_step with backward + AdamW per update
+    train_batch = {"x": torch.randn(batch, *latent, generator=g, device=device), "cond": cond, "neg_cond": neg_cond}
+    trainers: dict[str, Callable[[], Any]] = {}
+    for name in ("tm", "tmd", "dmd2"):
+        method_cls = get_method(name)
+        cfg = method_cls.Config(head_blocks=head_blocks) if name in ("tm", "tmd") else method_cls.Config()
+        method = method_cls.from_teacher(cfg, teacher).to(device)
+        method.generator = torch.Generator(device).manual_seed(0)
+        optimizers = {group: torch.optim.AdamW(params, lr=1e-5) for group, params in method.parameter_groups().items()}
+
+        def update(group, loss, terms=None, optimizers=optimizers):
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[group].step()
+
+        turns = {"": 0} if name == "tm" else {" (generator turn)": 0, " (critic turn)": 1}
+        for suffix, step in turns.items():
+            trainers[f"{name}{suffix}"] = lambda m=method, s=step, u=update: m.training_step(train_batch, s, u)
+    progress(f"training: {len(trainers)} steps x {repeats} repeats")
+    train_s = time_round_robin(trainers, repeats, max(warmup, 1), device)
+    training = [{"step": name, "ms": 1000 * s} for name, s in train_s.items()]
+
+    # ---- scaling with frames and resolution
+    scaling = []
+    for shape in _scaling_latents(latent, config, 2 if settings.quick else 3):
+        x = torch.randn(batch, *shape, generator=g, device=device)
+        fns = {
+            "forward": lambda x=x: teacher.velocity(x, t_mid, cond),
+            "tmd": lambda x=x: sample_tmd(student, x, cond, 2, 4, seeded()),
+        }
+        progress(f"scaling: latent {shape}")
+        with torch.no_grad():
+            s = time_round_robin(fns, repeats, warmup, device)
+        tmd_gflop = flops.tmd_sample_flops(config, shape, text_len, head_blocks, 2, 4) * batch / 1e9
+        scaling.append({
+            "latent": "x".join(map(str, shape)), "tokens": flops.tokens(config, shape),
+            "forward_ms": 1000 * s["forward"], "forward_tflop/s": forward_gflop(shape) / s["forward"] / 1000,
+            "tmd2x4_ms": 1000 * s["tmd"], "tmd2x4_tflop/s": tmd_gflop / s["tmd"] / 1000,
+        })
+    base = scaling[0]
+    for row in scaling:
+        row["forward_growth"] = row["forward_ms"] / base["forward_ms"]
+        row["tmd2x4_growth"] = row["tmd2x4_ms"] / base["tmd2x4_ms"]
+
+    # ---- peak memory, one more call per row after all timing
+    with torch.no_grad():
+        for row in sampling:
+            row["peak_mib"] = peak_mib(samplers[row["sampler"]][2], device)
+    for row in training:
+        row["peak_mib"] = peak_mib(trainers[row["step"]], device)
+
+    meta = {
+        "model": model.name, "weights": model.weights, "students": "untrained copies of the teacher",
+        "parameters": parameter_count(teacher), "blocks": blocks, "head_blocks": head_blocks, "latent": list(latent),
+        "tokens": flops.tokens(config, latent), "text_len": text_len, "batch": batch, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": settings.dtype, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
+        "quick": settings.quick, "torch": torch.__version__,
+        "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return {"meta": meta, "sampling": sampling, "components": components, "training": training, "scaling": scaling}
+
+
+def format_report(result: dict[str, Any]) -> str:
+    from tmd.eval.benchmark import format_table
+
+    meta = result["meta"]
+    header = (
+        f"model {meta['model']} ({meta['parameters']:,} parameters, {meta['blocks']} blocks, head H={meta['head_blocks']}), "
+        f"weights: {meta['weights']}; students: {meta['students']}\n"
+        f"latent {'x'.join(map(str, meta['latent']))} ({meta['tokens']} tokens), text {meta['text_len']} tokens, "
+        f"batch {meta['batch']}, {meta['device']} ({meta['device_name']}), {meta['dtype']}, {meta['threads']} threads, "
+        f"median of {meta['repeats']} after {meta['warmup']} warm-up, torch {meta['torch']}, {meta['date']}"
+    )
+    sections = [
+        ("Sampling (speed-up vs the teacher; measured/nfe = measured speed-up / effective-NFE speed-up)", "sampling"),
+        ("Components (cost in units of one teacher forward at batch B: effective-NFE price, FLOP model, measured)", "components"),
+        ("Training step (backward + AdamW per update)", "training"),
+        ("Scaling with frames and resolution (teacher forward at batch B; TMD 2x4 sampler)", "scaling"),
+    ]
+    body = [f"{title}\n{format_table(result[key])}" for title, key in sections]
+    return "\n\n".join([header, *body, f"peak_mib: {meta['memory']}"])
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
