@@ -136,14 +136,22 @@ class WorldAssets:
         names = [AUTOENCODER_DIR, "text_encoder", "tokenizer"]
         return names + [TEACHER_DIR] if teacher else names
 
+    def _default(self, key: str) -> float:
+        if key not in self.metadata:
+            raise FileNotFoundError(
+                f"{self.path / METADATA_FILE} holds no {key!r}: it is written when the teacher is exported "
+                f"(`tmd train-teacher ... --stage teacher`)"
+            )
+        return float(self.metadata[key])
+
     @property
     def guidance(self) -> float:
         """The world's default CFG scale (the one the teacher scored best with)."""
-        return float(self.metadata.get("guidance", 5.0))
+        return self._default("guidance")
 
     @property
     def shift(self) -> float:
-        return float(self.metadata.get("shift", 5.0))
+        return self._default("shift")
 
     def latent_shape(self, world: WorldConfig = WorldConfig()) -> tuple[int, int, int, int]:
         _, frames, height, width = world.video_shape

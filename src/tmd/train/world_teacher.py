@@ -91,8 +91,12 @@ class TextStageConfig:
 class SamplingConfig:
     """The world's default teacher sampling, chosen by ``tmd evaluate`` on the benchmark."""
 
-    guidance: float = 5.0
+    guidance: float = 3.5
     shift: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.guidance <= 100 or self.shift <= 0:
+            raise ValueError(f"need guidance in [0, 100] and shift > 0, got {self.guidance}, {self.shift}")
 
 
 @dataclass
@@ -242,4 +246,5 @@ def run(cfg: WorldTeacherConfig, stage: Stage, resume: bool, command: str) -> No
         print(f"text encoder written to {out}")
     if stage in ("teacher", "all"):
         metrics = train_teacher(cfg, out, resume, command)
-        print(f"teacher written to {out / TEACHER_DIR} (final loss {metrics.get('loss/model', float('nan')):.4f})")
+        loss = f" (final loss {metrics['loss/model']:.4f})" if "loss/model" in metrics else ""
+        print(f"teacher written to {out / TEACHER_DIR}{loss}")
