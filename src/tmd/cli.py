@@ -79,13 +79,10 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     """Build the world's assets (autoencoder, text encoder) where missing and train + export the teacher."""
     import shlex
 
-    import torch
 
     from tmd.config import load_config
     from tmd.train.world_teacher import WorldTeacherConfig, run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = load_config(WorldTeacherConfig, args.config, args.overrides)
     run(cfg, args.stage, args.resume, command=shlex.join(["tmd", *args.argv]))
     return 0
@@ -101,7 +98,7 @@ def _add_train_teacher(sub) -> None:
         help="rebuild one part ('decoder': fine-tune the autoencoder's decoder only); "
         "'all' builds the autoencoder and text encoder only where missing, then the teacher",
     )
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, busy CPU)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_train_teacher)
 
 
@@ -110,15 +107,12 @@ _TABLE_SCORES = ("total", "quality", "semantic", "frechet", "diversity")
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Score samplers on the world benchmark's fixed prompt set: quality vs cost, one row per step count."""
-    import torch
 
     from tmd import flow
     from tmd.data.world_data import WorldAssets, eval_prompts
     from tmd.eval.benchmark import format_table
     from tmd.sampling import sample_teacher
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     assets = WorldAssets(args.assets)
     shift = assets.shift if args.shift is None else args.shift
     prompts = eval_prompts(args.per_prompt)
@@ -155,19 +149,16 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--per-prompt", type=int, default=1, help="videos per each of the 72 prompts")
     p.add_argument("--assets", type=Path, help="world assets folder (default: the packaged one)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the prompt set is fixed)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared, busy CPU)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     """Train one method on the synthetic world from a YAML run config; exports the EMA generator."""
-    import torch
 
     from tmd.config import RunConfig, load_config
     from tmd.train.run import train_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = load_config(RunConfig, args.config, args.overrides)
     path = train_run(cfg, resume=args.resume)
     print(f"student weights written to {path}")
@@ -179,18 +170,15 @@ def _add_train(sub) -> None:
     p.add_argument("--config", type=Path, required=True, help="run config (configs/world_tmd_stage1.yaml, ...)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 method.head_blocks=1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Stage 1, stage 2, the DMD2 baseline and the evaluation of every sampler, into --out."""
-    import torch
 
     from tmd.demo import run_demo
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run_demo(args.out, args.preset, args.assets, args.seed, methods=args.methods)
     print(f"report written to {args.out / 'report.md'}")
     return 0
@@ -203,7 +191,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--methods", default="default", help="default (TMD and DMD2) or all (every baseline too)")
     p.add_argument("--assets", default=None, help="world assets folder (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _add_threads(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -216,8 +204,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from tmd.generate import generate, read_prompts
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     records = generate(
         args.model, prompts, args.out, pipeline=args.pipeline, steps=args.steps, inner_steps=args.inner_steps,
@@ -253,7 +239,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--save-latents", action="store_true", help="also write each video's latents (.safetensors)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="transformer and text encoder precision")
     p.add_argument("--device", help="torch device (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    _add_threads(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -266,8 +252,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from tmd.data.prepare import prepare
     from tmd.generate import read_prompts
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.text_only:
         if args.prompts is None or args.captions is not None or args.videos is not None:
@@ -303,7 +287,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--negative-prompt", help="the stored CFG negative prompt (default: Wan's)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="text encoder precision (the VAE runs fp32)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    _add_threads(p)
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -331,9 +315,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tmd.bench import BenchSettings, format_report, run_bench, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = args.threads if args.threads is not None else (1 if device == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
     quick = {"repeats": 3, "warmup": 1} if args.quick else {"repeats": 5, "warmup": 2}
     settings = BenchSettings(
         model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
@@ -360,11 +341,27 @@ def _add_bench(sub) -> None:
     p.add_argument("--head-blocks", type=int, help="TMD flow-head blocks H (default 2 for world, 5 for wan1.3b)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 on CPU: on a shared 2-core machine one "
-                   "thread measured ~10x faster than two; 0 = torch's default)")
+    _add_threads(p)
     p.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (a couple of minutes on CPU)")
     p.set_defaults(func=_cmd_bench)
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 without a GPU: on a shared 2-core machine "
+                   "one thread measured up to 10x faster than two for these small models; 0 = torch's default)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", 0)
+    if threads is None:
+        import torch
+
+        threads = 0 if torch.cuda.is_available() else 1
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded next to what a command builds, so it can be re-run exactly
+    _set_threads(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
