@@ -6,54 +6,17 @@ import copy
 import pytest
 import torch
 
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
-from tmd.eval.sliced import sliced_wasserstein
+from closed_form import TEACHER, distance, fit_teacher_copy, train
 from tmd.methods import get_method
 from tmd.methods.meanflow import sample_mean_flow
 from tmd.methods.phased_dmd import PerPhase, sample_phased
 from tmd.methods.tdm import sample_deterministic
-from tmd.models.mlp import MLPTransition, MLPVelocity, fit_velocity
+from tmd.models.mlp import MLPTransition
 from tmd.sampling import sample_few_step
-
-WORLD = MixtureWorld(dim=2, num_classes=4)
-BATCH = 256
-TEACHER = AnalyticTeacher(WORLD)
-
 
 @pytest.fixture(scope="module")
 def fitted_velocity():
-    torch.manual_seed(0)
-    return fit_velocity(MLPVelocity(2, WORLD.cond_dim, width=64, depth=3), WORLD, TEACHER, steps=400)
-
-
-def distance(sample_fn, seed=0):
-    """Mean over classes of the sliced Wasserstein distance between generated and true samples."""
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for label in range(WORLD.num_classes):
-        x, cond = WORLD.sample(512, labels=label, generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        with torch.no_grad():
-            generated = sample_fn(noise, cond, torch.Generator().manual_seed(seed))
-        total += sliced_wasserstein(generated, x, generator=torch.Generator().manual_seed(seed))
-    return total / WORLD.num_classes
-
-
-def train(method, steps, lr=1e-3, seed=0):
-    method.generator = torch.Generator().manual_seed(seed)
-    optimizers = {name: torch.optim.Adam(params, lr=lr) for name, params in method.parameter_groups().items()}
-
-    def update(group, loss, terms=None):
-        assert torch.isfinite(loss), f"{group} loss {loss}"
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
-
-    data = torch.Generator().manual_seed(seed + 1)
-    for step in range(steps):
-        x, cond = WORLD.sample(BATCH, generator=data)
-        method.training_step({"x": x, "cond": cond, "neg_cond": WORLD.null_cond(BATCH)}, step, update)
+    return fit_teacher_copy()
 
 
 def improves(method, sample_fn, steps, factor):

@@ -4,53 +4,16 @@ teacher velocity is known exactly (a class-conditional Gaussian mixture). Second
 import copy
 
 import pytest
-import torch
 
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
-from tmd.eval.sliced import sliced_wasserstein
+from closed_form import TEACHER, distance, fit_teacher_copy, train
 from tmd.methods import get_method
-from tmd.models.mlp import MLPTransition, MLPVelocity, fit_velocity
+from tmd.models.mlp import MLPTransition
 from tmd.sampling import sample_few_step, sample_tmd
-
-WORLD = MixtureWorld(dim=2, num_classes=4)
-BATCH = 256
 
 
 @pytest.fixture(scope="module")
 def fitted_velocity():
-    """A flow model fitted to the analytic teacher: good with many steps, blurry with one or two."""
-    torch.manual_seed(0)
-    return fit_velocity(MLPVelocity(2, WORLD.cond_dim, width=64, depth=3), WORLD, AnalyticTeacher(WORLD), steps=400)
-
-
-def distance(sample_fn, seed=0):
-    """Mean over classes of the sliced Wasserstein distance between generated and true samples."""
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for label in range(WORLD.num_classes):
-        x, cond = WORLD.sample(512, labels=label, generator=g)
-        noise = torch.randn(x.shape, generator=g)
-        with torch.no_grad():
-            generated = sample_fn(noise, cond, torch.Generator().manual_seed(seed))
-        total += sliced_wasserstein(generated, x, generator=torch.Generator().manual_seed(seed))
-    return total / WORLD.num_classes
-
-
-def train(method, steps, lr=1e-3, seed=0):
-    method.generator = torch.Generator().manual_seed(seed)
-    optimizers = {name: torch.optim.Adam(params, lr=lr) for name, params in method.parameter_groups().items()}
-
-    def update(group, loss, terms=None):
-        assert torch.isfinite(loss), f"{group} loss {loss}"
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
-
-    data = torch.Generator().manual_seed(seed + 1)
-    for step in range(steps):
-        x, cond = WORLD.sample(BATCH, generator=data)
-        method.training_step({"x": x, "cond": cond, "neg_cond": WORLD.null_cond(BATCH)}, step, update)
+    return fit_teacher_copy()
 
 
 def tmd_sampler(student, outer, inner):
@@ -86,7 +49,7 @@ def test_transition_matching_turns_the_head_into_a_sampler(fitted_velocity, mean
 def test_tmd_stage2_improves_a_few_step_student(fitted_velocity):
     student = MLPTransition.from_velocity_model(copy.deepcopy(fitted_velocity), head_depth=1)
     cfg = get_method("tmd").Config(guidance=1.0, gan_weight=0.0, generator_every=1, outer_steps=1, inner_steps=2)
-    method = get_method("tmd")(cfg, AnalyticTeacher(WORLD), student, copy.deepcopy(fitted_velocity))
+    method = get_method("tmd")(cfg, TEACHER, student, copy.deepcopy(fitted_velocity))
     before = distance(tmd_sampler(student, 1, 2))
     train(method, steps=400)
     after = distance(tmd_sampler(student, 1, 2))
@@ -96,7 +59,7 @@ def test_tmd_stage2_improves_a_few_step_student(fitted_velocity):
 def test_dmd2_improves_a_one_step_generator(fitted_velocity):
     generator = copy.deepcopy(fitted_velocity)
     cfg = get_method("dmd2").Config(guidance=1.0, gan_weight=0.0, generator_every=1, outer_steps=1)
-    method = get_method("dmd2")(cfg, AnalyticTeacher(WORLD), generator, copy.deepcopy(fitted_velocity))
+    method = get_method("dmd2")(cfg, TEACHER, generator, copy.deepcopy(fitted_velocity))
 
     def one_step(noise, cond, g):
         return sample_few_step(generator, noise, cond, 1, generator=g)

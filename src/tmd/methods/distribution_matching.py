@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tmd import flow
-from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, x0_of, x0_real
+from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, trainable_copy, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
 from tmd.sampling import sample_few_step
 
@@ -58,6 +58,13 @@ class DistributionMatching(nn.Module):
             self.feature_blocks = default_feature_blocks(teacher.num_blocks)
             dim = teacher.config.num_attention_heads * teacher.config.attention_head_dim
             self.discriminator = Discriminator(dim, len(self.feature_blocks), cfg.disc_hidden)
+
+    @classmethod
+    def from_teacher(cls, cfg, teacher: nn.Module, activation_checkpointing: bool = False):
+        """Generator and fake score both start as copies of the teacher (DMD2's initialisation)."""
+        generator = trainable_copy(teacher)
+        generator.activation_checkpointing = activation_checkpointing
+        return cls(cfg, teacher, generator, trainable_copy(teacher))
 
     def parameter_groups(self):
         groups = {"generator": list(self.student.parameters()), "fake_score": list(self.fake_score.parameters())}

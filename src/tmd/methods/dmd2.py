@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from tmd.methods import register
-from tmd.methods.common import trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from tmd.sampling import few_step_transition
 
@@ -14,12 +12,6 @@ from tmd.sampling import few_step_transition
 @register("dmd2")
 class DMD2(DistributionMatching):
     Config = DistributionMatchingConfig
-
-    @classmethod
-    def from_teacher(cls, cfg: DistributionMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "DMD2":
-        generator = trainable_copy(teacher)
-        generator.activation_checkpointing = activation_checkpointing
-        return cls(cfg, teacher, generator, trainable_copy(teacher))
 
     def generate(self, batch, noise, step_index):
         cond = batch["cond"]

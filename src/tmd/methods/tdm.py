@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import trainable_copy
 from tmd.methods.phased_dmd import IntervalMatching, IntervalMatchingConfig
 
 
@@ -44,12 +43,6 @@ def euler_step(model: nn.Module, x: Tensor, t: Tensor, t_next: Tensor, cond: Ten
 @register("tdm")
 class TDM(IntervalMatching):
     Config = TDMConfig
-
-    @classmethod
-    def from_teacher(cls, cfg: TDMConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "TDM":
-        generator = trainable_copy(teacher)
-        generator.activation_checkpointing = activation_checkpointing
-        return cls(cfg, teacher, generator, trainable_copy(teacher))
 
     @staticmethod
     def sample(generator_module, noise, cond, steps, rng=None):
