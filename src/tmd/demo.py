@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,7 +17,7 @@ import torch
 
 from tmd import flow
 from tmd.config import RunConfig, from_dict
-from tmd.data.world_data import WorldAssets
+from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import format_table
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
@@ -33,11 +33,10 @@ class Preset:
     batch_size: int
     head_blocks: int
     teacher_steps: tuple[int, ...]
-    eval_seeds: int
+    eval_seeds: int  # videos per prompt in the scored set (72 prompts each)
     lr: float = 1e-4
     generator_every: int = 5
     gan_weight: float = 0.03
-    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PRESETS = {
@@ -174,7 +173,7 @@ class Demo:
         one_cond, one_neg = self.assets.encode_prompts([GRID_PROMPTS[0]])
         self.grid_samples = {}
         for spec, fn in self._rows_spec():
-            score = self.assets.evaluate_sampler(fn, seed=self.seed)
+            score = self.assets.evaluate_sampler(fn, eval_prompts(self.preset.eval_seeds), seed=self.seed)
             latency = _latency_ms(lambda: fn(one_noise, one_cond, one_neg))
             row = {**spec, "latency_ms": latency, "ms_per_video_batched": 1000 * score.seconds_per_video}
             row.update({k: score.result.as_dict()[k] for k in ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")})
@@ -205,7 +204,7 @@ class Demo:
         self.timings["total"] = time.perf_counter() - start
         from tmd.eval.report import write_report
 
-        report = {"preset": self.preset_name, "methods": list(methods), "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
+        report = {"preset": self.preset_name, "methods": list(methods), "videos_scored": len(eval_prompts(self.preset.eval_seeds)), "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
         write_report(self.out, report, self.grid_samples, list(GRID_PROMPTS))
         return report
 

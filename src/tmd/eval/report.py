@@ -91,7 +91,7 @@ def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prom
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}.",
         f"Wall-clock: {timings}.",
         "",
-        "Every row samples the same prompts from the same noise (the benchmark's fixed prompt set); latency is the",
+        f"Every row samples the same {report['videos_scored']} videos (the benchmark's fixed prompt set, same noise); latency is the",
         "median of 3 single-video samples after a warm-up. `tmd_stage1` rows are the student after stage 1 only.",
         "",
         "```",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tmd import flow
-from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, trainable_copy, x0_of, x0_real
+from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, latent_shape, trainable_copy, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
 from tmd.sampling import sample_few_step
 
@@ -137,7 +137,7 @@ class DistributionMatching(nn.Module):
         return {"d_real_acc": (logits_real > 0).float().mean().item(), "d_fake_acc": (logits_fake < 0).float().mean().item()}
 
     def training_step(self, batch, step, update):
-        shape = batch["x"].shape if "x" in batch else tuple(batch["shape"])
+        shape = latent_shape(batch)
         device = batch["cond"].device
         noise = self._randn(shape, device)
         step_index = int(torch.randint(self.cfg.outer_steps, (1,), generator=self.generator, device=device))
