@@ -132,3 +132,33 @@ def test_prepare_text_only_cli(tmp_path, pipeline, capsys):
     args = ["prepare", "--model", str(tmp_path), "--out", str(tmp_path / "x"), "--text-only", "--prompts", str(prompts)]
     assert main(args) == 2
     assert "pipeline root" in capsys.readouterr().err
+
+
+def _run_config(tmp_path, method, data, extra_method=""):
+    config = tmp_path / f"{method}.yaml"
+    config.write_text(
+        f"method_name: {method}\ndata_kind: prepared\nmethod: {{head_blocks: 1, outer_steps: 2{extra_method}}}\n"
+        f"data: {{path: {data}}}\n"
+        f"train: {{steps: 2, batch_size: 2, progress: false, tensorboard: false, out_dir: {tmp_path / method}}}\n"
+    )
+    return config
+
+
+def test_train_on_prepared_data(tmp_path, videos, pipeline):
+    """`tmd train` on a prepared folder distils the pipeline the data was prepared with."""
+    folder, captions = videos
+    data = tmp_path / "data"
+    run_prepare(folder, captions, pipeline, data)
+    assert main(["train", "--config", str(_run_config(tmp_path, "tm", data))]) == 0
+    assert "fusion.gate_logit" in load_file(str(tmp_path / "tm" / "student.safetensors"))
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square moving left\n")
+    text = tmp_path / "text"
+    assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
+                 "--frames", "5", "--height", "32", "--width", "32", "--negative-prompt", ""]) == 0
+    # data-free: the DMD2 generator learns from prompts alone (no GAN: it would need real latents)
+    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0").read_text().replace("head_blocks: 1, ", "")
+    (tmp_path / "dmd2.yaml").write_text(config)
+    assert main(["train", "--config", str(tmp_path / "dmd2.yaml")]) == 0
+    assert (tmp_path / "dmd2" / "student.safetensors").is_file()

@@ -14,6 +14,8 @@ prompts alone for data-free methods; its batches carry the latent ``shape`` inst
 
 from __future__ import annotations
 
+from typing import Optional
+
 import hashlib
 import json
 import logging
@@ -46,6 +48,8 @@ class PreparedDataConfig:
     """The ``data:`` section of a run on prepared data: the folder ``tmd prepare`` wrote."""
 
     path: str = existing_path()
+    teacher: Optional[str] = existing_path(None)
+    """The Wan pipeline (or transformer folder) to distil; null: the model the data was prepared with."""
 
 
 register_data_config("prepared", PreparedDataConfig)

@@ -1,4 +1,7 @@
-"""One distillation run on the synthetic world: config -> method over the shipped teacher -> trainer -> export.
+"""One distillation run: config -> teacher and data -> method -> trainer -> export of the EMA generator.
+
+Data is the synthetic world (``data_kind: world``, the shipped teacher) or a ``tmd prepare`` folder
+(``data_kind: prepared``, the Wan pipeline it was prepared with).
 
 ``tmd train`` and ``tmd demo`` both go through :func:`train_run`, so a demo row is exactly what the
 same config gives on the command line.
@@ -9,26 +12,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from tmd.config import RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
-from tmd.train.loop import Trainer
+from tmd.train.loop import DataSource, Trainer, resolve_device
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
+
+
+def teacher_and_data(cfg: RunConfig, assets: WorldAssets | None = None) -> tuple[torch.nn.Module, DataSource]:
+    """The frozen teacher (on the training device: the trainer moves only what it trains) and the data source."""
+    device = resolve_device(cfg.train.device)
+    if cfg.data_kind == "world":
+        # the world's autoencoder encodes CPU-made videos, so the assets stay on the CPU; only the teacher moves
+        assets = assets if assets is not None else WorldAssets(cfg.data.assets)
+        data = world_data_source(assets.autoencoder, assets.text_encoder, cfg.train.batch_size, cfg.train.seed)
+        return assets.teacher.to(device), data
+    if cfg.data_kind == "prepared":
+        from tmd.data.prepare import PreparedDataset
+        from tmd.models.wan import load_teacher
+
+        data = PreparedDataset(cfg.data.path, cfg.train.batch_size, cfg.train.seed)
+        return load_teacher(cfg.data.teacher or data.index["model"], device=device), data
+    raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
 
 
 def train_run(
     cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, assets: WorldAssets | None = None
 ) -> Path:
     """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``; returns that path."""
-    if cfg.data_kind != "world":
-        raise ValueError(f"tmd train runs on the synthetic world (data_kind: world); got data_kind {cfg.data_kind!r}")
-    assets = assets if assets is not None else WorldAssets(cfg.data.assets)
-    method = get_method(cfg.method_name).from_teacher(cfg.method, assets.teacher, cfg.train.activation_checkpointing)
-    data = world_data_source(assets.autoencoder, assets.text_encoder, cfg.train.batch_size, cfg.train.seed)
+    teacher, data = teacher_and_data(cfg, assets)
+    method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
     result = Trainer(method, data, cfg, run_dir, resume).train()
     (name, weights), *others = result.ema.items()
     if others:
