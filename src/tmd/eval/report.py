@@ -66,15 +66,22 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def gif_grid(samples: dict[str, torch.Tensor], path: Path, scale: int = 2) -> None:
-    """One row per sampler, one column per prompt (same noise), frames animated."""
+def gif_grid(samples: dict[str, torch.Tensor], path: Path, scale: int = 2, label_width: int = 96) -> None:
+    """One row per sampler (named in a left margin), one column per prompt (same noise), frames animated."""
     import imageio.v2 as imageio
+    from PIL import Image, ImageDraw
 
     rows = [torch.cat(list(videos), dim=-1) for videos in samples.values()]  # each (3, F, H, W * prompts)
     grid = torch.cat(rows, dim=-2)  # (3, F, H * samplers, W * prompts)
     frames = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     frames = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
-    imageio.mimsave(path, list(frames), duration=0.25, loop=0)
+    margin = Image.new("RGB", (label_width, frames.shape[1]), "white")
+    draw = ImageDraw.Draw(margin)
+    row_height = frames.shape[1] // len(samples)
+    for i, label in enumerate(samples):
+        draw.text((3, i * row_height + row_height // 2 - 5), label, fill="black")
+    labels = np.asarray(margin)
+    imageio.mimsave(path, [np.concatenate([labels, frame], axis=1) for frame in frames], duration=0.25, loop=0)
 
 
 def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prompts: list[str]) -> None:
@@ -102,7 +109,7 @@ def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prom
         "",
         *[f"- {line}" for line in findings(rows)],
         "",
-        "Plot: `quality_vs_cost.png`. Samples (rows: samplers in table order; columns: "
+        "Plot: `quality_vs_cost.png`. Samples (rows: samplers, named on the left; columns: "
         + "; ".join(prompts) + "): `samples.gif`.",
         "",
     ]
