@@ -19,6 +19,7 @@ from tmd.config import RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
 from tmd.train.loop import DataSource, Trainer, resolve_device
+from tmd.train.memory import describe, estimate_state_memory
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
@@ -47,6 +48,7 @@ def train_run(
     """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``; returns that path."""
     teacher, data = teacher_and_data(cfg, assets)
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
+    print(describe(estimate_state_memory(method, teacher)), flush=True)
     result = Trainer(method, data, cfg, run_dir, resume).train()
     (name, weights), *others = result.ema.items()
     if others:

@@ -1,0 +1,31 @@
+import pytest
+
+from tmd.methods import get_method
+from tmd.train.memory import EMA_BYTES, GIB, TRAINABLE_BYTES, describe, estimate_state_memory
+
+
+def test_estimate_counts_teacher_trainable_and_ema(tiny_teacher):
+    method = get_method("dmd2").from_teacher(get_method("dmd2").Config(gan_weight=0.0), tiny_teacher)
+    n = sum(p.numel() for p in tiny_teacher.parameters())
+    estimate = estimate_state_memory(method, tiny_teacher)
+    # generator and fake score are teacher copies; the EMA follows the generator
+    assert estimate["trainable"] == pytest.approx(2 * n * TRAINABLE_BYTES / GIB)
+    assert estimate["ema"] == pytest.approx(n * EMA_BYTES / GIB)
+    assert estimate["teacher"] == pytest.approx(n * 4 / GIB)
+    halved = estimate_state_memory(method, tiny_teacher, world_size=2)
+    assert halved["total"] == pytest.approx(estimate["total"] / 2)
+    assert "activations come on top" in describe(estimate)
+
+
+@pytest.mark.parametrize("name", ["wan1.3b_tmd_stage1", "wan1.3b_tmd_stage2", "wan14b_tmd_stage1", "wan14b_tmd_stage2",
+                                  "world_tmd_stage1", "world_tmd_stage2", "world_dmd2"])
+def test_shipped_run_configs_load(name, tmp_path):
+    from tmd.config import RunConfig, load_config
+
+    overrides = ["method.init_from=null"] if name.endswith("stage2") else []
+    if name.startswith("wan"):
+        overrides.append(f"data.path={tmp_path}")
+    cfg = load_config(RunConfig, f"configs/{name}.yaml", overrides)
+    assert cfg.method_name in ("tm", "tmd", "dmd2")
+    if name.startswith("wan"):
+        assert cfg.train.precision == "bf16" and cfg.train.lr == 1e-5 and cfg.method.head_blocks in (5, 6)
