@@ -1,10 +1,12 @@
 import pytest
 
 from tmd.methods import get_method
+from tmd.models.wan import load_teacher
 from tmd.train.memory import EMA_BYTES, GIB, TRAINABLE_BYTES, describe, estimate_state_memory
 
 
-def test_estimate_counts_teacher_trainable_and_ema(tiny_teacher):
+def test_estimate_counts_teacher_trainable_and_ema():
+    tiny_teacher = load_teacher("tiny")  # not the shared fixture: building a method freezes its teacher
     method = get_method("dmd2").from_teacher(get_method("dmd2").Config(gan_weight=0.0), tiny_teacher)
     n = sum(p.numel() for p in tiny_teacher.parameters())
     estimate = estimate_state_memory(method, tiny_teacher)

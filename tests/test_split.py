@@ -3,6 +3,7 @@ import torch
 
 from tmd.flow import T_MAX
 from tmd.models.split import TMDStudent
+from tmd.models.wan import load_teacher
 
 
 @pytest.mark.parametrize("fusion", ["gated", "concat"])
@@ -60,3 +61,10 @@ def test_split_errors(tiny_teacher, tiny_inputs):
     features = student.backbone(x, 0.5, text)
     with pytest.raises(ValueError, match="inner state of shape"):
         student.head(x[:1], 0.5, 0.0, features)
+
+
+def test_student_of_a_frozen_teacher_trains(tiny_inputs):
+    teacher = load_teacher("tiny").requires_grad_(False)
+    student = TMDStudent.from_teacher(teacher, head_blocks=1)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())

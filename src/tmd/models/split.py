@@ -102,7 +102,8 @@ class TMDStudent(WanModule):
             )
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {sorted(FUSIONS)}")
-        self.transformer = copy.deepcopy(teacher.transformer)
+        # a student trains whatever the teacher it was cut from is set to (teachers are often frozen)
+        self.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True)
         self.head_blocks = head_blocks
         self.fusion_kind = fusion
         dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
