@@ -160,8 +160,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tmd.train.run import train_run
 
     cfg = load_config(RunConfig, args.config, args.overrides)
-    path = train_run(cfg, resume=args.resume)
-    print(f"student weights written to {path}")
+    print(f"student weights written to {train_run(cfg, resume=args.resume).weights}")
     return 0
 
 

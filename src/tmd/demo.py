@@ -21,7 +21,7 @@ from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import format_table
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
-from tmd.train.run import train_run
+from tmd.train.run import TrainedRun, train_run
 
 
 @dataclass
@@ -103,21 +103,13 @@ class Demo:
 
     # -- training ------------------------------------------------------------------------------
 
-    def _train(self, name: str, method: str, method_cfg: dict) -> tuple[RunConfig, Path]:
+    def _train(self, name: str, method: str, method_cfg: dict) -> TrainedRun:
         cfg = _run_config(method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed)
         cfg.train.progress = self.progress
         start = time.perf_counter()
-        weights = train_run(cfg, assets=self.assets)
+        run = train_run(cfg, assets=self.assets)
         self.timings[name] = time.perf_counter() - start
-        return cfg, weights
-
-    def _load(self, cfg: RunConfig, weights: Path) -> torch.nn.Module:
-        from safetensors.torch import load_file
-
-        method = get_method(cfg.method_name).from_teacher(cfg.method, self.teacher)
-        module = next(iter(method.ema_modules().values()))
-        module.load_state_dict(load_file(str(weights)))
-        return module.eval().requires_grad_(False)
+        return run
 
     def _baseline_config(self, method: str) -> dict:
         p = self.preset
@@ -132,14 +124,13 @@ class Demo:
         """TMD (stage 1 then stage 2) and each baseline, every distillation with the same step budget."""
         p = self.preset
         distill = {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight}
-        stage1_cfg, stage1 = self._train("tmd_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance})
-        tmd_cfg, tmd = self._train("tmd_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1)})
-        self.tmd_students = {"tmd": self._load(tmd_cfg, tmd), "tmd_stage1": self._load(stage1_cfg, stage1)}
+        stage1 = self._train("tmd_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance})
+        stage2 = self._train("tmd_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1.weights)})
+        self.tmd_students = {"tmd": stage2.generator, "tmd_stage1": stage1.generator}
         self.baselines = {}
         for method in methods:
             if method != "tmd":
-                cfg, weights = self._train(method, method, self._baseline_config(method))
-                self.baselines[method] = self._load(cfg, weights)
+                self.baselines[method] = self._train(method, method, self._baseline_config(method)).generator
 
     # -- evaluation ----------------------------------------------------------------------------
 

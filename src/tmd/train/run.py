@@ -10,6 +10,7 @@ same config gives on the command line.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,15 +43,24 @@ def teacher_and_data(cfg: RunConfig, assets: WorldAssets | None = None) -> tuple
     raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
 
 
+@dataclass
+class TrainedRun:
+    weights: Path
+    """``run_dir/student.safetensors``: the EMA generator, with the method config as metadata."""
+    generator: torch.nn.Module
+    """The trained generator module holding its EMA weights, in eval mode and frozen: ready to sample."""
+
+
 def train_run(
     cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, assets: WorldAssets | None = None
-) -> Path:
-    """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``; returns that path."""
+) -> TrainedRun:
+    """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``."""
     teacher, data = teacher_and_data(cfg, assets)
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
     print(describe(estimate_state_memory(method, teacher)), flush=True)
     result = Trainer(method, data, cfg, run_dir, resume).train()
     (name, weights), *others = result.ema.items()
+    generator = method.ema_modules()[name]
     if others:
         raise ValueError(f"cannot tell which of the EMA modules {sorted(result.ema)} is the generator to export")
     path = result.run_dir / STUDENT_FILE
@@ -60,5 +70,6 @@ def train_run(
     (result.run_dir / "student.json").write_text(
         json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
     )
-    return path
+    generator.load_state_dict(weights)
+    return TrainedRun(path, generator.eval().requires_grad_(False))
 
