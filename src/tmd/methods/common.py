@@ -17,6 +17,21 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+class StudentMethod(nn.Module):
+    """A method that trains one module, ``self.student``, and keeps its EMA (the trainer's interface)."""
+
+    student: nn.Module
+
+    def parameter_groups(self):
+        return {"student": list(self.student.parameters())}
+
+    def ema_modules(self):
+        return {"student": self.student}
+
+    def state_modules(self):
+        return {"student": self.student}
+
+
 def trainable_copy(module: nn.Module) -> nn.Module:
     """A copy that trains (generator or fake score initialised from the teacher); the teacher stays as is."""
     return copy.deepcopy(module).requires_grad_(True).train()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import adaptive_l2, freeze
+from tmd.methods.common import StudentMethod, adaptive_l2, freeze
 from tmd.methods.tmd import StudentConfig, _below
 from tmd.sampling import guided_velocity
 
@@ -58,7 +58,7 @@ def average_velocity(student: nn.Module, z: Tensor, t: Tensor | float, r: Tensor
 
 
 @register("meanflow")
-class MeanFlow(nn.Module):
+class MeanFlow(StudentMethod):
     Config = MeanFlowConfig
 
     def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module, student: nn.Module):
@@ -77,15 +77,6 @@ class MeanFlow(nn.Module):
     @staticmethod
     def sample(student, noise, cond, steps, rng=None):
         return sample_mean_flow(student, noise, cond, steps)
-
-    def parameter_groups(self):
-        return {"student": list(self.student.parameters())}
-
-    def ema_modules(self):
-        return {"student": self.student}
-
-    def state_modules(self):
-        return {"student": self.student}
 
     def training_step(self, batch, step, update):
         cfg, g, x, cond = self.cfg, self.generator, batch["x"], batch["cond"]

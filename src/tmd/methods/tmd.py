@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import adaptive_l2, drop_condition, load_student_weights, trainable_copy
+from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, load_student_weights, trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import tmd_transition
@@ -80,7 +80,7 @@ def _below(grid: Tensor, s: Tensor) -> Tensor:
 
 
 @register("tm")
-class TransitionMatching(nn.Module):
+class TransitionMatching(StudentMethod):
     """Stage 1: TM-MeanFlow pretraining of the head (everything trains; no teacher needed)."""
 
     Config = TransitionMatchingConfig
@@ -94,15 +94,6 @@ class TransitionMatching(nn.Module):
     @classmethod
     def from_teacher(cls, cfg: TransitionMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False):
         return cls(cfg, cfg.build(teacher, activation_checkpointing))
-
-    def parameter_groups(self):
-        return {"student": list(self.student.parameters())}
-
-    def ema_modules(self):
-        return {"student": self.student}
-
-    def state_modules(self):
-        return {"student": self.student}
 
     def _times(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         cfg, g = self.cfg, self.generator
