@@ -6,6 +6,7 @@ import torch
 from tmd.data.mog import AnalyticTeacher, MixtureWorld
 from tmd.eval.sliced import sliced_wasserstein
 from tmd.models.mlp import MLPVelocity, fit_velocity
+from tmd.rng import BatchRandom
 
 WORLD = MixtureWorld(dim=2, num_classes=4)
 BATCH = 256
@@ -32,7 +33,7 @@ def distance(sample_fn, seed=0):
 
 
 def train(method, steps, lr=1e-3, seed=0):
-    method.generator = torch.Generator().manual_seed(seed)
+    method.generator = BatchRandom(torch.Generator().manual_seed(seed))
     optimizers = {name: torch.optim.Adam(params, lr=lr) for name, params in method.parameter_groups().items()}
 
     def update(group, loss, terms=None):

@@ -125,7 +125,7 @@ def test_prepare_text_only_cli(tmp_path, pipeline, capsys):
     assert main(args) == 0
     assert "3 samples in 2 shards" in capsys.readouterr().out
     batch = PreparedDataset(out, batch_size=2).next_batch()
-    assert batch["shape"] == (2, 4, 2, 4, 4) and "x" not in batch and batch["cond"].shape == (2, 16, 32)
+    assert batch["latent_shape"] == (4, 2, 4, 4) and "x" not in batch and batch["cond"].shape == (2, 16, 32)
 
     assert main(["prepare", "--model", str(pipeline), "--out", str(out), "--prompts", str(prompts)]) == 2
     assert "--videos DIR and --captions FILE" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import torch
 
 from tmd import flow
 from tmd.eval import flops
+from tmd.rng import BatchRandom
 
 WAN_1_3B_CONFIG: dict[str, Any] = {
     "patch_size": [1, 2, 2],
@@ -265,7 +266,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         method_cls = get_method(name)
         cfg = method_cls.Config(head_blocks=head_blocks) if name in ("tm", "tmd") else method_cls.Config()
         method = method_cls.from_teacher(cfg, teacher).to(device)
-        method.generator = torch.Generator(device).manual_seed(0)
+        method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
         optimizers = {group: torch.optim.AdamW(params, lr=1e-5) for group, params in method.parameter_groups().items()}
 
         def update(group, loss, terms=None, optimizers=optimizers):

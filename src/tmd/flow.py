@@ -7,6 +7,7 @@ x0-prediction ``x_t - t v``. Only the Wan wrapper converts to diffusers' ``times
 from __future__ import annotations
 
 import torch
+from tmd.rng import Random, as_batch_random
 from torch import Tensor
 
 T_MAX = 0.999
@@ -83,10 +84,10 @@ def inner_grid(steps: int, gamma: float = INNER_SHIFT) -> Tensor:
 
 
 def sample_shifted_uniform(
-    n: int, gamma: float, generator: torch.Generator | None = None, device=None, low: float = 0.001, high: float = 0.999
+    n: int, gamma: float, generator: Random = None, device=None, low: float = 0.001, high: float = 0.999
 ) -> Tensor:
     """Training times ``shift_gamma(U[low, high])``, the distribution DMD-style losses re-noise at."""
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+    u = as_batch_random(generator).rand(n, device)
     return shift(low + (high - low) * u, gamma)
 
 

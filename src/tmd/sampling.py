@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tmd import flow
 from tmd.models.protocol import TransitionModel, VelocityModel
+from tmd.rng import Random, as_batch_random
 
 
 def teacher_grid(steps: int, shift: float) -> Tensor:
@@ -85,8 +86,8 @@ def head_rollout(student: TransitionModel, y: Tensor, features, grid: Tensor) ->
     return y
 
 
-def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+def _randn_like(x: Tensor, generator: Random) -> Tensor:
+    return as_batch_random(generator).randn(x.shape, x.device)
 
 
 def tmd_transition(

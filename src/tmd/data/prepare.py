@@ -407,7 +407,7 @@ class PreparedDataset:
         if xs:
             batch["x"] = torch.stack(xs)
         else:
-            batch["shape"] = (self.batch_size, *self.index["latent_shape"])
+            batch["latent_shape"] = tuple(self.index["latent_shape"])
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.models.protocol import VelocityModel
 from tmd.sampling import guided_velocity
+from tmd.rng import BatchRandom
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -61,17 +62,18 @@ def load_student_weights(student: nn.Module, path: str, expect: dict | None = No
 
 
 def latent_shape(batch: dict) -> tuple[int, ...]:
-    """Data-free methods only need the latent shape; batches carry data ``x`` or an explicit ``shape``."""
+    """Data-free methods only need the latent shape; batches carry data ``x`` or one sample's ``latent_shape``
+    (per sample, so that slicing a batch over data-parallel ranks needs no special case)."""
     if "x" in batch:
         return tuple(batch["x"].shape)
-    if "shape" in batch:
-        return tuple(int(s) for s in batch["shape"])
-    raise ValueError("a batch must hold data latents 'x' or their 'shape'")
+    if "latent_shape" in batch:
+        return (batch["cond"].shape[0], *(int(s) for s in batch["latent_shape"]))
+    raise ValueError("a batch must hold data latents 'x' or their 'latent_shape'")
 
 
-def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: BatchRandom) -> tuple[Tensor, Tensor]:
     """Replace each sample's condition by the negative one with probability p; returns (cond, dropped mask)."""
-    dropped = torch.rand(cond.shape[0], generator=generator, device=cond.device) < p
+    dropped = generator.rand(cond.shape[0], cond.device) < p
     mask = dropped.reshape(-1, *([1] * (cond.ndim - 1)))
     return torch.where(mask, neg_cond, cond), dropped
 

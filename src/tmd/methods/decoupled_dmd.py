@@ -68,7 +68,7 @@ class DecoupledDMD(DMD2):
         cfg, n, device = self.cfg, x_hat.shape[0], x_hat.device
         terms = {}
         if cfg.ca_weight > 0:
-            tau = self._input_time * (0.001 + 0.998 * torch.rand(n, generator=self.generator, device=device))
+            tau = self._input_time * (0.001 + 0.998 * self.generator.rand(n, device))
             with torch.no_grad():
                 x0_c, _, x0_w = self._real_x0(self._renoise_at(x_hat, tau), tau, batch)
             # gradient (x0_c - x0_w) / |x - x0_w| = -(w - 1)(x0_c - x0_u) / |x - x0_w|: the CA direction

@@ -18,6 +18,7 @@ from tmd import flow
 from tmd.methods.common import dmd_loss, flow_matching_loss, freeze, latent_shape, trainable_copy, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
 from tmd.sampling import sample_few_step
+from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DistributionMatching(nn.Module):
         self.teacher = freeze(teacher)
         self.student = student
         self.fake_score = fake_score
-        self.generator: torch.Generator | None = None
+        self.generator: BatchRandom | None = None
         self.discriminator = None
         if cfg.gan_weight > 0:
             if not hasattr(teacher, "velocity_and_features"):
@@ -98,7 +99,7 @@ class DistributionMatching(nn.Module):
         raise NotImplementedError
 
     def _randn(self, shape, device) -> Tensor:
-        return torch.randn(shape, generator=self.generator, device=device)
+        return self.generator.randn(shape, device)
 
     def _renoise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         tau = flow.sample_shifted_uniform(x.shape[0], self.cfg.tau_shift, self.generator, x.device)
@@ -140,7 +141,7 @@ class DistributionMatching(nn.Module):
         shape = latent_shape(batch)
         device = batch["cond"].device
         noise = self._randn(shape, device)
-        step_index = int(torch.randint(self.cfg.outer_steps, (1,), generator=self.generator, device=device))
+        step_index = self.generator.shared_randint(self.cfg.outer_steps, device)
         generator_turn = step % self.cfg.generator_every == 0
         with torch.set_grad_enabled(generator_turn):
             x_hat = self.generate(batch, noise, step_index)

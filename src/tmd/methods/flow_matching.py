@@ -10,6 +10,7 @@ from torch import nn
 from tmd import flow
 from tmd.methods import register
 from tmd.methods.common import drop_condition, flow_matching_loss, trainable_copy
+from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -32,7 +33,7 @@ class FlowMatching(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = model
-        self.generator: torch.Generator | None = None
+        self.generator: BatchRandom | None = None
 
     @classmethod
     def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module) -> "FlowMatching":
@@ -52,7 +53,7 @@ class FlowMatching(nn.Module):
         x = batch["x"]
         cond, _ = drop_condition(batch["cond"], batch["neg_cond"], self.cfg.cond_dropout, self.generator)
         t = flow.sample_shifted_uniform(x.shape[0], self.cfg.time_shift, self.generator, x.device)
-        noise = torch.randn(x.shape, generator=self.generator, device=x.device)
+        noise = self.generator.randn(x.shape, x.device)
         loss = flow_matching_loss(self.model, x, cond, t, noise)
         update("model", loss)
         return {}

@@ -28,6 +28,7 @@ from tmd.methods import register
 from tmd.methods.common import StudentMethod, adaptive_l2, freeze
 from tmd.methods.tmd import StudentConfig, _below
 from tmd.sampling import guided_velocity
+from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -66,7 +67,7 @@ class MeanFlow(StudentMethod):
         self.cfg = cfg
         self.teacher = freeze(teacher)
         self.student = student
-        self.generator: torch.Generator | None = None
+        self.generator: BatchRandom | None = None
 
     @classmethod
     def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MeanFlow":
@@ -83,8 +84,8 @@ class MeanFlow(StudentMethod):
         n, device, d = x.shape[0], x.device, cfg.finite_difference
         t = flow.sample_shifted_uniform(n, cfg.time_shift, g, device).clamp(d + 1e-3, 1 - d)
         grid = flow.outer_grid(cfg.outer_steps, cfg.outer_shift).to(device=device, dtype=torch.float32)
-        r = torch.where(torch.rand(n, generator=g, device=device) < cfg.mean_flow_fraction, _below(grid, t), t)
-        z = flow.interpolate(x, torch.randn(x.shape, generator=g, device=device), t)
+        r = torch.where(g.rand(n, device) < cfg.mean_flow_fraction, _below(grid, t), t)
+        z = flow.interpolate(x, g.randn(x.shape, device), t)
         u = average_velocity(self.student, z, t, r, cond)
         with torch.no_grad():
             v = guided_velocity(self.teacher, z, t, cond, batch["neg_cond"], cfg.guidance)

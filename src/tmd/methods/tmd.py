@@ -20,6 +20,7 @@ from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, load_
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import tmd_transition
+from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -89,7 +90,7 @@ class TransitionMatching(StudentMethod):
         super().__init__()
         self.cfg = cfg
         self.student = student
-        self.generator: torch.Generator | None = None
+        self.generator: BatchRandom | None = None
 
     @classmethod
     def from_teacher(cls, cfg: TransitionMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False):
@@ -98,11 +99,11 @@ class TransitionMatching(StudentMethod):
     def _times(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         cfg, g = self.cfg, self.generator
         outer = flow.outer_grid(cfg.outer_steps, cfg.outer_shift).to(device=device, dtype=torch.float32)
-        t = outer[torch.randint(cfg.outer_steps, (batch,), generator=g, device=device)]
+        t = outer[g.randint(cfg.outer_steps, batch, device)]
         delta = cfg.finite_difference
         s = flow.sample_shifted_uniform(batch, cfg.s_shift, g, device).clamp(delta + 1e-3, 1 - delta)
         inner = flow.inner_grid(cfg.inner_steps, cfg.inner_shift).to(device=device, dtype=torch.float32)
-        mean_flow = torch.rand(batch, generator=g, device=device) < cfg.mean_flow_fraction
+        mean_flow = g.rand(batch, device) < cfg.mean_flow_fraction
         r = torch.where(mean_flow, _below(inner, s), s)
         return t, s, r
 
@@ -115,10 +116,10 @@ class TransitionMatching(StudentMethod):
         device = x.device
         cond, dropped = drop_condition(batch["cond"], batch["neg_cond"], cfg.cond_dropout, g)
         t, s, r = self._times(x.shape[0], device)
-        x1 = torch.randn(x.shape, generator=g, device=device)
+        x1 = g.randn(x.shape, device)
         x_t = flow.interpolate(x, x1, t)
         y = x1 - x
-        y1 = torch.randn(x.shape, generator=g, device=device)
+        y1 = g.randn(x.shape, device)
         y_s = flow.interpolate(y, y1, s)
         v = y1 - y
         features = self.student.backbone(x_t, t, cond)

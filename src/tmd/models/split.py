@@ -64,7 +64,7 @@ class InnerStateBlock(nn.Module):
 class GatedFusion(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.gate_logit = nn.Parameter(torch.zeros(()))
+        self.gate_logit = nn.Parameter(torch.zeros(1))  # 1-D, not a scalar: FSDP2 cannot shard 0-d parameters
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
@@ -91,6 +91,9 @@ FUSIONS = {"gated": GatedFusion, "concat": ConcatFusion}
 
 class TMDStudent(WanModule):
     """Backbone/flow-head student built from a Wan teacher; implements ``TransitionModel``."""
+
+    fsdp_entry_points = ("backbone", "head")
+    """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
 
     def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated"):
         super().__init__()

@@ -186,6 +186,9 @@ class WanModule(nn.Module):
 class WanTeacher(WanModule):
     """A Wan2.1 transformer answering ``velocity(x_t, t, text_embeds)`` with t in [0, 1], t = 1 noise."""
 
+    fsdp_entry_points = ("velocity_and_features",)
+    """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
+
     def __init__(self, transformer: WanTransformer3DModel):
         super().__init__()
         if getattr(transformer.config, "image_dim", None) is not None:

@@ -1,16 +1,19 @@
-"""Checkpoints that survive crashes and resume bit-exactly.
+"""Checkpoints that survive crashes, resume bit-exactly and reshard to any number of processes.
 
 Layout of ``run_dir/checkpoints``::
 
     step_0001000/
-        <module>.safetensors        one per state module (safetensors: no pickle, loadable anywhere)
-        ema/<module>.safetensors    the EMA weights, one per EMA module
-        trainer_state.pt            optimizers, step, RNG states, data position (torch.save)
+        state/                      torch.distributed.checkpoint (DCP): module weights, EMA weights and
+                                    AdamW states by name, each rank writing its own shards
+        trainer_state.pt            step, generator and RNG states, data position (torch.save)
     latest                          name of the newest complete checkpoint, written last
 
-A checkpoint is written into a temporary sibling directory, fsynced, then renamed into place, and
-only then does ``latest`` move: a crash at any point leaves the previous checkpoint the latest one.
-``trainer_state.pt`` holds only tensors and plain Python values so it loads with ``weights_only=True``.
+DCP stores every tensor with its global shape, so a run saved by 8 processes resumes on 4 or on 1 (and
+the other way round). A checkpoint is written into a temporary sibling directory, fsynced, then renamed
+into place, and only then does ``latest`` move: a crash at any point leaves the previous checkpoint the
+latest one. ``trainer_state.pt`` holds only tensors and plain Python values so it loads with
+``weights_only=True``. DCP's own ``.metadata`` index is pickled: a checkpoint directory is the run's own
+training state, never a file to accept from someone else (share ``student.safetensors`` instead).
 """
 
 from __future__ import annotations
@@ -19,21 +22,19 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
-from torch import Tensor, nn
+import torch.distributed.checkpoint as dcp
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.pt"
-EMA_DIR = "ema"
+STATE_DIR = "state"
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 TMP_PREFIX = ".tmp_"
 
 
@@ -58,6 +59,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     path = root / pointer.read_text().strip()
     if not (path / TRAINER_STATE).is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
+    if not (path / STATE_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{path} has no {STATE_DIR}/ folder: it was written by an older tmd in another layout; "
+            "start a new run (another train.out_dir)"
+        )
     return path
 
 
@@ -69,60 +75,65 @@ def remove_stale_temporaries(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _single_process_quietly(fn: Callable[[], Any]) -> Any:
+    # DCP warns that it runs without a process group; for a one-process run that is the intent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group.*|.*single process.*|.*distributed is disabled.*")
+        return fn()
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    modules: Mapping[str, nn.Module],
-    ema: Mapping[str, Mapping[str, Tensor]],
+    state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
 ) -> Path:
-    """Write one checkpoint atomically, point ``latest`` at it, keep the newest ``keep``."""
-    for name in [*modules, *ema]:
-        if not _NAME.match(name):
-            raise ValueError(f"module name {name!r} cannot be a file name (use letters, digits, _ . -)")
-    root.mkdir(parents=True, exist_ok=True)
+    """Write one checkpoint atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``state`` (tensors, possibly sharded DTensors) is written by every rank; ``trainer_state`` and the
+    renames by the main rank alone. Every rank must call this, with the same ``step``.
+    """
     final = root / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}_", dir=root))
-    try:
-        for name, module in modules.items():
-            save_model(module, str(tmp / f"{name}.safetensors"))
-        if ema:
-            (tmp / EMA_DIR).mkdir()
-            for name, tensors in ema.items():
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / EMA_DIR / f"{name}.safetensors"))
-        torch.save(trainer_state, tmp / TRAINER_STATE)
-        _fsync_tree(tmp)
-        if final.exists():  # left by a run that crashed before moving ``latest``; not the latest
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        _single_process_quietly(lambda: dcp.save(state, checkpoint_id=str(tmp / STATE_DIR)))
+        barrier()
+        if is_main:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+            _fsync_tree(tmp)
+            if final.exists():  # left by a run that crashed before moving ``latest``; not the latest
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            _write_atomic(root / LATEST, final.name)
+            for _, path in list_checkpoints(root)[:-keep]:
+                if path != final:
+                    shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, final.name)
-    for _, path in list_checkpoints(root)[:-keep]:
-        if path != final:
-            shutil.rmtree(path, ignore_errors=True)
+    barrier()
     return final
 
 
-def load_checkpoint(
-    path: Path, modules: Mapping[str, nn.Module], ema: Mapping[str, dict[str, Tensor]]
-) -> dict[str, Any]:
-    """Load weights into ``modules`` and the EMA tensors in place; return the trainer state."""
-    for name, module in modules.items():
-        file = path / f"{name}.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no weights for module {name!r} ({file.name})")
-        device = next((t.device for t in module.state_dict().values()), torch.device("cpu"))
-        load_model(module, str(file), strict=True, device=str(device))
-    for name, tensors in ema.items():
-        stored = load_file(str(path / EMA_DIR / f"{name}.safetensors"))
-        if stored.keys() != tensors.keys():
-            raise ValueError(f"EMA weights of {name!r} in {path} do not match the module's state keys")
-        for key, value in tensors.items():
-            value.copy_(stored[key])
+def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Load the tensors of ``state`` in place (resharded to this run's layout); return the trainer state."""
+    try:
+        _single_process_quietly(lambda: dcp.load(state, checkpoint_id=str(path / STATE_DIR)))
+    except Exception as error:  # DCP names the missing key deep inside a CheckpointException
+        raise ValueError(
+            f"checkpoint {path} does not fit this run ({type(error).__name__}: {str(error)[:500]}); "
+            "was it written by another method or model size?"
+        ) from error
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 

@@ -16,7 +16,7 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricLogger:
     """Appends one JSON line per logged step; on resume, drops lines past the checkpoint's step so the
-    file reads as one uninterrupted run."""
+    file reads as one uninterrupted run. ``enabled=False`` (ranks other than 0) writes nothing."""
 
     def __init__(
         self,
@@ -26,14 +26,18 @@ class MetricLogger:
         wandb: bool = False,
         wandb_project: str = "tmd",
         config: dict[str, Any] | None = None,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
+        self._tb = self._wandb = None
+        if not enabled:
+            return
         self.path = run_dir / METRICS_FILE
         if self.path.exists():
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(f"{line}\n" for line in kept))
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -41,7 +45,6 @@ class MetricLogger:
                 warnings.warn("tensorboard is not installed; logging to metrics.jsonl only", stacklevel=2)
             else:
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
-        self._wandb = None
         if wandb:
             try:
                 import wandb as wandb_module
@@ -50,6 +53,8 @@ class MetricLogger:
             self._wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=config, resume="allow")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **{k: _json_float(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -60,6 +65,8 @@ class MetricLogger:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

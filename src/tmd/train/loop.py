@@ -16,9 +16,10 @@ A method is an object with this interface (``TrainableMethod``)::
         how TTUR is written (``if step % 5 == 0: update("generator", g_loss)``). ``terms`` are the
         named parts of the loss, logged as ``<group>/<term>`` and named if one is not finite.
         Returns extra metrics to log.
-    generator: torch.Generator
+    generator: tmd.rng.BatchRandom
         Assigned by the trainer before the first step: seeded from ``train.seed``, on the training
-        device, checkpointed. Draw all of the method's noise from it.
+        device, checkpointed. Draw all of the method's noise from it (``randn``, ``rand``, ``randint``
+        per sample; ``shared_randint`` for one choice per step), so runs split over ranks stay exact.
 
 ``update`` checks the loss (and the gradient norm) is finite, zeroes the grads of all groups,
 back-propagates, clips the group's grad norm to ``train.grad_clip``, steps its AdamW and its EMAs.
@@ -28,6 +29,11 @@ and batches to the device before each step; methods read ``train.activation_chec
 
 Data comes from a ``DataSource`` (``next_batch`` plus ``state_dict``/``load_state_dict``) so a resumed
 run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
+
+Under ``torchrun`` (``tmd.train.distributed``) the modules arrive sharded with FSDP2; every rank reads the
+global batch and keeps its rows, draws its noise through a ``BatchRandom`` (the rows of global-batch
+draws), and logs losses averaged over ranks: K processes compute what one process with the same global
+``train.batch_size`` computes. Only rank 0 writes logs, the config and the progress bar.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tmd.config import RunConfig, save_config, to_dict
+from tmd.rng import BatchRandom
 from tmd.train import checkpoint as ckpt
+from tmd.train.distributed import DistContext, check_global_batch, gather_full, slice_batch
 from tmd.train.logging import MetricLogger
 
 CONFIG_FILE = "config.yaml"
@@ -62,7 +70,7 @@ class Update(Protocol):
 
 
 class TrainableMethod(Protocol):
-    generator: torch.Generator
+    generator: BatchRandom
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]: ...
 
@@ -139,7 +147,7 @@ class TrainResult:
     checkpoint: Path
     run_dir: Path
     ema: dict[str, dict[str, Tensor]]
-    """EMA state dicts by EMA module name, loadable with ``module.load_state_dict``."""
+    """EMA state dicts (whole, on the CPU) by EMA module name, loadable with ``module.load_state_dict``."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +184,8 @@ class Trainer:
     ``resume=True`` continues from the latest checkpoint in ``run_dir`` (or starts fresh if there is
     none); without it a run_dir that already holds checkpoints is refused rather than mixed into.
     ``eval_fn(step) -> metrics`` runs every ``train.eval_every`` steps; its metrics are logged as ``eval/*``.
+    ``dist`` is the data-parallel context (``tmd.train.distributed.init_distributed``, after sharding the
+    method's modules); without it the run is one process on ``train.device``.
     """
 
     def __init__(
@@ -186,12 +196,15 @@ class Trainer:
         run_dir: str | Path | None = None,
         resume: bool = False,
         eval_fn: Callable[[int], dict[str, float]] | None = None,
+        dist: DistContext | None = None,
     ):
         self.method, self.data, self.cfg, self.eval_fn = method, data, cfg, eval_fn
         tc = cfg.train
         self.run_dir = Path(run_dir if run_dir is not None else tc.out_dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
-        self.device = resolve_device(tc.device)
+        self.dist = dist if dist is not None else DistContext(device=resolve_device(tc.device))
+        self.device = self.dist.device
+        check_global_batch(tc.batch_size, self.dist)
 
         self.modules = method.state_modules()
         for module in self.modules.values():
@@ -209,14 +222,18 @@ class Trainer:
             for name, params in self.groups.items()
         }
         self.emas = {name: EMA(module, tc.ema_decay) for name, module in method.ema_modules().items()}
+        # optimizer states are keyed by parameter names under this root, the same at any world size
+        self._root = nn.ModuleDict(self.modules)
         self._ema_owner = {name: self._owner_group(name, ema.module) for name, ema in self.emas.items()}
 
         self.generator = torch.Generator(self.device).manual_seed(tc.seed)
-        method.generator = self.generator
+        method.generator = BatchRandom(self.generator, self.dist.rank, self.dist.world_size)
         seed_everything(tc.seed)
         self.step = 0
 
-        ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        if self.dist.is_main:
+            ckpt.remove_stale_temporaries(self.checkpoint_dir)
+        self.dist.barrier()
         latest = ckpt.latest_checkpoint(self.checkpoint_dir)
         if latest is not None and not resume:
             raise FileExistsError(
@@ -225,8 +242,9 @@ class Trainer:
             )
         if latest is not None:
             self._load(latest)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / CONFIG_FILE)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / CONFIG_FILE)
         self._window: dict[str, list[float]] = defaultdict(list)
 
     def _check_groups(self) -> None:
@@ -258,8 +276,9 @@ class Trainer:
             raise KeyError(f"update({group!r}): no such parameter group; groups: {sorted(self.optimizers)}")
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"update({group!r}) needs a scalar loss tensor, got {type(loss).__name__}")
-        values = {name: float(term.detach()) for name, term in (terms or {}).items()}
-        total = float(loss.detach())
+        # averaged over ranks first: every rank then takes the same decision on a non-finite loss
+        values = self.dist.mean({name: float(term.detach()) for name, term in (terms or {}).items()})
+        total = self.dist.mean({"total": float(loss.detach())})["total"]
         if not np.isfinite(total) or not all(np.isfinite(v) for v in values.values()):
             bad = next((name for name, v in values.items() if not np.isfinite(v)), "total")
             raise NonFiniteLossError(
@@ -273,7 +292,7 @@ class Trainer:
             loss.backward()
             params = self.groups[group]
             max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not np.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"non-finite gradient norm at step {self.step} in group {group!r} (loss {total}); "
@@ -292,18 +311,22 @@ class Trainer:
 
     def train(self) -> TrainResult:
         tc = self.cfg.train
+        main = self.dist.is_main
         logger = MetricLogger(
-            self.run_dir, resume_step=self.step, tensorboard=tc.tensorboard, wandb=tc.wandb,
-            wandb_project=tc.wandb_project, config=to_dict(self.cfg),
+            self.run_dir, resume_step=self.step, tensorboard=tc.tensorboard and main, wandb=tc.wandb and main,
+            wandb_project=tc.wandb_project, config=to_dict(self.cfg), enabled=main,
         )
-        bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not tc.progress, dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
         try:
             while self.step < tc.steps:
-                batch = move_to(self.data.next_batch(), self.device)
+                batch = self.data.next_batch()
+                if self.dist.enabled:
+                    batch = slice_batch(batch, self.dist.rank, self.dist.world_size, tc.batch_size)
+                batch = move_to(batch, self.device)
                 with autocast:
                     extra = self.method.training_step(batch, self.step, self._update)
                 for key, value in (extra or {}).items():
@@ -325,7 +348,7 @@ class Trainer:
             path = self.save()
         return TrainResult(
             step=self.step, metrics=last, checkpoint=path, run_dir=self.run_dir,
-            ema={name: {k: v.clone() for k, v in ema.shadow.items()} for name, ema in self.emas.items()},
+            ema={name: gather_full(ema.shadow) for name, ema in self.emas.items()},
         )
 
     def _log(self, logger: MetricLogger, elapsed: float) -> dict[str, float]:
@@ -338,31 +361,52 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
 
+    def _sharded_state(self) -> dict[str, Any]:
+        """Weights, EMA weights and optimizer states by name: what DCP saves, and loads in place."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {
+            "modules": {name: get_model_state_dict(module) for name, module in self.modules.items()},
+            "ema": {name: ema.shadow for name, ema in self.emas.items()},
+            "optimizers": {name: get_optimizer_state_dict(self._root, opt) for name, opt in self.optimizers.items()},
+        }
+
     def save(self) -> Path:
-        state = {
+        trainer_state = {
             "step": self.step,
-            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "optimizer_groups": sorted(self.optimizers),
             "generator": self.generator.get_state(),
             "rng": ckpt.rng_state(),
             "data": self.data.state_dict(),
         }
         return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self.modules, {n: e.shadow for n, e in self.emas.items()},
-            state, keep=self.cfg.train.keep_checkpoints,
+            self.checkpoint_dir, self.step, self._sharded_state(), trainer_state,
+            keep=self.cfg.train.keep_checkpoints, is_main=self.dist.is_main, barrier=self.dist.barrier,
         )
 
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.modules, {n: e.shadow for n, e in self.emas.items()})
-        missing = set(self.optimizers) ^ set(state["optimizers"])
-        if missing:
-            raise ValueError(f"checkpoint {path} has optimizer groups {sorted(state['optimizers'])}, "
-                             f"the method has {sorted(self.optimizers)}")
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        saved_groups = torch.load(path / ckpt.TRAINER_STATE, map_location="cpu", weights_only=True)["optimizer_groups"]
+        if saved_groups != sorted(self.optimizers):
+            raise ValueError(f"checkpoint {path} has optimizer groups {saved_groups}, the method has {sorted(self.optimizers)}")
+        sharded = self._sharded_state()
+        state = ckpt.load_checkpoint(path, sharded)
+        for name, module in self.modules.items():
+            set_model_state_dict(module, sharded["modules"][name])
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            set_optimizer_state_dict(self._root, opt, sharded["optimizers"][name])
         self.generator.set_state(state["generator"])
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
+
+
+def _full(value: Tensor) -> Tensor:
+    """A gradient norm over sharded parameters is a DTensor; its value is the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def train(

@@ -4,7 +4,8 @@ Data is the synthetic world (``data_kind: world``, the shipped teacher) or a ``t
 (``data_kind: prepared``, the Wan pipeline it was prepared with).
 
 ``tmd train`` and ``tmd demo`` both go through :func:`train_run`, so a demo row is exactly what the
-same config gives on the command line.
+same config gives on the command line. Under ``torchrun`` it shards the teacher and every trained module
+with FSDP2 (``tmd.train.distributed``) and only rank 0 writes the exported weights.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from safetensors.torch import save_file
 from tmd.config import RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
-from tmd.train.loop import DataSource, Trainer, resolve_device
+from tmd.train.distributed import init_distributed, shard_modules
+from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
 
 
-def teacher_and_data(cfg: RunConfig, assets: WorldAssets | None = None) -> tuple[torch.nn.Module, DataSource]:
-    """The frozen teacher (on the training device: the trainer moves only what it trains) and the data source."""
-    device = resolve_device(cfg.train.device)
+def teacher_and_data(
+    cfg: RunConfig, assets: WorldAssets | None = None, device: torch.device | None = None
+) -> tuple[torch.nn.Module, DataSource]:
+    """The frozen teacher (on the training device: the trainer moves only what it trains) and the data source
+    of the global batch ``train.batch_size``."""
+    device = device if device is not None else resolve_device(cfg.train.device)
     if cfg.data_kind == "world":
         # the world's autoencoder encodes CPU-made videos, so the assets stay on the CPU; only the teacher moves
         assets = assets if assets is not None else WorldAssets(cfg.data.assets)
@@ -48,28 +53,39 @@ class TrainedRun:
     weights: Path
     """``run_dir/student.safetensors``: the EMA generator, with the method config as metadata."""
     generator: torch.nn.Module
-    """The trained generator module holding its EMA weights, in eval mode and frozen: ready to sample."""
+    """The trained generator module holding its EMA weights, in eval mode and frozen: ready to sample
+    (sharded across ranks in a ``torchrun`` run)."""
 
 
 def train_run(
     cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False, assets: WorldAssets | None = None
 ) -> TrainedRun:
     """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``."""
-    teacher, data = teacher_and_data(cfg, assets)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    ctx = init_distributed(resolve_device(cfg.train.device))
+    teacher, data = teacher_and_data(cfg, assets, ctx.device)
+    # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
+    # shards each rank's own copy, so every rank must draw the same ones
+    seed_everything(cfg.train.seed)
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
-    print(describe(estimate_state_memory(method, teacher)), flush=True)
-    result = Trainer(method, data, cfg, run_dir, resume).train()
+    if ctx.is_main:
+        print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
+    shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
+    result = Trainer(method, data, cfg, run_dir, resume, dist=ctx).train()
     (name, weights), *others = result.ema.items()
     generator = method.ema_modules()[name]
     if others:
         raise ValueError(f"cannot tell which of the EMA modules {sorted(result.ema)} is the generator to export")
     path = result.run_dir / STUDENT_FILE
-    # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
-    metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path), metadata=metadata)
-    (result.run_dir / "student.json").write_text(
-        json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
-    )
-    generator.load_state_dict(weights)
+    if ctx.is_main:
+        # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
+        metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
+        (result.run_dir / "student.json").write_text(
+            json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
+        )
+    ctx.barrier()
+    set_model_state_dict(generator, weights, options=StateDictOptions(full_state_dict=True))
     return TrainedRun(path, generator.eval().requires_grad_(False))
 
