@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tmd.fastpath import ATTENTION_KERNELS
+
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     """Sample a teacher (K steps x CFG) and its TMD student (M x N) from the same noise, and time both."""
@@ -209,6 +211,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance=args.guidance, shift=args.shift, seed=args.seed, frames=args.frames, height=args.height,
         width=args.width, batch_size=args.batch_size, fps=args.fps, negative_prompt=args.negative_prompt,
         save_latents=args.save_latents, dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
+        attention=args.attention, compile=args.compile,
     )
     mean = sum(r["seconds"] for r in records) / len(records)
     nfe = records[0]["effective_nfe"]
@@ -237,6 +240,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by seed + i")
     p.add_argument("--save-latents", action="store_true", help="also write each video's latents (.safetensors)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="transformer and text encoder precision")
+    p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa",
+                   help="SDPA attention kernel (default: PyTorch's choice; flash/cudnn on a GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first batch)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     _add_threads(p)
     p.set_defaults(func=_cmd_generate)

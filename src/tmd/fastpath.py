@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # the CLI reads ATTENTION_KERNELS for its --help without importing torch
+    from torch import nn
 
 ATTENTION_KERNELS = {
     "sdpa": "native",  # PyTorch picks the kernel (flash where the shape and device allow)

@@ -194,16 +194,20 @@ def generate(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     progress: bool = True,
+    attention: str = "sdpa",
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate one mp4 per prompt into ``out``; returns (and writes to ``generation.json``) one record each.
 
     Video i starts from noise seeded by ``seed + i`` whatever the batch size; a student's inner noise
     is drawn per batch. The wall-clock per video covers text encoding, sampling and decoding (a batch's
-    time split evenly), not model loading.
+    time split evenly), not model loading. ``attention`` picks the SDPA kernel and ``compile`` compiles the
+    transformer blocks (``tmd.fastpath``; the first batch then includes compilation).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from tmd.fastpath import attention_kernel, compile_blocks
     from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
     from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
 
@@ -213,6 +217,8 @@ def generate(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_generation_model(model_path, pipeline, dtype, device)
+    if compile:
+        compile_blocks(loaded.model)
     teacher = loaded.kind == "teacher"
     if not teacher and guidance is not None:
         raise ValueError("students are sampled without CFG (distillation bakes guidance in); drop --guidance")
@@ -242,14 +248,15 @@ def generate(
         noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
         began = time.perf_counter()
         cond = text_encoder.encode(batch)
-        if teacher:
-            latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, shift)
-        else:
-            inner_noise = torch.Generator(device).manual_seed(seeds[0])
-            if loaded.kind == "tmd_student":
-                latents = sample_tmd(loaded.model, noise, cond, steps, inner_steps, inner_noise, outer_shift=shift)
+        with attention_kernel(attention):
+            if teacher:
+                latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, shift)
             else:
-                latents = sample_few_step(loaded.model, noise, cond, steps, inner_noise, shift=shift)
+                inner_noise = torch.Generator(device).manual_seed(seeds[0])
+                if loaded.kind == "tmd_student":
+                    latents = sample_tmd(loaded.model, noise, cond, steps, inner_steps, inner_noise, outer_shift=shift)
+                else:
+                    latents = sample_few_step(loaded.model, noise, cond, steps, inner_noise, shift=shift)
         videos = torch.cat([decode_video(vae, latents[i : i + 1]) for i in range(len(batch))])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
