@@ -60,8 +60,8 @@ def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
     samplers = {(r["method"], r["outer_steps"], r["inner_steps"]) for r in saved["rows"]}
     assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("tmd", 2, 4), ("tmd", 1, 2)} <= samplers
     if methods == "all":
-        assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow"}
-        assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers
+        assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"}
+        assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers and ("linvideo", 8, None) in samplers
     for row in saved["rows"]:
         for key in ("effective_nfe", "latency_ms", "total", "quality", "semantic", "frechet", "diversity"):
             assert isinstance(row[key], float), key

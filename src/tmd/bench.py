@@ -136,6 +136,56 @@ def time_round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmup: in
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+# --------------------------------------------------------------------------------------------- linear attention
+
+ATTENTION_TOKENS = (256, 1024, 4096)
+"""Sequence lengths of the softmax-vs-linear attention table; a GPU run adds ``ATTENTION_TOKENS_GPU``."""
+ATTENTION_TOKENS_GPU = (16384, 32768)
+
+
+def token_grid(tokens: int) -> tuple[int, int, int]:
+    """A near-cubic (frames, height, width) grid of ``tokens`` post-patch cells (a power of 2)."""
+    if tokens < 1 or tokens & (tokens - 1):
+        raise ValueError(f"token counts must be powers of 2, got {tokens}")
+    bits = tokens.bit_length() - 1
+    return 2 ** (bits // 3), 2 ** ((bits + 1) // 3), 2 ** ((bits + 2) // 3)
+
+
+def attention_scaling(
+    teacher, tokens: tuple[int, ...], repeats: int, warmup: int, device: torch.device, text_len: int = 8
+) -> list[dict[str, Any]]:
+    """Latency of one transformer block per pass (batch 1) with softmax self-attention and with LinVideo's
+    linear attention, at growing sequence lengths: softmax grows as n^2, linear as n."""
+    from tmd.models.linear_attention import linearise, round_selection
+
+    linear = linearise(teacher, copy_model=True)
+    round_selection(linear, 0)
+    blocks = {"softmax": teacher.transformer.blocks[0], "linear": linear.transformer.blocks[0]}
+    config = teacher.config
+    dim = config.num_attention_heads * config.attention_head_dim
+    g = torch.Generator(device).manual_seed(0)
+    rows = []
+    for n in tokens:
+        grid = token_grid(n)
+        if max(grid) > config.rope_max_seq_len:
+            raise ValueError(f"{n} tokens need a {grid} grid, beyond the model's rope_max_seq_len {config.rope_max_seq_len}")
+        latent = torch.zeros(1, config.in_channels, *(size * patch for size, patch in zip(grid, config.patch_size)), device=device)
+        rotary = teacher.transformer.rope(latent)
+        hidden = torch.randn(1, n, dim, generator=g, device=device, dtype=teacher.dtype)
+        text = torch.randn(1, text_len, dim, generator=g, device=device, dtype=teacher.dtype)
+        temb = 0.1 * torch.randn(1, 6, dim, generator=g, device=device, dtype=teacher.dtype)
+        with torch.no_grad():
+            s = time_round_robin(
+                {name: lambda b=block: b(hidden, text, temb, rotary) for name, block in blocks.items()}, repeats, warmup, device
+            )
+        rows.append({"tokens": n, "softmax_block_ms": 1000 * s["softmax"], "linear_block_ms": 1000 * s["linear"],
+                     "linear_speedup": s["softmax"] / s["linear"]})
+    for row in rows:
+        row["softmax_growth"] = row["softmax_block_ms"] / rows[0]["softmax_block_ms"]
+        row["linear_growth"] = row["linear_block_ms"] / rows[0]["linear_block_ms"]
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- benchmark
 
 
@@ -304,6 +354,11 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         row["forward_growth"] = row["forward_ms"] / base["forward_ms"]
         row["tmd2x4_growth"] = row["tmd2x4_ms"] / base["tmd2x4_ms"]
 
+    # ---- softmax against linear attention (LinVideo), one block per pass
+    attention_tokens = ATTENTION_TOKENS + (ATTENTION_TOKENS_GPU if device.type == "cuda" and not settings.quick else ())
+    progress(f"attention: tokens {attention_tokens}")
+    attention = attention_scaling(teacher, attention_tokens, repeats, warmup, device)
+
     # ---- peak memory, one more call per row after all timing
     with torch.no_grad():
         for row in sampling:
@@ -321,7 +376,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return {"meta": meta, "sampling": sampling, "components": components, "training": training, "scaling": scaling}
+    return {"meta": meta, "sampling": sampling, "components": components, "training": training, "scaling": scaling,
+            "attention": attention}
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -340,6 +396,7 @@ def format_report(result: dict[str, Any]) -> str:
         ("Components (cost in units of one teacher forward at batch B: effective-NFE price, FLOP model, measured)", "components"),
         ("Training step (backward + AdamW per update)", "training"),
         ("Scaling with frames and resolution (teacher forward at batch B; TMD 2x4 sampler)", "scaling"),
+        ("Softmax vs linear self-attention (LinVideo): one transformer block per pass, batch 1", "attention"),
     ]
     body = [f"{title}\n{format_table(result[key])}" for title, key in sections]
     return "\n\n".join([header, *body, f"peak_mib: {meta['memory']}"])

@@ -45,7 +45,10 @@ PRESETS = {
 }
 """``full`` is for a GPU (or a patient CPU)."""
 
-METHOD_SETS = {"default": ("tmd", "dmd2"), "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow")}
+METHOD_SETS = {
+    "default": ("tmd", "dmd2"),
+    "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"),
+}
 TMD_GRID = ((1, 2), (1, 4), (2, 2), (2, 4))
 GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
 
@@ -118,6 +121,10 @@ class Demo:
             cfg.update(generator_every=p.generator_every, gan_weight=p.gan_weight)
         if method == "phased_dmd":
             cfg["phase_steps"] = p.stage2_steps // 2
+        if method == "linvideo":
+            # a third of the layers stay softmax; selective transfer takes the first half of the budget
+            cfg.update(shift=self.shift, trajectory_steps=8, softmax_layers=max(1, self.teacher.num_blocks // 3),
+                       selection_steps=p.stage2_steps // 2)
         return cfg
 
     def train_all(self, methods: tuple[str, ...]) -> None:
@@ -144,6 +151,13 @@ class Demo:
             ))
         for name, module in self.baselines.items():
             method = get_method(name)
+            if hasattr(method, "sample_guided"):  # a multi-step model (LinVideo's linearised teacher): CFG like the teacher
+                for steps in method.sample_steps:
+                    specs.append((
+                        {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
+                        lambda n, c, u, steps=steps, m=module, sample=method.sample_guided: sample(m, n, c, u, steps, self.guidance, self.shift),
+                    ))
+                continue
             for steps in method.sample_steps:
                 specs.append((
                     {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},

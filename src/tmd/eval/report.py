@@ -35,6 +35,13 @@ def findings(rows: list[dict]) -> list[str]:
             verdict = "above" if tmd["total"] > dmd["total"] else "below"
             line += f"; {verdict} DMD2 {outer}-step ({dmd['total']:.3f})"
         lines.append(line + ".")
+    linearised = _best(rows, "linvideo")
+    if linearised is not None:
+        steps = linearised["outer_steps"]
+        same = next((r for r in rows if r["method"] == "teacher" and r["outer_steps"] == steps), None)
+        versus = f"; the teacher at {steps} steps: {same['total']:.3f} at {same['latency_ms']:.0f} ms" if same else ""
+        lines.append(f"Linearised teacher (LinVideo, sampled like the teacher with CFG) at {steps} steps: total "
+                     f"{linearised['total']:.3f} at {linearised['latency_ms']:.0f} ms per video{versus}.")
     target = _best(rows, "tmd", 2)
     if target is not None:
         dmd_best = max((r["total"] for r in rows if r["method"] == "dmd2"), default=float("nan"))
