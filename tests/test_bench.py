@@ -46,7 +46,7 @@ def test_flop_model_of_wan_1_3b_is_attention_bound():
 
 
 def test_run_bench_on_the_tiny_model():
-    result = run_bench(BenchSettings(model="tiny", latent=LATENT, batch=2, repeats=1, warmup=0, quick=True))
+    result = run_bench(BenchSettings(model="tiny", latent=LATENT, batch=2, repeats=1, warmup=0, quick=True, fast_path=True))
     expected = {
         "sampling": {"sampler", "eff_nfe", "nfe_speedup", "flop_speedup", "ms", "speedup", "measured/nfe", "tflop/s", "peak_mib"},
         "components": {"part", "nfe_cost", "flop_cost", "measured_cost", "ms", "tflop/s"},
@@ -64,6 +64,11 @@ def test_run_bench_on_the_tiny_model():
     assert result["scaling"][1]["tokens"] == 2 * result["scaling"][0]["tokens"]
     assert result["meta"]["weights"] == "random"
     assert "teacher 50x2" in format_report(result)
+    variants = {row["variant"]: row for row in result["fast_path"]}
+    assert list(variants) == ["float32 eager, sdpa (PyTorch's choice)", "float32 eager, math kernel", "bfloat16 eager, sdpa"]
+    assert variants["float32 eager, sdpa (PyTorch's choice)"]["tmd2x4_speedup"] == 1.0
+    assert all(row["forward_ms"] > 0 and row["tmd2x4_ms"] > 0 for row in variants.values())
+    assert "Fast path" in format_report(result)
 
 
 def test_wan_1_3b_is_refused_on_cpu():

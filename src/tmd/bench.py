@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from tmd import flow
 from tmd.eval import flops
@@ -189,6 +190,67 @@ def attention_scaling(
 # --------------------------------------------------------------------------------------------- benchmark
 
 
+FAST_PATH_KERNELS = {"cpu": ("math",), "cuda": ("math", "efficient", "flash", "cudnn")}
+"""Attention kernels timed against PyTorch's own choice (``sdpa``); ``math`` is the unfused reference."""
+
+
+def fast_path_table(
+    teacher, head_blocks: int, noise: Tensor, cond: Tensor, t: Tensor, repeats: int, warmup: int,
+    device: torch.device, compile: bool,
+) -> list[dict[str, Any]]:
+    """The same two calls under each fast-path switch, timed round-robin in one run: SDPA's own kernel
+    choice against forced kernels, bf16 weights (when the bench runs fp32), and compiled blocks."""
+    import copy
+
+    from tmd.fastpath import attention_kernel, compile_blocks
+    from tmd.models.split import TMDStudent
+    from tmd.models.wan import WanTeacher, cast_transformer
+    from tmd.sampling import sample_tmd
+
+    def variant(model, kernel: str = "sdpa"):
+        student = TMDStudent.from_teacher(model, head_blocks=head_blocks).eval()
+
+        def forward():
+            with attention_kernel(kernel):
+                return model.velocity(noise, t, cond)
+
+        def tmd():
+            with attention_kernel(kernel):
+                return sample_tmd(student, noise, cond, 2, 4, torch.Generator(device).manual_seed(0))
+
+        return forward, tmd
+
+    variants = {f"{teacher.dtype} eager, sdpa (PyTorch's choice)".removeprefix("torch."): variant(teacher)}
+    for kernel in FAST_PATH_KERNELS[device.type]:
+        variants[f"{teacher.dtype} eager, {kernel} kernel".removeprefix("torch.")] = variant(teacher, kernel)
+    if teacher.dtype == torch.float32:
+        bf16 = WanTeacher(cast_transformer(copy.deepcopy(teacher.transformer), torch.bfloat16)).eval()
+        variants["bfloat16 eager, sdpa"] = variant(bf16)
+    if compile:
+        variants[f"{teacher.dtype} compiled blocks, sdpa".removeprefix("torch.")] = variant(compile_blocks(copy.deepcopy(teacher)))
+    fns, unsupported = {}, {}
+    with torch.no_grad():
+        for name, (forward, tmd) in variants.items():
+            try:  # a kernel may not take this dtype or shape (flash needs half precision)
+                forward()
+            except RuntimeError as error:
+                unsupported[name] = str(error).splitlines()[0][:80]
+                continue
+            fns[f"{name}|forward"], fns[f"{name}|tmd"] = forward, tmd
+        seconds = time_round_robin(fns, repeats, max(warmup, 1), device)
+    rows, base = [], None
+    for name in variants:
+        if name in unsupported:
+            rows.append({"variant": name, "forward_ms": float("nan"), "tmd2x4_ms": float("nan"),
+                         "forward_speedup": float("nan"), "tmd2x4_speedup": float("nan"), "note": unsupported[name]})
+            continue
+        forward_s, tmd_s = seconds[f"{name}|forward"], seconds[f"{name}|tmd"]
+        base = base or (forward_s, tmd_s)
+        rows.append({"variant": name, "forward_ms": 1000 * forward_s, "tmd2x4_ms": 1000 * tmd_s,
+                     "forward_speedup": base[0] / forward_s, "tmd2x4_speedup": base[1] / tmd_s, "note": ""})
+    return rows
+
+
 @dataclass
 class BenchSettings:
     model: str = "world"
@@ -200,6 +262,8 @@ class BenchSettings:
     dtype: str = "fp32"
     head_blocks: int | None = None
     quick: bool = False
+    fast_path: bool = False  # add the before/after table of the inference fast path
+    compile: bool = False  # include torch.compile in it (minutes of compilation on a CPU)
 
 
 def _scaling_latents(latent: tuple[int, ...], config: dict[str, Any], sizes: int) -> list[tuple[int, ...]]:
@@ -359,6 +423,11 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     progress(f"attention: tokens {attention_tokens}")
     attention = attention_scaling(teacher, attention_tokens, repeats, warmup, device)
 
+    fast_path = []
+    if settings.fast_path:
+        progress("fast path: " + ", ".join(FAST_PATH_KERNELS[device.type]) + (", compile" if settings.compile else ""))
+        fast_path = fast_path_table(teacher, head_blocks, noise, cond, t_mid, repeats, warmup, device, settings.compile)
+
     # ---- peak memory, one more call per row after all timing
     with torch.no_grad():
         for row in sampling:
@@ -372,12 +441,12 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         "tokens": flops.tokens(config, latent), "text_len": text_len, "batch": batch, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": settings.dtype, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
-        "quick": settings.quick, "torch": torch.__version__,
+        "quick": settings.quick, "torch": torch.__version__, "compile": settings.compile,
         "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return {"meta": meta, "sampling": sampling, "components": components, "training": training, "scaling": scaling,
-            "attention": attention}
+            "attention": attention, "fast_path": fast_path}
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -397,8 +466,9 @@ def format_report(result: dict[str, Any]) -> str:
         ("Training step (backward + AdamW per update)", "training"),
         ("Scaling with frames and resolution (teacher forward at batch B; TMD 2x4 sampler)", "scaling"),
         ("Softmax vs linear self-attention (LinVideo): one transformer block per pass, batch 1", "attention"),
+        ("Fast path (teacher forward at batch B and the TMD 2x4 sampler; speed-up against the first row)", "fast_path"),
     ]
-    body = [f"{title}\n{format_table(result[key])}" for title, key in sections]
+    body = [f"{title}\n{format_table(result[key])}" for title, key in sections if result.get(key)]
     return "\n\n".join([header, *body, f"peak_mib: {meta['memory']}"])
 
 

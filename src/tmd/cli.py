@@ -325,6 +325,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
         repeats=args.repeats or quick["repeats"], warmup=quick["warmup"] if args.warmup is None else args.warmup,
         device=device, dtype=args.dtype, head_blocks=args.head_blocks, quick=args.quick,
+        fast_path=args.fast_path or args.compile, compile=args.compile,
     )
     result = run_bench(settings, progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result["meta"]["command"] = " ".join(["tmd", *args.argv])
@@ -349,6 +350,9 @@ def _add_bench(sub) -> None:
     _add_threads(p)
     p.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (a couple of minutes on CPU)")
+    p.add_argument("--fast-path", action="store_true",
+                   help="add the fast-path table: attention kernels and bf16 against the default, in one run")
+    p.add_argument("--compile", action="store_true", help="add torch.compile to the fast-path table (slow to compile)")
     p.set_defaults(func=_cmd_bench)
 
 
