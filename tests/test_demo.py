@@ -62,6 +62,10 @@ def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
     if methods == "all":
         assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"}
         assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers and ("linvideo", 8, None) in samplers
+        # TMD of the linearised teacher: the plain TMD grid, after its own two stages
+        assert {("linvideo_tmd", m, n) for m in (1, 2) for n in (2, 4)} <= samplers
+        assert {"linvideo", "linvideo_tmd_stage1", "linvideo_tmd_stage2"} <= set(report["timings_s"])
+        assert "Linearised teacher + TMD, M=" in (tmp_path / "report.md").read_text()
     for row in saved["rows"]:
         for key in ("effective_nfe", "latency_ms", "total", "quality", "semantic", "frechet", "diversity"):
             assert isinstance(row[key], float), key

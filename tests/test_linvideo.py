@@ -1,16 +1,19 @@
-"""LinVideo: the linear-attention processor, selective transfer with rounding, and ADM on the tiny model."""
+"""LinVideo: the linear-attention processor, selective transfer with rounding, ADM on the tiny model, and
+the linearised model as the teacher of TMD and DMD2 (``data.linearised_teacher``)."""
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from tmd.bench import attention_scaling, token_grid
-from tmd.config import to_dict
+from tmd.cli import main
+from tmd.config import ConfigError, RunConfig, load_config, to_dict
+from tmd.data.prepare import prepare
 from tmd.eval.report import findings
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
@@ -18,6 +21,7 @@ from tmd.models.linear_attention import (
     LINEAR,
     MIXED,
     SOFTMAX,
+    SelectiveAttention,
     describe_layers,
     linear_attention,
     linear_layers,
@@ -28,7 +32,9 @@ from tmd.models.linear_attention import (
 )
 from tmd.models.wan import load_teacher
 from tmd.rng import BatchRandom
-from tmd.sampling import guided_velocity, sample_teacher, teacher_grid
+from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
+from tmd.train.run import with_linear_attention
+from test_generate import build_tiny_pipeline
 
 LATENT = (4, 2, 8, 8)
 
@@ -154,12 +160,13 @@ def make_batch(n: int = 4):
 
 def train(method, batch, steps, lr=1e-4, record=None, start=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(start))
-    optimizer = torch.optim.AdamW(method.parameter_groups()["student"], lr=lr)
+    optimizers = {group: torch.optim.AdamW(params, lr=lr) for group, params in method.parameter_groups().items()}
 
     def update(group, loss, terms=None):
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        optimizers[group].step()
         if record is not None:
             record.append({k: float(v.detach()) for k, v in (terms or {}).items()})
 
@@ -259,13 +266,130 @@ def test_attention_bench_rows(tiny_teacher):
         token_grid(300)
 
 
-def test_the_demo_report_names_the_linearised_teacher():
-    def row(method, steps, total, latency):
-        return {"method": method, "outer_steps": steps, "inner_steps": None, "effective_nfe": 2.0 * steps, "total": total,
+def test_the_demo_report_names_the_linearised_teacher_and_its_tmd_student():
+    def row(method, steps, total, latency, inner=None):
+        return {"method": method, "outer_steps": steps, "inner_steps": inner, "effective_nfe": 2.0 * steps, "total": total,
                 "latency_ms": latency, "speedup_vs_teacher": 1000 / latency}
 
-    rows = [row("teacher", 50, 0.70, 1000), row("linvideo", 50, 0.66, 800), row("linvideo", 8, 0.60, 130), row("tmd", 2, 0.5, 40)]
+    rows = [row("teacher", 50, 0.70, 1000), row("linvideo", 50, 0.66, 800), row("linvideo", 8, 0.60, 130),
+            row("tmd", 2, 0.5, 40, 2), row("tmd", 2, 0.6, 50, 4), row("linvideo_tmd", 2, 0.45, 30, 2),
+            row("linvideo_tmd", 2, 0.57, 38, 4), row("linvideo_tmd", 1, 0.59, 20, 4)]
     lines = findings(rows)
-    line = next(line for line in lines if line.startswith("Linearised teacher"))
+    line = next(line for line in lines if line.startswith("Linearised teacher (LinVideo"))
     assert "50 steps: total 0.660 at 800 ms" in line and "the teacher at 50 steps: 0.700" in line
+    # the best N at M=2 (even where M=1 scores higher), against plain TMD at that same M x N
+    line = next(line for line in lines if line.startswith("Linearised teacher + TMD"))
+    assert "M=2 x N=4" in line and "total 0.570 at 38 ms" in line and "plain TMD at the same M x N: 0.600 at 50 ms (-5.0% total)" in line
     assert lines[-1].startswith("Target (TMD M=2")
+    assert not any("+ TMD" in line for line in findings(rows[:5]))
+
+
+def export(model, path, method="linvideo", cfg=None):
+    """``model``'s weights as ``tmd.train.run`` writes a run's ``student.safetensors``."""
+    config = to_dict(cfg if cfg is not None else get_method(method).Config())
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(path), metadata={"method": method, "method_config": json.dumps(config)})
+    return path
+
+
+@pytest.fixture
+def linearised_export(tiny_teacher, tmp_path):
+    """A rounded LinVideo export of the tiny teacher: blocks 0 (backbone at H=2) and 3 (head) linear."""
+    model = linearise(tiny_teacher, copy_model=True)
+    with torch.no_grad():
+        for layer, logit in zip(selective_layers(model), (-1.0, 1.0, 1.0, -1.0)):
+            layer.ratio_logit.fill_(logit)
+    assert round_selection(model, 2) == [0, 3]
+    return export(model, tmp_path / "linvideo.safetensors")
+
+
+def test_tmd_distils_a_linearised_teacher(tiny_teacher, tiny_inputs, linearised_export, tmp_path):
+    x, text, negative = tiny_inputs
+    teacher = with_linear_attention(tiny_teacher, str(linearised_export), copy_model=True)
+    assert linear_layers(teacher) == [0, 3] and not any(p.requires_grad for p in teacher.parameters())
+    assert not isinstance(tiny_teacher.transformer.blocks[0].attn1.processor, SelectiveAttention)  # linearised on a copy
+
+    stage1 = get_method("tm").from_teacher(get_method("tm").Config(head_blocks=2, inner_steps=2), teacher)
+    student = stage1.student
+    # the deep copy carries the processors (fresh ones, not the frozen teacher's) into backbone and head
+    assert student.split_index == 2 and linear_layers(student) == [0, 3]
+    assert student.transformer.blocks[3].attn1.processor is not teacher.transformer.blocks[3].attn1.processor
+    with torch.no_grad():  # TMD's init: the first head evaluation is the (linearised) teacher's forward
+        y_hat = student.head(torch.randn_like(x), 0.999, 0.999, student.backbone(x, 0.999, text))
+        torch.testing.assert_close(y_hat, teacher.velocity(x, 0.999, text), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(y_hat, tiny_teacher.velocity(x, 0.999, text), atol=1e-4)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    train(stage1, {"x": x, "cond": text, "neg_cond": negative}, 1, lr=1e-3)
+    after = student.state_dict()
+
+    def changed(key):
+        return not torch.equal(before[key], after[key])
+
+    # everything that computes the output trains, the feature maps of the linear layers included; the
+    # softmax layers' feature maps and every rounded r take no part in the forward and stay as they were
+    processor = "transformer.blocks.{}.attn1.processor.{}"
+    assert changed("transformer.blocks.0.attn1.to_q.weight") and changed("transformer.blocks.3.ffn.net.2.weight")
+    assert all(changed(processor.format(block, "feature_q")) for block in (0, 3))
+    assert not any(changed(processor.format(block, "feature_q")) for block in (1, 2))
+    assert not any(changed(processor.format(block, "ratio_logit")) for block in range(4))
+
+    stage1_weights = export(student, tmp_path / "stage1.safetensors", "tm", stage1.cfg)
+    cfg = get_method("tmd").Config(head_blocks=2, inner_steps=2, init_from=str(stage1_weights), generator_every=1, guidance=3.0)
+    stage2 = get_method("tmd").from_teacher(cfg, teacher)
+    assert linear_layers(stage2.student) == [0, 3] and linear_layers(stage2.fake_score) == [0, 3]
+    assert torch.equal(stage2.student.state_dict()[processor.format(0, "feature_q")], after[processor.format(0, "feature_q")])
+    before = {k: v.clone() for k, v in stage2.student.state_dict().items()}
+    train(stage2, {"x": x, "cond": text, "neg_cond": negative}, 1, lr=1e-3)
+    assert not torch.equal(before[processor.format(3, "feature_k")], stage2.student.state_dict()[processor.format(3, "feature_k")])
+
+    with torch.no_grad():
+        sample = sample_tmd(stage2.student, x, text, 2, 2, torch.Generator().manual_seed(0))
+    assert sample.shape == x.shape and torch.isfinite(sample).all()
+
+
+def test_the_linearised_teacher_path_is_checked(tiny_teacher, linearised_export, tmp_path):
+    def load(path, *overrides):
+        return load_config(RunConfig, "configs/world_tmd_stage1.yaml", [f"data.linearised_teacher={path}", *overrides])
+
+    assert load(linearised_export).data.linearised_teacher == str(linearised_export)
+    with pytest.raises(ConfigError, match=r"key 'data.linearised_teacher': path '.*nowhere.safetensors' does not exist"):
+        load(tmp_path / "nowhere.safetensors")
+    stage1 = export(tiny_teacher, tmp_path / "tm.safetensors", "tm")
+    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*tm.safetensors was written by method 'tm', not by a linvideo run"):
+        load(stage1)
+    # the prepared-data section has the same key and check
+    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*was written by method 'tm'"):
+        load(stage1, "data_kind=prepared", f"data.path={tmp_path}")
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*notes.txt is not a safetensors file"):
+        load(tmp_path / "notes.txt")
+    mixed = export(linearise(tiny_teacher, copy_model=True), tmp_path / "mixed.safetensors")
+    with pytest.raises(ConfigError, match=r"before selective transfer was rounded \(4 of 4 layers still mixed\)"):
+        load(mixed)
+
+    # a linvideo export of another model passes the config check; building the teacher names the key and the shapes
+    other = linearise(tiny_teacher, feature_dim=8, copy_model=True)
+    round_selection(other, 2)
+    wrong = export(other, tmp_path / "other.safetensors")  # its metadata says feature_dim None: the head dimension, not 8
+    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*other.safetensors does not fit this student: shapes differ"):
+        with_linear_attention(tiny_teacher, str(wrong), copy_model=True)
+
+
+def test_a_prepared_run_distils_a_linvideo_run(tmp_path):
+    """Text-only prepared data: linvideo, then DMD2 of its export through ``tmd train`` (the Wan route)."""
+    pipeline = build_tiny_pipeline(tmp_path / "wan")
+    data = tmp_path / "data"
+    prepare(data, pipeline, prompts=["a red circle", "a blue square"], frames=5, height=32, width=32, negative_prompt="", progress=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data_kind: prepared\ndata: {{path: {data}}}\n"
+                      "train: {steps: 2, batch_size: 2, progress: false, tensorboard: false}\n")
+    linvideo = ["method_name=linvideo", "method.softmax_layers=1", "method.selection_steps=1", "method.trajectory_steps=2",
+                f"train.out_dir={tmp_path / 'linvideo'}"]
+    assert main(["train", "--config", str(config), *linvideo]) == 0
+    weights = tmp_path / "linvideo" / "student.safetensors"
+    dmd2 = ["method_name=dmd2", "method.gan_weight=0.0", f"data.linearised_teacher={weights}", f"train.out_dir={tmp_path / 'dmd2'}"]
+    assert main(["train", "--config", str(config), *dmd2]) == 0
+    # the generator is a copy of the linearised teacher: its export carries the linear layers
+    exported = load_file(str(tmp_path / "dmd2" / "student.safetensors"))
+    modes = [int(v) for k, v in exported.items() if k.endswith("attn1.processor.mode")]
+    assert modes.count(LINEAR) == len(modes) - 1 >= 1

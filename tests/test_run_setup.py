@@ -20,7 +20,7 @@ def test_estimate_counts_teacher_trainable_and_ema():
 
 
 @pytest.mark.parametrize("name", ["wan1.3b_tmd_stage1", "wan1.3b_tmd_stage2", "wan14b_tmd_stage1", "wan14b_tmd_stage2",
-                                  "world_tmd_stage1", "world_tmd_stage2", "world_dmd2"])
+                                  "world_tmd_stage1", "world_tmd_stage2", "world_dmd2", "world_linvideo"])
 def test_shipped_run_configs_load(name, tmp_path):
     from tmd.config import RunConfig, load_config
 
@@ -28,6 +28,6 @@ def test_shipped_run_configs_load(name, tmp_path):
     if name.startswith("wan"):
         overrides.append(f"data.path={tmp_path}")
     cfg = load_config(RunConfig, f"configs/{name}.yaml", overrides)
-    assert cfg.method_name in ("tm", "tmd", "dmd2")
+    assert cfg.method_name in ("tm", "tmd", "dmd2", "linvideo")
     if name.startswith("wan"):
         assert cfg.train.precision == "bf16" and cfg.train.lr == 1e-5 and cfg.method.head_blocks in (5, 6)

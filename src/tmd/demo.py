@@ -2,6 +2,7 @@
 
 Shipped teacher -> TMD stage 1 (transition matching) -> TMD stage 2 (DMD2 with head rollout) and the
 DMD2 baseline with the same budget -> every sampler scored on the same prompts and noise -> report.
+With ``--methods all`` every baseline too, and TMD once more on LinVideo's linearised teacher.
 """
 
 from __future__ import annotations
@@ -53,14 +54,16 @@ TMD_GRID = ((1, 2), (1, 4), (2, 2), (2, 4))
 GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
 
 
-def _run_config(method: str, method_cfg: dict, preset: Preset, out: Path, assets: str | None, seed: int) -> RunConfig:
+def _run_config(
+    method: str, method_cfg: dict, preset: Preset, out: Path, assets: str | None, seed: int, linearised_teacher: Path | None = None
+) -> RunConfig:
     return from_dict(
         RunConfig,
         {
             "method_name": method,
             "data_kind": "world",
             "method": method_cfg,
-            "data": {"assets": assets},
+            "data": {"assets": assets, "linearised_teacher": None if linearised_teacher is None else str(linearised_teacher)},
             "train": {
                 "steps": preset.stage1_steps if method == "tm" else preset.stage2_steps,
                 "batch_size": preset.batch_size,
@@ -106,8 +109,8 @@ class Demo:
 
     # -- training ------------------------------------------------------------------------------
 
-    def _train(self, name: str, method: str, method_cfg: dict) -> TrainedRun:
-        cfg = _run_config(method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed)
+    def _train(self, name: str, method: str, method_cfg: dict, linearised_teacher: Path | None = None) -> TrainedRun:
+        cfg = _run_config(method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed, linearised_teacher)
         cfg.train.progress = self.progress
         start = time.perf_counter()
         run = train_run(cfg, assets=self.assets)
@@ -127,17 +130,28 @@ class Demo:
                        selection_steps=p.stage2_steps // 2)
         return cfg
 
-    def train_all(self, methods: tuple[str, ...]) -> None:
-        """TMD (stage 1 then stage 2) and each baseline, every distillation with the same step budget."""
+    def _train_tmd(self, name: str, linearised_teacher: Path | None = None) -> tuple[TrainedRun, TrainedRun]:
+        """TMD stage 1 then stage 2 (runs ``{name}_stage1``, ``{name}_stage2``), of the linearised model if given."""
         p = self.preset
         distill = {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight}
-        stage1 = self._train("tmd_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance})
-        stage2 = self._train("tmd_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1.weights)})
+        stage1 = self._train(f"{name}_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance}, linearised_teacher)
+        stage2 = self._train(
+            f"{name}_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1.weights)}, linearised_teacher
+        )
+        return stage1, stage2
+
+    def train_all(self, methods: tuple[str, ...]) -> None:
+        """TMD (stage 1 then stage 2) and each baseline, every distillation with the same step budget; after
+        LinVideo, TMD once more with the linearised model as its teacher (LinVideo's few-step stage)."""
+        stage1, stage2 = self._train_tmd("tmd")
         self.tmd_students = {"tmd": stage2.generator, "tmd_stage1": stage1.generator}
         self.baselines = {}
         for method in methods:
             if method != "tmd":
-                self.baselines[method] = self._train(method, method, self._baseline_config(method)).generator
+                run = self._train(method, method, self._baseline_config(method))
+                self.baselines[method] = run.generator
+                if method == "linvideo":
+                    self.tmd_students["linvideo_tmd"] = self._train_tmd("linvideo_tmd", run.weights)[1].generator
 
     # -- evaluation ----------------------------------------------------------------------------
 

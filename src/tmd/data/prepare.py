@@ -50,6 +50,14 @@ class PreparedDataConfig:
     path: str = existing_path()
     teacher: Optional[str] = existing_path(None)
     """The Wan pipeline (or transformer folder) to distil; null: the model the data was prepared with."""
+    linearised_teacher: Optional[str] = existing_path(None)
+    """A linvideo run's ``student.safetensors`` (made from ``teacher``): distil that linearised model instead."""
+
+    def __post_init__(self):
+        # imported here: the methods pull in diffusers, which `tmd prepare` itself does not need
+        from tmd.methods.linvideo import check_linearised_teacher
+
+        check_linearised_teacher(self.linearised_teacher)
 
 
 register_data_config("prepared", PreparedDataConfig)

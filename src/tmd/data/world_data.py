@@ -17,9 +17,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tmd.config import register_data_config
+from tmd.config import existing_path, register_data_config
 from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_videos
 from tmd.eval.benchmark import BenchmarkResult, score_videos
+from tmd.methods.linvideo import check_linearised_teacher
 from tmd.models.autoencoder import VideoAutoencoder
 from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
 from tmd.train.loop import GeneratorDataSource
@@ -45,6 +46,11 @@ class WorldDataConfig:
     """The ``data:`` section of a world run. ``assets`` null means the packaged ``assets/world``."""
 
     assets: Optional[str] = None
+    linearised_teacher: Optional[str] = existing_path(None)
+    """A linvideo run's ``student.safetensors``: distil that linearised model instead of the world teacher."""
+
+    def __post_init__(self):
+        check_linearised_teacher(self.linearised_teacher)
 
 
 register_data_config("world", WorldDataConfig)

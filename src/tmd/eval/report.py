@@ -42,12 +42,29 @@ def findings(rows: list[dict]) -> list[str]:
         versus = f"; the teacher at {steps} steps: {same['total']:.3f} at {same['latency_ms']:.0f} ms" if same else ""
         lines.append(f"Linearised teacher (LinVideo, sampled like the teacher with CFG) at {steps} steps: total "
                      f"{linearised['total']:.3f} at {linearised['latency_ms']:.0f} ms per video{versus}.")
+    lines.extend(_linearised_tmd(rows))
     target = _best(rows, "tmd", 2)
     if target is not None:
         dmd_best = max((r["total"] for r in rows if r["method"] == "dmd2"), default=float("nan"))
         met = (teacher["total"] - target["total"]) <= 0.02 * teacher["total"] and target["total"] > dmd_best and target["speedup_vs_teacher"] >= 20
         lines.append("Target (TMD M=2 within 2% of the teacher, above DMD2, >= 20x faster): " + ("met." if met else "NOT met in this run."))
     return lines
+
+
+def _linearised_tmd(rows: list[dict]) -> list[str]:
+    """LinVideo then TMD against plain TMD at the same M x N: what linearising the teacher costs in quality
+    and gains in latency once both are few-step."""
+    best = _best(rows, "linvideo_tmd", 2) or _best(rows, "linvideo_tmd")
+    if best is None:
+        return []
+    outer, inner = best["outer_steps"], best["inner_steps"]
+    line = (f"Linearised teacher + TMD, M={outer} x N={inner} (its best N at M={outer}, {best['effective_nfe']:.2f} NFE): "
+            f"total {best['total']:.3f} at {best['latency_ms']:.0f} ms per video")
+    plain = next((r for r in rows if r["method"] == "tmd" and (r["outer_steps"], r["inner_steps"]) == (outer, inner)), None)
+    if plain is not None:
+        change = 100 * (best["total"] - plain["total"]) / plain["total"]
+        line += f"; plain TMD at the same M x N: {plain['total']:.3f} at {plain['latency_ms']:.0f} ms ({change:+.1f}% total)"
+    return [line + "."]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -106,7 +123,8 @@ def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prom
         f"Wall-clock: {timings}.",
         "",
         f"Every row samples the same {report['videos_scored']} videos (the benchmark's fixed prompt set, same noise); latency is the",
-        "median of 3 single-video samples after a warm-up. `tmd_stage1` rows are the student after stage 1 only.",
+        "median of 3 single-video samples after a warm-up. `tmd_stage1` rows are the student after stage 1 only;",
+        "`linvideo_tmd` rows are TMD (both stages, the same budgets) distilled from the `linvideo` model instead of the teacher.",
         "",
         "```",
         table,

@@ -54,7 +54,12 @@ def load_student_weights(student: nn.Module, path: str, expect: dict | None = No
     for key, value in (expect or {}).items():
         if key in exported and exported[key] != value:
             raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")
-    result = student.load_state_dict(load_file(path), strict=False)
+    state, own = load_file(path), student.state_dict()
+    # load_state_dict reports these as a RuntimeError listing every tensor; one line that names the file reads better
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not fit this student: shapes differ (file vs model) for {wrong[:3]}")
+    result = student.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"

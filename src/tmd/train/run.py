@@ -1,7 +1,8 @@
 """One distillation run: config -> teacher and data -> method -> trainer -> export of the EMA generator.
 
 Data is the synthetic world (``data_kind: world``, the shipped teacher) or a ``tmd prepare`` folder
-(``data_kind: prepared``, the Wan pipeline it was prepared with).
+(``data_kind: prepared``, the Wan pipeline it was prepared with). With ``data.linearised_teacher`` (a
+linvideo run's ``student.safetensors``) any method distils that linearised model instead of the teacher.
 
 ``tmd train`` and ``tmd demo`` both go through :func:`train_run`, so a demo row is exactly what the
 same config gives on the command line. Under ``torchrun`` it shards the teacher and every trained module
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tmd.config import RunConfig, to_dict
+from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
+from tmd.methods.linvideo import load_linearised
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
@@ -38,14 +40,28 @@ def teacher_and_data(
         # the world's autoencoder encodes CPU-made videos, so the assets stay on the CPU; only the teacher moves
         assets = assets if assets is not None else WorldAssets(cfg.data.assets)
         data = world_data_source(assets.autoencoder, assets.text_encoder, cfg.train.batch_size, cfg.train.seed)
-        return assets.teacher.to(device), data
+        # linearised on a copy: the assets' teacher may be shared (``tmd demo`` samples it as the teacher row)
+        return with_linear_attention(assets.teacher.to(device), cfg.data.linearised_teacher, copy_model=True), data
     if cfg.data_kind == "prepared":
         from tmd.data.prepare import PreparedDataset
         from tmd.models.wan import load_teacher
 
         data = PreparedDataset(cfg.data.path, cfg.train.batch_size, cfg.train.seed)
-        return load_teacher(cfg.data.teacher or data.index["model"], device=device), data
+        teacher = load_teacher(cfg.data.teacher or data.index["model"], device=device)
+        # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
+        return with_linear_attention(teacher, cfg.data.linearised_teacher, copy_model=False), data
     raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
+
+
+def with_linear_attention(teacher: torch.nn.Module, weights: str | None, copy_model: bool) -> torch.nn.Module:
+    """``teacher`` itself, or, when ``data.linearised_teacher`` names a linvideo run's export, that
+    linearised model (frozen) built on it: every method then distils it in place of the teacher."""
+    if weights is None:
+        return teacher
+    try:
+        return load_linearised(teacher, weights, copy_model=copy_model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.linearised_teacher: {e}") from None
 
 
 @dataclass
