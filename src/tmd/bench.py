@@ -220,14 +220,15 @@ def fast_path_table(
 
         return forward, tmd
 
-    variants = {f"{teacher.dtype} eager, sdpa (PyTorch's choice)".removeprefix("torch."): variant(teacher)}
+    dtype = str(teacher.dtype).removeprefix("torch.")
+    variants = {f"{dtype} eager, sdpa (PyTorch's choice)": variant(teacher)}
     for kernel in FAST_PATH_KERNELS[device.type]:
-        variants[f"{teacher.dtype} eager, {kernel} kernel".removeprefix("torch.")] = variant(teacher, kernel)
+        variants[f"{dtype} eager, {kernel} kernel"] = variant(teacher, kernel)
     if teacher.dtype == torch.float32:
         bf16 = WanTeacher(cast_transformer(copy.deepcopy(teacher.transformer), torch.bfloat16)).eval()
         variants["bfloat16 eager, sdpa"] = variant(bf16)
     if compile:
-        variants[f"{teacher.dtype} compiled blocks, sdpa".removeprefix("torch.")] = variant(compile_blocks(copy.deepcopy(teacher)))
+        variants[f"{dtype} compiled blocks, sdpa"] = variant(compile_blocks(copy.deepcopy(teacher)))
     fns, unsupported = {}, {}
     with torch.no_grad():
         for name, (forward, tmd) in variants.items():

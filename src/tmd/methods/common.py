@@ -19,9 +19,15 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 class StudentMethod(nn.Module):
-    """A method that trains one module, ``self.student``, and keeps its EMA (the trainer's interface)."""
+    """A method that trains one module, ``self.student``, and keeps its EMA (the trainer's interface);
+    the teacher, when the method needs one, is frozen."""
 
-    student: nn.Module
+    def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.student = student
+        self.teacher = freeze(teacher) if teacher is not None else None
+        self.generator: BatchRandom | None = None
 
     def parameter_groups(self):
         return {"student": list(self.student.parameters())}

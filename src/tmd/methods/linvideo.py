@@ -62,7 +62,6 @@ from tmd.models.linear_attention import (
     softmax_ratios,
     take_transfer_loss,
 )
-from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, teacher_grid
 
 
@@ -185,12 +184,8 @@ class LinVideo(StudentMethod):
     """Teacher step counts at which ``tmd demo`` evaluates the linearised model (with CFG, like the teacher)."""
 
     def __init__(self, cfg: LinVideoConfig, teacher: nn.Module, student: nn.Module):
-        super().__init__()
         check_target(student, cfg.softmax_layers)
-        self.cfg = cfg
-        self.teacher = freeze(teacher)
-        self.student = student
-        self.generator: BatchRandom | None = None
+        super().__init__(cfg, student, teacher)
 
     @classmethod
     def from_teacher(cls, cfg: LinVideoConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "LinVideo":

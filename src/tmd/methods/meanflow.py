@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import StudentMethod, adaptive_l2, freeze
+from tmd.methods.common import StudentMethod, adaptive_l2
 from tmd.methods.tmd import StudentConfig, _below
 from tmd.sampling import guided_velocity
-from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -63,11 +62,7 @@ class MeanFlow(StudentMethod):
     Config = MeanFlowConfig
 
     def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module, student: nn.Module):
-        super().__init__()
-        self.cfg = cfg
-        self.teacher = freeze(teacher)
-        self.student = student
-        self.generator: BatchRandom | None = None
+        super().__init__(cfg, student, teacher)
 
     @classmethod
     def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MeanFlow":

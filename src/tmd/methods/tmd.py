@@ -20,7 +20,6 @@ from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, load_
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import tmd_transition
-from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -87,10 +86,7 @@ class TransitionMatching(StudentMethod):
     Config = TransitionMatchingConfig
 
     def __init__(self, cfg: TransitionMatchingConfig, student: nn.Module):
-        super().__init__()
-        self.cfg = cfg
-        self.student = student
-        self.generator: BatchRandom | None = None
+        super().__init__(cfg, student)
 
     @classmethod
     def from_teacher(cls, cfg: TransitionMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False):

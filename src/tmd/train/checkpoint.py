@@ -125,8 +125,12 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Load the tensors of ``state`` in place (resharded to this run's layout); return the trainer state."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def load_sharded_state(path: Path, state: dict[str, Any]) -> None:
+    """Load the tensors of ``state`` in place, resharded to this run's layout."""
     try:
         _single_process_quietly(lambda: dcp.load(state, checkpoint_id=str(path / STATE_DIR)))
     except Exception as error:  # DCP names the missing key deep inside a CheckpointException
@@ -134,7 +138,6 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> dict[str, Any]:
             f"checkpoint {path} does not fit this run ({type(error).__name__}: {str(error)[:500]}); "
             "was it written by another method or model size?"
         ) from error
-    return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -131,13 +131,6 @@ def slice_batch(batch: Any, rank: int, world_size: int, global_size: int) -> Any
     return batch
 
 
-def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The module's whole state on the CPU, gathered from all ranks (a collective: call it on every rank)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def gather_full(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Plain CPU tensors from a state dict whose entries may be sharded DTensors (a collective)."""
     from torch.distributed.tensor import DTensor

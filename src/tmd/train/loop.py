@@ -387,11 +387,12 @@ class Trainer:
     def _load(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        saved_groups = torch.load(path / ckpt.TRAINER_STATE, map_location="cpu", weights_only=True)["optimizer_groups"]
-        if saved_groups != sorted(self.optimizers):
-            raise ValueError(f"checkpoint {path} has optimizer groups {saved_groups}, the method has {sorted(self.optimizers)}")
+        state = ckpt.read_trainer_state(path)
+        if state["optimizer_groups"] != sorted(self.optimizers):
+            raise ValueError(f"checkpoint {path} has optimizer groups {state['optimizer_groups']}, "
+                             f"the method has {sorted(self.optimizers)}")
         sharded = self._sharded_state()
-        state = ckpt.load_checkpoint(path, sharded)
+        ckpt.load_sharded_state(path, sharded)
         for name, module in self.modules.items():
             set_model_state_dict(module, sharded["modules"][name])
         for name, opt in self.optimizers.items():
