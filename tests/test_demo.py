@@ -32,7 +32,7 @@ def test_train_stage1_then_stage2_from_its_export(tiny_assets, tmp_path):
     assert "fusion.gate_logit" in weights and (stage1 / "config.yaml").is_file()
 
     stage2 = tmp_path / "stage2"
-    args = [*common, f"train.out_dir={stage2}", f"method.init_from={stage1 / 'student.safetensors'}", "method.generator_every=1"]
+    args = [*common, f"train.out_dir={stage2}", f"method.init_from={stage1 / 'student.safetensors'}", "method.generator_every=2"]
     assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *args]) == 0
     assert (stage2 / "student.safetensors").is_file()
     records = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
@@ -53,7 +53,7 @@ def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("methods", ["default", pytest.param("all", marks=pytest.mark.slow)])
 def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
-    monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=1))
+    monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=2))
     report = run_demo(tmp_path, "micro", str(tiny_assets), progress=False, methods=methods)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == report["rows"]

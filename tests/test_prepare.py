@@ -157,8 +157,9 @@ def test_train_on_prepared_data(tmp_path, videos, pipeline):
     text = tmp_path / "text"
     assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
                  "--frames", "5", "--height", "32", "--width", "32", "--negative-prompt", ""]) == 0
-    # data-free: the DMD2 generator learns from prompts alone (no GAN: it would need real latents)
-    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0").read_text().replace("head_blocks: 1, ", "")
+    # data-free: the DMD2 generator learns from prompts alone, from simulated noise (no data to noise, and
+    # no GAN: it would need real latents)
+    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0, student_input: backward").read_text().replace("head_blocks: 1, ", "")
     (tmp_path / "dmd2.yaml").write_text(config)
     assert main(["train", "--config", str(tmp_path / "dmd2.yaml")]) == 0
     assert (tmp_path / "dmd2" / "student.safetensors").is_file()

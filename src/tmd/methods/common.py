@@ -90,8 +90,9 @@ def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: BatchRan
 
 
 def adaptive_l2(error: Tensor, c: float = 1e-3, power: float = 1.0) -> Tensor:
-    """MeanFlow's adaptive weighting ``||e||^2 / sg(||e||^2 + c)^p``: robust to the wide range of target
-    scales; ``p = 0`` is the plain mean squared error."""
+    """MeanFlow's adaptive weighting ``m / sg(m + c)^p`` of the per-sample mean squared error ``m``; ``p = 0``
+    is the plain mean squared error. With ``p = 1`` it equals the TMD paper's form over the *summed* error,
+    ``||e||^2 / sg(||e||^2 + c d)`` (d the sample's dimension), so ``c`` here is the paper's ``c / d``."""
     squared = error.float().pow(2).flatten(1).mean(1)
     return (squared / (squared.detach() + c).pow(power)).mean()
 

@@ -34,6 +34,9 @@ class DecoupledDMDConfig(DistributionMatchingConfig):
     ca_weight: float = 1.0  # 0: DM-only ablation (plain DMD with an unguided real score)
     dm_weight: float = 1.0  # 0: CA-only ablation
     dm_schedule: str = "shifted"
+    student_input: str = "backward"  # its CA schedule is tied to the simulated input time
+    multistep: str = "renoise"
+    fake_score_target: str = "velocity"
 
     def __post_init__(self):
         super().__post_init__()

@@ -39,6 +39,8 @@ from tmd.sampling import guided_velocity
 @dataclass
 class MDTDistConfig(DistributionMatchingConfig):
     generator_every: int = 1  # no critic to lead
+    critics_on_generator_steps: bool = True
+    student_input: str = "backward"
     gan_weight: float = 0.0
     vm_weight: float = 1.0
     vd_weight: float = 1.0

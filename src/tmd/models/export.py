@@ -23,6 +23,8 @@ PARTS_FILE = "tmd_parts.safetensors"
 TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
 """The TMDStudent submodules that are not part of the teacher's transformer."""
 STUDENT_KINDS = ("tmd_student", "few_step")
+STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity")
+"""TMD student settings a run's method config records and a student must be rebuilt with."""
 
 
 def export_student(student, path: str | Path, teacher_source: str | None = None) -> Path:
@@ -35,7 +37,12 @@ def export_student(student, path: str | Path, teacher_source: str | None = None)
 
     path = Path(path)
     if isinstance(student, TMDStudent):
-        config: dict[str, Any] = {"kind": "tmd_student", "head_blocks": student.head_blocks, "fusion": student.fusion_kind}
+        config: dict[str, Any] = {
+            "kind": "tmd_student",
+            "head_blocks": student.head_blocks,
+            "fusion": student.fusion_kind,
+            "inner_velocity": student.inner_velocity,
+        }
     elif isinstance(student, WanTeacher):
         config = {"kind": "few_step"}
     else:
@@ -76,7 +83,7 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path) -> Pa
         raise ValueError(f"{weights} has no method_config metadata: it was not written by tmd train")
     method_config = json.loads(metadata["method_config"])
     model = load_teacher(teacher)
-    split = {k: method_config[k] for k in ("head_blocks", "fusion") if k in method_config}
+    split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
     if "head_blocks" in split:
         model = TMDStudent.from_teacher(model, **split)
     try:

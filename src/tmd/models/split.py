@@ -26,6 +26,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
+from tmd import flow
 from tmd.models.wan import (
     TIMESTEP_SCALE,
     WanState,
@@ -95,8 +96,9 @@ class TMDStudent(WanModule):
     fsdp_entry_points = ("backbone", "head")
     """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
 
-    def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated"):
+    def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise"):
         super().__init__()
+        flow.check_inner_velocity(inner_velocity)
         num_blocks = teacher.num_blocks
         if not 1 <= head_blocks < num_blocks:
             raise ValueError(
@@ -109,6 +111,8 @@ class TMDStudent(WanModule):
         self.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True)
         self.head_blocks = head_blocks
         self.fusion_kind = fusion
+        self.inner_velocity = inner_velocity
+        """How the head's output becomes the inner flow's average velocity (``tmd.flow.INNER_VELOCITIES``)."""
         dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
         dtype = teacher.dtype
         self.inner_block = InnerStateBlock(dim, eps=self.transformer.config.eps).to(dtype)
@@ -119,8 +123,10 @@ class TMDStudent(WanModule):
         self.activation_checkpointing = False
 
     @classmethod
-    def from_teacher(cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated") -> "TMDStudent":
-        return cls(teacher, head_blocks=head_blocks, fusion=fusion).to(teacher.transformer.device)
+    def from_teacher(
+        cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise"
+    ) -> "TMDStudent":
+        return cls(teacher, head_blocks=head_blocks, fusion=fusion, inner_velocity=inner_velocity).to(teacher.transformer.device)
 
     @classmethod
     def from_pretrained(
@@ -142,7 +148,9 @@ class TMDStudent(WanModule):
             raise ValueError(f"{path} holds a {config['kind']} generator, not a TMD student; load it with load_teacher")
         with torch.device("meta"):
             skeleton = WanTransformer3DModel.from_config(config["transformer"])
-        student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"])
+        # folders exported before the inner velocity was recorded were trained with the implied one
+        inner_velocity = config.get("inner_velocity", "implied")
+        student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"], inner_velocity)
         student.transformer = load_teacher(path / TRANSFORMER_DIR, dtype=dtype).transformer
         parts = load_file(str(path / PARTS_FILE))
         result = nn.ModuleDict({name: getattr(student, name) for name in TMD_PARTS}).load_state_dict(parts, strict=False)
