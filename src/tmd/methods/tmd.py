@@ -138,15 +138,18 @@ class TransitionMatching(StudentMethod):
         return flow.average_velocity(head, y_s, y1, s, self.student.inner_velocity)
 
     def du_ds(self, y_s: Tensor, y1: Tensor, s: Tensor, r: Tensor, v: Tensor, features) -> Tensor:
-        """Total derivative of ``u`` along ``v`` by a central difference (A.2), one-sided where ``s + delta``
-        leaves [0, 1] or ``s - delta`` falls below ``r``: the evaluation times are clamped to the domain and
-        the quotient divides by the step actually taken."""
+        """Total derivative of ``u`` along ``v`` (A.2): the central difference
+        ``(u(y_s + delta v, s + delta) - u(y_s - delta v, s - delta)) / 2 delta``, one-sided at the ends of the
+        domain ``r <= s <= 1`` (forward where ``s - delta < r``, backward where ``s + delta > 1``)."""
         delta = self.cfg.finite_difference
-        s_hi = (s + delta).clamp(max=1.0)
-        s_lo = torch.maximum(s - delta, r)
+        up_ok, down_ok = s + delta <= 1, s - delta >= r
+        s_hi = torch.where(up_ok, s + delta, s)
+        # at both ends at once (s within delta of 1 and of r) the backward step shrinks to the room left above r
+        s_lo = torch.where(down_ok, s - delta, torch.where(up_ok, s, r))
+        step = s_hi - s_lo  # zero only where r = s, whose (s - r) du/ds term vanishes anyway
         u_hi = self.average_velocity(y_s + _column(s_hi - s, v) * v, y1, s_hi, r, features)
         u_lo = self.average_velocity(y_s - _column(s - s_lo, v) * v, y1, s_lo, r, features)
-        return (u_hi - u_lo) / _column(s_hi - s_lo, v)
+        return (u_hi - u_lo) / _column(torch.where(step > 0, step, torch.ones_like(step)), v)
 
     def training_step(self, batch, step, update):
         cfg, g = self.cfg, self.generator
