@@ -49,6 +49,7 @@ class KnownHead:
     """A TransitionModel whose head returns prescribed values, one per call, and records its inputs."""
 
     inner_velocity = "noise"
+    transition_target = "difference"
 
     def __init__(self, outputs):
         self.outputs, self.calls = list(outputs), []

@@ -11,7 +11,9 @@ from tmd.methods import get_method
 from tmd.methods.common import adaptive_l2
 from tmd.models.discriminator import default_feature_blocks
 from tmd.rng import BatchRandom
-from tmd.sampling import sample_teacher
+from tmd.models.export import export_student
+from tmd.models.split import TMDStudent
+from tmd.sampling import sample_teacher, sample_tmd
 
 B, D = 3, 4
 
@@ -32,6 +34,7 @@ class KnownStudent(nn.Module):
     it records every call."""
 
     inner_velocity = "noise"
+    transition_target = "difference"
 
     def __init__(self):
         super().__init__()
@@ -227,7 +230,7 @@ def test_stage1_difference_quotient_is_one_sided_at_the_ends():
     s = torch.tensor([0.5, 0.5, 0.998])
     r = torch.tensor([0.0, 0.498, 0.3])
     y = torch.zeros(3, D)
-    du = method.du_ds(y, y, s, r, torch.ones(3, D), None)[:, 0]
+    du = method.du_ds(y, y, s, r, torch.ones(3, D), None, y, s)[:, 0]
     d = 5e-3
     torch.testing.assert_close(du, torch.tensor([-1.0, -(1.0 + d), -(2 * 0.998 - d)]), rtol=1e-4, atol=1e-4)
 
@@ -248,3 +251,50 @@ def test_kd_warmup_regresses_the_teachers_samples():
     groups = []
     method.training_step(data, 2, lambda group, loss, terms=None: groups.append(group))
     assert groups == ["fake_score"]  # after the warm-up: TTUR, a critic iteration
+
+
+def test_sample_target_reads_the_head_as_x0_and_steps_by_eq18():
+    """B.4's ``y = x``: the head's estimate is ``x_t - t head``, ``u = (y_s - y_hat) / s``, and the outer step
+    is Eq. 18's deterministic step with ``y`` as the x0 estimate."""
+    student = KnownStudent()
+    student.transition_target, student.inner_velocity = "sample", "implied"
+    x1 = torch.randn(B, D)
+    g = torch.Generator().manual_seed(2)
+    x = sample_tmd(student, x1, None, outer_steps=2, inner_steps=1, generator=g)
+    outer = flow.outer_grid(2).float()
+    x_mid = flow.deterministic_step(x1, x1 - outer[0] * known_head(x1, *_first_inner(student, 0)), outer[0], outer[1])
+    torch.testing.assert_close(student.backbone_calls[1][0], x_mid)
+    torch.testing.assert_close(x, x_mid - outer[1] * known_head(x_mid, *_first_inner(student, 1)))
+
+
+def _first_inner(student, call):
+    y_s, s, r = student.head_calls[call]
+    return y_s, s, r
+
+
+def test_sample_target_needs_the_implied_velocity():
+    with pytest.raises(ValueError, match="set inner_velocity=implied"):
+        get_method("tm").Config(transition_target="sample")
+
+
+def test_stage1_with_the_sample_target_regresses_y_equal_x():
+    cfg = get_method("tm").Config(guidance=1.0, cond_dropout=0.0, mean_flow_fraction=0.0, transition_target="sample", inner_velocity="implied")
+    student = KnownStudent()
+    student.transition_target, student.inner_velocity = "sample", "implied"
+    method = seeded(get_method("tm")(cfg, student))
+    losses = []
+    data = batch()
+    method.training_step(data, 0, lambda group, loss, terms=None: losses.append(loss))
+    x_t, t = student.backbone_calls[0]
+    y_s, s, r = student.head_calls[0]
+    y = data["x"]
+    y1 = (y_s - (1 - s) * y) / s
+    u = (y_s - (x_t - column(t) * known_head(x_t, y_s, s, r))) / s
+    torch.testing.assert_close(losses[0], adaptive_l2(s * (u - (y1 - y)), 1.0, 1.0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner_velocity,target", [("noise", "difference"), ("implied", "sample")])
+def test_exported_students_keep_their_inner_flow(tiny_teacher, tmp_path, inner_velocity, target):
+    student = TMDStudent.from_teacher(tiny_teacher, head_blocks=1, inner_velocity=inner_velocity, transition_target=target)
+    loaded = TMDStudent.from_pretrained(export_student(student, tmp_path / "student"))
+    assert (loaded.inner_velocity, loaded.transition_target) == (inner_velocity, target)

@@ -129,6 +129,34 @@ def average_velocity(head: Tensor, y_s: Tensor, y1: Tensor, s: Tensor | float, k
     return (y_s - head) / expand_time(s, y_s)
 
 
+TRANSITION_TARGETS = ("difference", "sample")
+"""What the flow head estimates: ``difference`` is DTM's ``y = x1 - x`` (Eq. 3, the paper's); ``sample`` is
+``y = x`` (B.4, Table 10), read from the head as the x0 estimate ``x_t - t head`` so that the head starts as
+the teacher's velocity either way."""
+
+
+def check_transition_target(kind: str) -> None:
+    if kind not in TRANSITION_TARGETS:
+        raise ValueError(f"transition_target must be one of {list(TRANSITION_TARGETS)}, got {kind!r}")
+
+
+def head_estimate(head: Tensor, x_t: Tensor, t: Tensor | float, target: str = "difference") -> Tensor:
+    """The estimate of ``y`` a head output stands for, given the outer state ``x_t`` at time ``t``."""
+    if target == "difference":
+        return head
+    check_transition_target(target)
+    return x_t - expand_time(t, x_t) * head
+
+
+def outer_step(x_t: Tensor, y: Tensor, t: Tensor | float, t_next: Tensor | float, target: str = "difference") -> Tensor:
+    """One outer transition given the sampled ``y``: DTM's ``x_t - (t - t') y`` (Eq. 4), or for ``y = x`` the
+    deterministic step of Eq. 18."""
+    if target == "difference":
+        return x_t - (expand_time(t, x_t) - expand_time(t_next, x_t)) * y
+    check_transition_target(target)
+    return deterministic_step(x_t, y, t, t_next)
+
+
 def inner_flow_step(y_s: Tensor, u: Tensor, s: Tensor | float, r: Tensor | float) -> Tensor:
     """The flow map ``y_r = y_s - (s - r) u`` (Eq. 13 with Eq. 8's sign: ``u`` approximates ``dy/ds``)."""
     return y_s - (expand_time(s, y_s) - expand_time(r, y_s)) * u

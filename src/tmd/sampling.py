@@ -84,12 +84,15 @@ MULTISTEP = ("deterministic", "renoise")
 (the noise inferred from the current state, an Euler step); ``renoise`` is DMD2's Eq. 19 (fresh noise)."""
 
 
-def head_rollout(student: TransitionModel, y1: Tensor, features, grid: Tensor, gradients: str = "all") -> Tensor:
-    """The inner flow (Alg. 1's ``InnerFlow``): from the inner noise ``y1`` at ``s_N`` through the grid to 0.
+def head_rollout(
+    student: TransitionModel, x_t: Tensor, t: Tensor | float, y1: Tensor, features, grid: Tensor, gradients: str = "all"
+) -> Tensor:
+    """The inner flow (Alg. 1's ``InnerFlow``) of the outer state ``x_t``: from the inner noise ``y1`` at
+    ``s_N`` through the grid to 0.
 
     Each step is the flow map ``y_r = y_s - (s - r) u`` with ``u`` from the head as the student's
-    ``inner_velocity`` says (Eq. 14: ``u = y1 - head``). Not wrapped in no_grad: stage 2 back-propagates
-    through the rollout (every step, or only the last with ``gradients="last"``).
+    ``inner_velocity`` and ``transition_target`` say (Eq. 14: ``u = y1 - head``). Not wrapped in no_grad:
+    stage 2 back-propagates through the rollout (every step, or only the last with ``gradients="last"``).
     """
     if gradients not in ROLLOUT_GRADIENTS:
         raise ValueError(f"rollout gradients must be one of {list(ROLLOUT_GRADIENTS)}, got {gradients!r}")
@@ -97,7 +100,7 @@ def head_rollout(student: TransitionModel, y1: Tensor, features, grid: Tensor, g
     grad_enabled = torch.is_grad_enabled()
     for j in range(len(grid) - 1):
         with torch.set_grad_enabled(grad_enabled and (gradients == "all" or j == last)):
-            head = student.head(y, grid[j], grid[j + 1], features)
+            head = flow.head_estimate(student.head(y, grid[j], grid[j + 1], features), x_t, t, student.transition_target)
             u = flow.average_velocity(head, y, y1, grid[j], student.inner_velocity)
             y = flow.inner_flow_step(y, u, grid[j], grid[j + 1])
     return y
@@ -112,10 +115,10 @@ def tmd_transition(
     gradients: str = "all",
 ) -> Tensor:
     """One outer TMD step (Alg. 1): backbone once, the head rolled out from fresh inner noise, then the
-    deterministic DTM step ``x - (t - t_next) y`` (Eq. 4). Gradients flow when enabled."""
+    deterministic step to t_next (Eq. 4's DTM step ``x - (t - t_next) y``). Gradients flow when enabled."""
     features = student.backbone(x, t, cond)
-    y = head_rollout(student, _randn_like(x, generator), features, inner, gradients)
-    return x - (flow.expand_time(t, x) - flow.expand_time(t_next, x)) * y
+    y = head_rollout(student, x, t, _randn_like(x, generator), features, inner, gradients)
+    return flow.outer_step(x, y, t, t_next, student.transition_target)
 
 
 def check_multistep(multistep: str) -> None:

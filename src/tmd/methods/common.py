@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.models.export import SPLIT_DEFAULTS_OF_OLD_EXPORTS
 from tmd.models.protocol import VelocityModel
 from tmd.sampling import guided_velocity
 from tmd.rng import BatchRandom
@@ -57,6 +58,7 @@ def load_student_weights(student: nn.Module, path: str, expect: dict | None = No
 
     with safe_open(path, framework="pt") as handle:
         exported = json.loads((handle.metadata() or {}).get("method_config", "{}"))
+    exported = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **exported} if "head_blocks" in exported else exported
     for key, value in (expect or {}).items():
         if key in exported and exported[key] != value:
             raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")

@@ -44,8 +44,10 @@ class StudentConfig:
         if self.init_from is not None and not Path(self.init_from).is_file():
             raise FileNotFoundError(f"init_from: no student weights at {self.init_from}")
 
-    def build(self, teacher: nn.Module, activation_checkpointing: bool = False, inner_velocity: str = "noise") -> TMDStudent:
-        split = {"head_blocks": self.head_blocks, "fusion": self.fusion, "inner_velocity": inner_velocity}
+    def build(self, teacher: nn.Module, activation_checkpointing: bool = False, **inner_flow: str) -> TMDStudent:
+        """The student cut from ``teacher``; ``inner_flow`` are the inner-flow settings (``inner_velocity``,
+        ``transition_target``) it is built with and an ``init_from`` export must have been trained with."""
+        split = {"head_blocks": self.head_blocks, "fusion": self.fusion, **inner_flow}
         student = TMDStudent.from_teacher(teacher, **split)
         if self.init_from is not None:
             load_student_weights(student, self.init_from, split)
@@ -60,14 +62,19 @@ class InnerFlowConfig(StudentConfig):
     inner_steps: int = 4
     inner_shift: float = flow.INNER_SHIFT
     inner_velocity: str = "noise"  # Eq. 14's u = y1 - head; "implied": u = (y_s - head) / s
+    transition_target: str = "difference"  # y = x1 - x (Eq. 3); "sample": y = x (B.4, with inner_velocity=implied)
 
     def __post_init__(self):
         super().__post_init__()
         flow.check_steps(self.inner_steps, "inner_steps", 64)
         flow.check_inner_velocity(self.inner_velocity)
+        flow.check_transition_target(self.transition_target)
+        if self.transition_target == "sample" and self.inner_velocity != "implied":
+            raise ValueError("transition_target=sample takes B.4's velocity u = (y_s - y_hat) / s: set inner_velocity=implied")
 
-    def build(self, teacher: nn.Module, activation_checkpointing: bool = False, inner_velocity: str | None = None) -> TMDStudent:
-        return super().build(teacher, activation_checkpointing, self.inner_velocity)
+    def build(self, teacher: nn.Module, activation_checkpointing: bool = False, **inner_flow: str) -> TMDStudent:
+        inner_flow = {"inner_velocity": self.inner_velocity, "transition_target": self.transition_target}
+        return super().build(teacher, activation_checkpointing, **inner_flow)
 
     def inner_grid(self, device) -> Tensor:
         return flow.inner_grid(self.inner_steps, self.inner_shift).to(device=device, dtype=torch.float32)
@@ -133,11 +140,12 @@ class TransitionMatching(StudentMethod):
         r = torch.where(mean_flow, grid_point_at_or_below(cfg.inner_grid(device), s), s)
         return t, s, r
 
-    def average_velocity(self, y_s: Tensor, y1: Tensor, s: Tensor, r: Tensor, features) -> Tensor:
-        head = self.student.head(y_s, s, r, features)
-        return flow.average_velocity(head, y_s, y1, s, self.student.inner_velocity)
+    def average_velocity(self, y_s: Tensor, y1: Tensor, s: Tensor, r: Tensor, features, x_t: Tensor, t: Tensor) -> Tensor:
+        student = self.student
+        head = flow.head_estimate(student.head(y_s, s, r, features), x_t, t, student.transition_target)
+        return flow.average_velocity(head, y_s, y1, s, student.inner_velocity)
 
-    def du_ds(self, y_s: Tensor, y1: Tensor, s: Tensor, r: Tensor, v: Tensor, features) -> Tensor:
+    def du_ds(self, y_s: Tensor, y1: Tensor, s: Tensor, r: Tensor, v: Tensor, features, x_t: Tensor, t: Tensor) -> Tensor:
         """Total derivative of ``u`` along ``v`` (A.2): the central difference
         ``(u(y_s + delta v, s + delta) - u(y_s - delta v, s - delta)) / 2 delta``, one-sided at the ends of the
         domain ``r <= s <= 1`` (forward where ``s - delta < r``, backward where ``s + delta > 1``)."""
@@ -147,8 +155,8 @@ class TransitionMatching(StudentMethod):
         # at both ends at once (s within delta of 1 and of r) the backward step shrinks to the room left above r
         s_lo = torch.where(down_ok, s - delta, torch.where(up_ok, s, r))
         step = s_hi - s_lo  # zero only where r = s, whose (s - r) du/ds term vanishes anyway
-        u_hi = self.average_velocity(y_s + _column(s_hi - s, v) * v, y1, s_hi, r, features)
-        u_lo = self.average_velocity(y_s - _column(s - s_lo, v) * v, y1, s_lo, r, features)
+        u_hi = self.average_velocity(y_s + _column(s_hi - s, v) * v, y1, s_hi, r, features, x_t, t)
+        u_lo = self.average_velocity(y_s - _column(s - s_lo, v) * v, y1, s_lo, r, features, x_t, t)
         return (u_hi - u_lo) / _column(torch.where(step > 0, step, torch.ones_like(step)), v)
 
     def training_step(self, batch, step, update):
@@ -159,22 +167,22 @@ class TransitionMatching(StudentMethod):
         t, s, r = self._times(x.shape[0], device)
         x1 = g.randn(x.shape, device)
         x_t = flow.interpolate(x, x1, t)
-        y = x1 - x
+        y = x1 - x if self.student.transition_target == "difference" else x
         y1 = g.randn(x.shape, device)
         y_s = flow.interpolate(y, y1, s)
         v = y1 - y  # the conditional inner velocity
         features = self.student.backbone(x_t, t, cond)
-        u = self.average_velocity(y_s, y1, s, r, features)
+        u = self.average_velocity(y_s, y1, s, r, features, x_t, t)
 
         with torch.no_grad():
             if cfg.guidance != 1.0:
                 # MeanFlow's CFG: the guided velocity w v + (1 - w) u(y_s, s, s | no text), unguided for dropped samples
-                u_uncond = self.average_velocity(y_s, y1, s, s, self.student.backbone(x_t, t, batch["neg_cond"]))
+                u_uncond = self.average_velocity(y_s, y1, s, s, self.student.backbone(x_t, t, batch["neg_cond"]), x_t, t)
                 w = _column(torch.where(dropped, 1.0, cfg.guidance), x)
                 v = u_uncond + w * (v - u_uncond)
             target = v
             if cfg.mean_flow_fraction > 0:
-                target = v - _column(s - r, x) * self.du_ds(y_s, y1, s, r, v, features)
+                target = v - _column(s - r, x) * self.du_ds(y_s, y1, s, r, v, features, x_t, t)
         error = u - target
         if self.student.inner_velocity == "implied":
             # the implied velocity carries 1/s: measured in y-space (times s), else small-s samples dominate
@@ -209,7 +217,10 @@ class TMD(DistributionMatching):
 
     def denoise(self, x_t, t, noise, cond):
         features = self.student.backbone(x_t, t, cond)
-        y = head_rollout(self.student, self._randn(x_t.shape, x_t.device), features, self.cfg.inner_grid(x_t.device), self.cfg.rollout_gradients)
+        y1 = self._randn(x_t.shape, x_t.device)
+        y = head_rollout(self.student, x_t, t, y1, features, self.cfg.inner_grid(x_t.device), self.cfg.rollout_gradients)
+        if self.student.transition_target == "sample":
+            return y
         if self.cfg.generator_output == "x1_minus_y":
             return noise - y
         return x_t - _column(t, x_t) * y

@@ -23,8 +23,10 @@ PARTS_FILE = "tmd_parts.safetensors"
 TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
 """The TMDStudent submodules that are not part of the teacher's transformer."""
 STUDENT_KINDS = ("tmd_student", "few_step")
-STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity")
+STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity", "transition_target")
 """TMD student settings a run's method config records and a student must be rebuilt with."""
+SPLIT_DEFAULTS_OF_OLD_EXPORTS = {"inner_velocity": "implied", "transition_target": "difference"}
+"""What runs and folders written before a setting was recorded were trained with."""
 
 
 def export_student(student, path: str | Path, teacher_source: str | None = None) -> Path:
@@ -42,6 +44,7 @@ def export_student(student, path: str | Path, teacher_source: str | None = None)
             "head_blocks": student.head_blocks,
             "fusion": student.fusion_kind,
             "inner_velocity": student.inner_velocity,
+            "transition_target": student.transition_target,
         }
     elif isinstance(student, WanTeacher):
         config = {"kind": "few_step"}
@@ -85,6 +88,7 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path) -> Pa
     model = load_teacher(teacher)
     split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
     if "head_blocks" in split:
+        split = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **split}
         model = TMDStudent.from_teacher(model, **split)
     try:
         load_student_weights(model, str(weights), split)

@@ -96,14 +96,17 @@ class MLPTransition(_MLPFlow):
     """A ``TransitionModel``: ``backbone_depth`` blocks run once per outer step, ``head_depth`` per inner step."""
 
     def __init__(
-        self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2, inner_velocity: str = "noise"
+        self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2, inner_velocity: str = "noise",
+        transition_target: str = "difference",
     ):
         if backbone_depth < 1 or head_depth < 1:
             raise ValueError(f"backbone_depth and head_depth must be >= 1, got {backbone_depth}, {head_depth}")
         flow.check_inner_velocity(inner_velocity)
+        flow.check_transition_target(transition_target)
         super().__init__(dim, cond_dim, width, backbone_depth + head_depth)
         self.backbone_depth = backbone_depth
         self.inner_velocity = inner_velocity
+        self.transition_target = transition_target
         self.inner_block = Block(width)
         self.fusion_gate = nn.Parameter(torch.zeros(()))
         self.fusion = nn.Linear(width, width)
