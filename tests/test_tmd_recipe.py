@@ -195,17 +195,19 @@ def test_discriminator_reads_the_papers_blocks():
     assert default_feature_blocks(6) == (3, 4, 5)
 
 
+def stage1_step(cfg, student):
+    """One stage-1 step of ``student``: its loss, the batch, and what the backbone and the first head call saw."""
+    method = seeded(get_method("tm")(cfg, student))
+    losses, data = [], batch()
+    method.training_step(data, 0, lambda group, loss, terms=None: losses.append(loss))
+    return losses[0], data, student.backbone_calls[0], student.head_calls[0]
+
+
 def test_stage1_loss_is_tm_meanflow_with_the_noise_velocity():
     """A.2 with a head linear in ``y_s`` and ``s``: ``u = y1 - head`` regresses ``v - (s - r) du/ds`` with
     ``v = y1 - y`` (guidance 1) and ``du/ds = -(0.5 v + r)`` exactly, under the adaptive normalisation."""
     cfg = get_method("tm").Config(outer_steps=2, inner_steps=2, guidance=1.0, cond_dropout=0.0, mean_flow_fraction=0.5)
-    student = KnownStudent()
-    method = seeded(get_method("tm")(cfg, student))
-    losses = []
-    data = batch()
-    method.training_step(data, 0, lambda group, loss, terms=None: losses.append(loss))
-    x_t, t = student.backbone_calls[0]
-    y_s, s, r = student.head_calls[0]
+    loss, data, (x_t, t), (y_s, s, r) = stage1_step(cfg, KnownStudent())
     t = column(t)
     x1 = (x_t - (1 - t) * data["x"]) / t
     y = x1 - data["x"]
@@ -213,7 +215,7 @@ def test_stage1_loss_is_tm_meanflow_with_the_noise_velocity():
     v = y1 - y
     u = y1 - known_head(x_t, y_s, s, r)
     target = v + (s - r) * (0.5 * v + r)
-    torch.testing.assert_close(losses[0], adaptive_l2(u - target, 1.0, 1.0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, adaptive_l2(u - target, 1.0, 1.0), rtol=1e-4, atol=1e-6)
     # r is the inner-grid point at or below s for the mean-flow share, s itself for the rest
     grid = flow.inner_grid(2).float()
     for s_i, r_i in zip(s[:, 0], r[:, 0]):
@@ -281,16 +283,11 @@ def test_stage1_with_the_sample_target_regresses_y_equal_x():
     cfg = get_method("tm").Config(guidance=1.0, cond_dropout=0.0, mean_flow_fraction=0.0, transition_target="sample", inner_velocity="implied")
     student = KnownStudent()
     student.transition_target, student.inner_velocity = "sample", "implied"
-    method = seeded(get_method("tm")(cfg, student))
-    losses = []
-    data = batch()
-    method.training_step(data, 0, lambda group, loss, terms=None: losses.append(loss))
-    x_t, t = student.backbone_calls[0]
-    y_s, s, r = student.head_calls[0]
+    loss, data, (x_t, t), (y_s, s, r) = stage1_step(cfg, student)
     y = data["x"]
     y1 = (y_s - (1 - s) * y) / s
     u = (y_s - (x_t - column(t) * known_head(x_t, y_s, s, r))) / s
-    torch.testing.assert_close(losses[0], adaptive_l2(s * (u - (y1 - y)), 1.0, 1.0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, adaptive_l2(s * (u - (y1 - y)), 1.0, 1.0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("inner_velocity,target", [("noise", "difference"), ("implied", "sample")])
