@@ -76,6 +76,11 @@ def test_a_prompt_longer_than_the_encoder_reads_is_cut_with_a_warning(encoder):
     long = "a red circle moves left right left right a blue square moves"
     with pytest.warns(TmdWarning, match=r"prompt 'a red circle moves .*' is 13 tokens long; .* reads its first 12"):
         encoder.tokenize([long])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        encoder.tokenize([long])
+        encoder.encode([long])  # tokenizes it again: still one warning
+    assert len(caught) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder.tokenize(PROMPTS)

@@ -170,11 +170,11 @@ class TextEncoder:
         full = self.tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids
         for prompt, ids in zip(prompts, full):
             if len(ids) > max_length:
+                # raised from here, not the caller: one place, so a prompt tokenized twice warns once
                 warnings.warn(
                     f"prompt {_quoted(prompt)} is {len(ids)} tokens long; the text encoder reads its first "
                     f"{max_length} and the rest is cut",
                     TmdWarning,
-                    stacklevel=2,
                 )
         batch = self.tokenizer(
             prompts,
