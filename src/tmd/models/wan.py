@@ -18,6 +18,8 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tmd.files import check_safetensors_folder
+
 TIMESTEP_SCALE = 1000.0
 """diffusers' Wan models take ``timestep = 1000 t``; nothing outside this module uses that scale."""
 
@@ -296,9 +298,7 @@ def load_teacher(
             transformer = build_transformer(_read_config_file(path), seed)
         else:
             folder = _find_transformer_folder(path)
-            weights = list(folder.glob("*.safetensors"))
-            if not weights:
-                raise FileNotFoundError(f"no .safetensors weights in {folder} (tmd never loads pickled weights)")
+            check_safetensors_folder(folder)
             transformer = WanTransformer3DModel.from_pretrained(
                 folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype
             )
