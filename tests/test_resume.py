@@ -55,7 +55,7 @@ def test_a_run_folder_without_its_config_is_not_resumed_blindly(tmp_path):
 
 def test_tmd_train_refuses_another_head_split(tmp_path, capsys):
     """The case a user hit: an H = 2 checkpoint resumed with method.head_blocks=3 trained an H = 3 student
-    on H = 2 weights (the parameter names are the same for every split)."""
+    on H = 2 weights (the parameter names are the same for every split). The config's H is 1 now."""
     args = ["--config", "configs/world_tmd_stage1.yaml", "train.steps=1", "train.batch_size=2",
             "train.progress=false", f"train.out_dir={tmp_path}"]
     assert main(["train", *args]) == 0
@@ -64,5 +64,5 @@ def test_tmd_train_refuses_another_head_split(tmp_path, capsys):
     assert main(["train", "--resume", *args, "method.head_blocks=3", "train.lr=1e-3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tmd train: error: cannot resume")
-    assert "method.head_blocks: 2 in the run, 3 now" in err and "train.lr: 0.0001 in the run, 0.001 now" in err
+    assert "method.head_blocks: 1 in the run, 3 now" in err and "train.lr: 0.0003 in the run, 0.001 now" in err
     assert snapshot(tmp_path) == before
