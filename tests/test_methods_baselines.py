@@ -80,8 +80,8 @@ def test_mdt_dist(fitted_velocity):
 
 
 def test_meanflow(fitted_velocity):
-    # measured: the plain squared error (p = 0) learns (SW 1.23 -> 0.68, 0.62 with training seeds 1, 2; seed 0
-    # stalls at 0.94); MeanFlow's p = 1 stalls here (-> 1.02)
+    # measured: the plain squared error (p = 0) learns (SW 1.23 -> 0.76, 0.75 with training seeds 1, 2; seed 0
+    # stalls at 0.94); MeanFlow's p = 1 stalled here (-> 1.02, before the 0.999 grids)
     def build():
         student = MLPTransition.from_velocity_model(copy.deepcopy(fitted_velocity), head_depth=1)
         cfg = get_method("meanflow").Config(guidance=1.0, outer_steps=2, adaptive_power=0.0)
