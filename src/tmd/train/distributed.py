@@ -72,14 +72,17 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
-def check_global_batch(batch_size: int, ctx: DistContext) -> int:
-    """The local batch: the global ``train.batch_size`` split evenly over the ranks."""
-    if batch_size % ctx.world_size:
+def check_global_batch(batch_size: int, ctx: DistContext, grad_accum: int = 1) -> int:
+    """The micro-batch: the global ``train.batch_size`` split evenly over the ranks and their
+    ``train.grad_accum`` micro-batches."""
+    parts = ctx.world_size * grad_accum
+    if batch_size % parts:
+        into = "" if grad_accum == 1 else f" into train.grad_accum={grad_accum} micro-batches on each of"
         raise ValueError(
-            f"train.batch_size={batch_size} is the global batch and must divide evenly over "
-            f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
+            f"train.batch_size={batch_size} is the global batch and must divide evenly{into or ' over'} "
+            f"{ctx.world_size} processes; use a multiple of {parts}"
         )
-    return batch_size // ctx.world_size
+    return batch_size // parts
 
 
 def shard_model(module: nn.Module, mesh, mixed_precision: bool) -> nn.Module:
