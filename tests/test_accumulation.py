@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
 from tmd.methods import get_method
 from tmd.train.logging import read_metrics
 from tmd.train.loop import GeneratorDataSource, Trainer, lr_factor
+from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
 from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
 
 
@@ -138,3 +140,30 @@ def test_resuming_a_run_without_schedule_state_needs_a_constant_schedule(tmp_pat
     torch.save(state, state_file)
     with pytest.raises(ValueError, match="written without a learning-rate schedule; resume it with train.lr_schedule=constant"):
         Trainer(FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path, steps=4, warmup_steps=2), resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pipeline):  # noqa: F811
+    """torchrun, 2 gloo processes, FSDP2, LoRA on student and fake score, 2 micro-batches of 1 row each:
+    the losses and the exported student of one process with the whole batch of 4 in one pass."""
+    from test_distributed import assert_close_records, losses, torchrun
+    from test_prepare import run_prepare
+    from tmd.cli import main
+
+    folder, captions = videos
+    run_prepare(folder, captions, pipeline, tmp_path / "data")
+    config = tmp_path / "tmd.yaml"
+    config.write_text(
+        "method_name: tmd\ndata_kind: prepared\n"
+        "method: {head_blocks: 1, outer_steps: 2, inner_steps: 2, generator_every: 2, gan_weight: 0.03}\n"
+        f"data: {{path: {tmp_path / 'data'}}}\n"
+        "train: {steps: 2, batch_size: 4, log_every: 1, progress: false, tensorboard: false, lora: {rank: 4}}\n"
+    )
+    common = ["train", "--config", str(config)]
+    assert main([*common, f"train.out_dir={tmp_path / 'one'}"]) == 0
+    torchrun(2, *common, f"train.out_dir={tmp_path / 'two'}", "train.grad_accum=2")
+    assert_close_records(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    a, b = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("two", "one"))
+    assert a.keys() == b.keys() and not any("lora_" in k for k in a)
+    for key in a:  # AdamW's first steps turn the float noise of analytically zero gradients into ~0.1 lr
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=0.2 * 1e-4, msg=key)

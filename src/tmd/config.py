@@ -116,15 +116,16 @@ class LoRAConfig:
     alpha: Optional[float] = None
     """LoRA alpha (the update is scaled by alpha / rank); null means alpha = rank."""
     target_modules: list[str] = field(default_factory=lambda: list(WAN_LORA_TARGETS))
-    modules: list[str] = field(default_factory=lambda: ["student", "fake_score"])
-    """State modules (``method.state_modules()`` names) whose Wan transformers get adapters; the rest of
-    each module (TMD's inner block, fusion and gap embedder) and every other module train fully."""
+    modules: Optional[list[str]] = None
+    """State modules (``method.state_modules()`` names) whose Wan transformers get adapters; null means the
+    student and, where the method has one, the fake score. The rest of each module (TMD's inner block,
+    fusion and gap embedder) and every other module (the discriminator) train fully."""
 
     def __post_init__(self) -> None:
         _check(self.rank >= 0, f"rank must be >= 0 (0 disables LoRA), got {self.rank}")
         _check(self.alpha is None or self.alpha > 0, f"alpha must be > 0 or null, got {self.alpha}")
         _check(bool(self.target_modules), "target_modules must name at least one module")
-        _check(bool(self.modules), "modules must name at least one state module")
+        _check(self.modules is None or bool(self.modules), "modules must name at least one state module, or be null")
 
     @property
     def enabled(self) -> bool:

@@ -22,12 +22,14 @@ from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
+from tmd.models.lora import add_lora, merged_state_dict
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 
 STUDENT_FILE = "student.safetensors"
-"""The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
+"""The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads (a LoRA run's
+adapters merged in: ``tmd.models.lora``)."""
 
 
 def teacher_and_data(
@@ -85,6 +87,9 @@ def train_run(
     # shards each rank's own copy, so every rank must draw the same ones
     seed_everything(cfg.train.seed)
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
+    lora = cfg.train.lora
+    if lora.enabled:
+        add_lora(method.state_modules(), lora)
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
@@ -97,7 +102,8 @@ def train_run(
     if ctx.is_main:
         # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
         metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
+        exported = merged_state_dict(generator, weights) if lora.enabled else weights
+        save_file({k: v.detach().contiguous() for k, v in exported.items()}, str(path), metadata=metadata)
         (result.run_dir / "student.json").write_text(
             json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
         )
