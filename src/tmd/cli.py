@@ -211,7 +211,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance=args.guidance, shift=args.shift, seed=args.seed, frames=args.frames, height=args.height,
         width=args.width, batch_size=args.batch_size, fps=args.fps, negative_prompt=args.negative_prompt,
         save_latents=args.save_latents, dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
-        attention=args.attention, compile=args.compile,
+        attention=args.attention, compile=args.compile, scheduler=args.scheduler,
     )
     mean = sum(r["seconds"] for r in records) / len(records)
     nfe = records[0]["effective_nfe"]
@@ -221,7 +221,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text-to-video with a Wan teacher pipeline or an exported student, to mp4")
-    p.add_argument("--model", type=Path, required=True, help="a diffusers Wan pipeline root (teacher) or a student folder")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a diffusers Wan pipeline root (teacher), a student or pipeline folder from tmd export, or a world "
+                   "run's student.safetensors (mp4 and GIF with the world's decoder)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
@@ -232,7 +234,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, help="teacher CFG scale (default 5; 1 = none; teachers only)")
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
     p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
-    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
+    p.add_argument("--scheduler", choices=("pipeline", "euler"), default="pipeline",
+                   help="teacher sampler: the scheduler the pipeline ships (UniPC for the published Wan2.1; Euler where "
+                   "it ships none), or tmd's Euler sampler")
+    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (Wan; world videos have the world's size)")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--fps", type=int, default=16)
@@ -300,8 +305,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     """Turn a run's student.safetensors into a self-describing student folder for tmd generate."""
     from tmd.models.export import export_run
 
-    path = export_run(args.run, args.teacher, args.out)
-    print(f"student folder written to {path}")
+    path = export_run(args.run, args.teacher, args.out, args.format)
+    print(f"{'pipeline' if args.format == 'pipeline' else 'student'} folder written to {path}")
     return 0
 
 
@@ -310,6 +315,9 @@ def _add_export(sub) -> None:
     p.add_argument("--run", type=Path, required=True, help="the run's student.safetensors")
     p.add_argument("--teacher", type=Path, required=True, help="the teacher's diffusers Wan pipeline root")
     p.add_argument("--out", type=Path, required=True, help="the student folder to write")
+    p.add_argument("--format", choices=("student", "pipeline"), default="student",
+                   help="student: tmd's student folder; pipeline: a diffusers pipeline folder (TMDPipeline for TMD "
+                   "students, stock WanPipeline for DMD2-v), with the teacher's VAE and text encoder")
     p.set_defaults(func=_cmd_export)
 
 
