@@ -333,7 +333,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
         repeats=args.repeats or quick["repeats"], warmup=quick["warmup"] if args.warmup is None else args.warmup,
         device=device, dtype=args.dtype, head_blocks=args.head_blocks, quick=args.quick,
-        fast_path=args.fast_path or args.compile, compile=args.compile,
+        fast_path=args.fast_path or args.compile, compile=args.compile, generator_step_only=args.generator_step,
     )
     result = run_bench(settings, progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result["meta"]["command"] = " ".join(["tmd", *args.argv])
@@ -361,6 +361,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--fast-path", action="store_true",
                    help="add the fast-path table: attention kernels and bf16 against the default, in one run")
     p.add_argument("--compile", action="store_true", help="add torch.compile to the fast-path table (slow to compile)")
+    p.add_argument("--generator-step", action="store_true",
+                   help="only the TMD stage-2 generator step against DMD2-v's (N = 2, H = L / 6; the paper: under 17%% extra)")
     p.set_defaults(func=_cmd_bench)
 
 
