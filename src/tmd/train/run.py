@@ -86,6 +86,9 @@ def train_run(
     # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
     # shards each rank's own copy, so every rank must draw the same ones
     seed_everything(cfg.train.seed)
+    # the frozen teacher's passes carry gradients too (the GAN reads its features of the student's sample);
+    # its copies (fake scores) inherit the setting. Checkpointing only acts where gradients are recorded.
+    teacher.activation_checkpointing = cfg.train.activation_checkpointing
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
     lora = cfg.train.lora
     if lora.enabled:
