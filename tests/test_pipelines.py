@@ -53,9 +53,14 @@ def test_tmd_pipeline_equals_the_tmd_sampler_and_exports_video(tmp_path, pipelin
     again = TMDPipeline.from_pretrained(tmp_path / "saved")
     assert torch.equal(again(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent",
                              **SIZE).frames, out.frames)
+    # in bf16 the gap embedder stays fp32 (it reads the fp32 sinusoidal projection), as in TMDStudent
+    half = TMDPipeline.from_pretrained(tmp_path / "tmd", torch_dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16 and half.tmd_parts.gap_embedder.linear_1.weight.dtype == torch.float32
+    bf16 = half(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE).frames
+    torch.testing.assert_close(bf16, out.frames, rtol=0.1, atol=0.1)
     assert main(["generate", "--model", str(tmp_path / "tmd"), "--prompt", "a red circle", "--steps", "2",
                  "--inner-steps", "3", "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH),
-                 "--out", str(tmp_path / "videos")]) == 0
+                 "--dtype", "bf16", "--out", str(tmp_path / "videos")]) == 0
     assert json.loads((tmp_path / "videos" / "generation.json").read_text())["settings"]["kind"] == "tmd_student"
 
 

@@ -32,6 +32,8 @@ class TMDParts(ModelMixin, ConfigMixin):
     """What a TMD student adds to its Wan transformer, and how it samples by default. (The config says
     ``fusion_type``: a config key named like a submodule would shadow it.)"""
 
+    _keep_in_fp32_modules = ["gap_embedder"]  # fed the float32 sinusoidal projection, as in TMDStudent
+
     @register_to_config
     def __init__(
         self,
