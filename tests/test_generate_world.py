@@ -69,3 +69,15 @@ def flow_nfe(student):
     from tmd import flow
 
     return flow.tmd_effective_nfe(2, 2, student.head_blocks, student.num_blocks)
+
+
+def test_a_linvideo_run_generates_like_a_teacher(tmp_path):
+    """LinVideo's linearised teacher is a multi-step model: sampled with the world's CFG, as the teacher."""
+    run = tmp_path / "linvideo"
+    assert main(["train", "--config", "configs/world_linvideo.yaml", "train.steps=1", "train.batch_size=2",
+                 "method.selection_steps=1", f"train.out_dir={run}", "train.progress=false"]) == 0
+    assert main(["generate", "--model", str(run / "student.safetensors"), "--prompt", PROMPT, "--steps", "2",
+                 "--out", str(tmp_path / "videos")]) == 0
+    manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
+    assert manifest["settings"]["kind"] == "teacher" and manifest["videos"][0]["effective_nfe"] == 4
+    assert (tmp_path / "videos" / manifest["videos"][0]["gif"]).is_file()
