@@ -51,6 +51,7 @@ def test_run_bench_on_the_tiny_model():
         "sampling": {"sampler", "eff_nfe", "nfe_speedup", "flop_speedup", "ms", "speedup", "measured/nfe", "tflop/s", "peak_mib"},
         "components": {"part", "nfe_cost", "flop_cost", "measured_cost", "ms", "tflop/s"},
         "training": {"step", "ms", "peak_mib"},
+        "generator_step": {"head_blocks", "inner_steps", "tmd_ms", "dmd2_ms", "ratio"},
         "scaling": {"latent", "tokens", "forward_ms", "tmd2x4_ms", "forward_growth", "tmd2x4_growth"},
     }
     for table, keys in expected.items():
@@ -69,6 +70,9 @@ def test_run_bench_on_the_tiny_model():
     assert variants["float32 eager, sdpa (PyTorch's choice)"]["tmd2x4_speedup"] == 1.0
     assert all(row["forward_ms"] > 0 and row["tmd2x4_ms"] > 0 for row in variants.values())
     assert "Fast path" in format_report(result)
+    assert result["generator_step"][0]["head_blocks"] == "1/4" and "under 17% extra" in format_report(result)
+    only = run_bench(BenchSettings(model="tiny", latent=LATENT, batch=2, repeats=1, warmup=0, generator_step_only=True))
+    assert set(only) == {"meta", "generator_step"} and only["generator_step"][0]["ratio"] > 0
 
 
 def test_wan_1_3b_is_refused_on_cpu():

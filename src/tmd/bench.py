@@ -252,6 +252,43 @@ def fast_path_table(
     return rows
 
 
+def training_steps(method_cls, cfg, teacher, batch: dict, turns: dict[str, int]) -> dict[str, Callable[[], Any]]:
+    """``training_step`` of a fresh method built from ``teacher``, backward + AdamW per update, at each
+    given step index (TTUR: step 0 is the generator's turn, step 1 the critics')."""
+    device = batch["x"].device
+    method = method_cls.from_teacher(cfg, teacher).to(device)
+    method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
+    optimizers = {group: torch.optim.AdamW(params, lr=1e-5) for group, params in method.parameter_groups().items()}
+
+    def update(group, loss, terms=None):
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[group].step()
+
+    return {name: lambda step=step: method.training_step(batch, step, update) for name, step in turns.items()}
+
+
+def generator_step_ratio(teacher, batch: dict, repeats: int, warmup: int, inner_steps: int = 2) -> dict[str, Any]:
+    """The TMD stage-2 generator step against the DMD2-v generator step, timed round-robin in one run, at the
+    paper's settings: N = 2 inner steps, a head of H = L / 6 blocks (rounded), 2 outer steps, GAN 0.03.
+    Both steps hold everything that differs (student sample with gradients) and everything that does not
+    (real and fake scores, the GAN's teacher features, backward, AdamW)."""
+    from tmd.methods import get_method
+
+    head_blocks = max(1, round(teacher.num_blocks / 6))
+    shared = {"outer_steps": 2, "gan_weight": 0.03}
+    steps = {
+        "tmd": training_steps(get_method("tmd"), get_method("tmd").Config(head_blocks=head_blocks, inner_steps=inner_steps, **shared),
+                              teacher, batch, {"generator": 0})["generator"],
+        "dmd2": training_steps(get_method("dmd2"), get_method("dmd2").Config(**shared), teacher, batch, {"generator": 0})["generator"],
+    }
+    seconds = time_round_robin(steps, repeats, max(warmup, 1), batch["x"].device)
+    ratio = seconds["tmd"] / seconds["dmd2"]
+    return {"head_blocks": f"{head_blocks}/{teacher.num_blocks}", "inner_steps": inner_steps, "tmd_ms": 1000 * seconds["tmd"],
+            "dmd2_ms": 1000 * seconds["dmd2"], "ratio": ratio, "extra_%": 100 * (ratio - 1)}
+
+
 @dataclass
 class BenchSettings:
     model: str = "world"
@@ -264,6 +301,7 @@ class BenchSettings:
     head_blocks: int | None = None
     quick: bool = False
     fast_path: bool = False  # add the before/after table of the inference fast path
+    generator_step_only: bool = False  # only the TMD-vs-DMD2-v generator step (the paper's training-cost claim)
     compile: bool = False  # include torch.compile in it (minutes of compilation on a CPU)
 
 
@@ -309,7 +347,22 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     noise = torch.randn(batch, *latent, generator=g, device=device)
     cond = torch.randn(batch, text_len, config["text_dim"], generator=g, device=device)
     neg_cond = torch.randn(batch, text_len, config["text_dim"], generator=g, device=device)
+    train_batch = {"x": torch.randn(batch, *latent, generator=g, device=device), "cond": cond, "neg_cond": neg_cond}
     seeded = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
+    meta = {
+        "model": model.name, "weights": model.weights, "students": "untrained copies of the teacher",
+        "parameters": parameter_count(teacher), "blocks": blocks, "head_blocks": head_blocks, "latent": list(latent),
+        "tokens": flops.tokens(config, latent), "text_len": text_len, "batch": batch, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": settings.dtype, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
+        "quick": settings.quick, "torch": torch.__version__, "compile": settings.compile,
+        "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    progress("generator step: TMD stage 2 (N = 2, H = L / 6) against DMD2-v")
+    generator_step = [generator_step_ratio(teacher, train_batch, repeats, warmup)]
+    if settings.generator_step_only:
+        return {"meta": meta, "generator_step": generator_step}
 
     def forward_gflop(latent_shape) -> float:
         return flops.forward_flops(config, latent_shape, text_len) * batch / 1e9
@@ -375,24 +428,12 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     ]
 
     # ---- training: one training_step with backward + AdamW per update
-    train_batch = {"x": torch.randn(batch, *latent, generator=g, device=device), "cond": cond, "neg_cond": neg_cond}
     trainers: dict[str, Callable[[], Any]] = {}
     for name in ("tm", "tmd", "dmd2"):
         method_cls = get_method(name)
         cfg = method_cls.Config(head_blocks=head_blocks) if name in ("tm", "tmd") else method_cls.Config()
-        method = method_cls.from_teacher(cfg, teacher).to(device)
-        method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
-        optimizers = {group: torch.optim.AdamW(params, lr=1e-5) for group, params in method.parameter_groups().items()}
-
-        def update(group, loss, terms=None, optimizers=optimizers):
-            for optimizer in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[group].step()
-
         turns = {"": 0} if name == "tm" else {" (generator turn)": 0, " (critic turn)": 1}
-        for suffix, step in turns.items():
-            trainers[f"{name}{suffix}"] = lambda m=method, s=step, u=update: m.training_step(train_batch, s, u)
+        trainers.update({f"{name}{suffix}": fn for suffix, fn in training_steps(method_cls, cfg, teacher, train_batch, turns).items()})
     progress(f"training: {len(trainers)} steps x {repeats} repeats")
     train_s = time_round_robin(trainers, repeats, max(warmup, 1), device)
     training = [{"step": name, "ms": 1000 * s} for name, s in train_s.items()]
@@ -436,18 +477,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     for row in training:
         row["peak_mib"] = peak_mib(trainers[row["step"]], device)
 
-    meta = {
-        "model": model.name, "weights": model.weights, "students": "untrained copies of the teacher",
-        "parameters": parameter_count(teacher), "blocks": blocks, "head_blocks": head_blocks, "latent": list(latent),
-        "tokens": flops.tokens(config, latent), "text_len": text_len, "batch": batch, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": settings.dtype, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
-        "quick": settings.quick, "torch": torch.__version__, "compile": settings.compile,
-        "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    return {"meta": meta, "sampling": sampling, "components": components, "training": training, "scaling": scaling,
-            "attention": attention, "fast_path": fast_path}
+    return {"meta": meta, "sampling": sampling, "components": components, "training": training,
+            "generator_step": generator_step, "scaling": scaling, "attention": attention, "fast_path": fast_path}
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -465,6 +496,7 @@ def format_report(result: dict[str, Any]) -> str:
         ("Sampling (speed-up vs the teacher; measured/nfe = measured speed-up / effective-NFE speed-up)", "sampling"),
         ("Components (cost in units of one teacher forward at batch B: effective-NFE price, FLOP model, measured)", "components"),
         ("Training step (backward + AdamW per update)", "training"),
+        ("Generator step at the paper's settings, TMD stage 2 against DMD2-v (the paper: under 17% extra)", "generator_step"),
         ("Scaling with frames and resolution (teacher forward at batch B; TMD 2x4 sampler)", "scaling"),
         ("Softmax vs linear self-attention (LinVideo): one transformer block per pass, batch 1", "attention"),
         ("Fast path (teacher forward at batch B and the TMD 2x4 sampler; speed-up against the first row)", "fast_path"),

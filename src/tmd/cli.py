@@ -218,7 +218,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance=args.guidance, shift=args.shift, seed=args.seed, frames=args.frames, height=args.height,
         width=args.width, batch_size=args.batch_size, fps=args.fps, negative_prompt=args.negative_prompt,
         save_latents=args.save_latents, dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
-        attention=args.attention, compile=args.compile,
+        attention=args.attention, compile=args.compile, scheduler=args.scheduler,
     )
     mean = sum(r["seconds"] for r in records) / len(records)
     nfe = records[0]["effective_nfe"]
@@ -228,7 +228,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text-to-video with a Wan teacher pipeline or an exported student, to mp4")
-    p.add_argument("--model", type=Path, required=True, help="a diffusers Wan pipeline root (teacher) or a student folder")
+    p.add_argument("--model", type=Path, required=True,
+                   help="a diffusers Wan pipeline root (teacher), a student or pipeline folder from tmd export, or a world "
+                   "run's student.safetensors (mp4 and GIF with the world's decoder)")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
@@ -239,7 +241,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, help="teacher CFG scale (default 5; 1 = none; teachers only)")
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
     p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
-    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
+    p.add_argument("--scheduler", choices=("pipeline", "euler"), default="pipeline",
+                   help="teacher sampler: the scheduler the pipeline ships (UniPC for the published Wan2.1; Euler where "
+                   "it ships none), or tmd's Euler sampler")
+    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (Wan; world videos have the world's size)")
     p.add_argument("--height", type=int, default=480, help="video height in pixels")
     p.add_argument("--width", type=int, default=832, help="video width in pixels")
     p.add_argument("--fps", type=int, default=16, help="frame rate written into the mp4s")
@@ -307,8 +312,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     """Turn a run's student.safetensors into a self-describing student folder for tmd generate."""
     from tmd.models.export import export_run
 
-    path = export_run(args.run, args.teacher, args.out)
-    print(f"student folder written to {path}")
+    path = export_run(args.run, args.teacher, args.out, args.format)
+    print(f"{'pipeline' if args.format == 'pipeline' else 'student'} folder written to {path}")
     return 0
 
 
@@ -317,6 +322,9 @@ def _add_export(sub) -> None:
     p.add_argument("--run", type=Path, required=True, help="the run's student.safetensors")
     p.add_argument("--teacher", type=Path, required=True, help="the teacher's diffusers Wan pipeline root")
     p.add_argument("--out", type=Path, required=True, help="the student folder to write")
+    p.add_argument("--format", choices=("student", "pipeline"), default="student",
+                   help="student: tmd's student folder; pipeline: a diffusers pipeline folder (TMDPipeline for TMD "
+                   "students, stock WanPipeline for DMD2-v), with the teacher's VAE and text encoder")
     p.set_defaults(func=_cmd_export)
 
 
@@ -332,7 +340,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
         repeats=args.repeats or quick["repeats"], warmup=quick["warmup"] if args.warmup is None else args.warmup,
         device=device, dtype=args.dtype, head_blocks=args.head_blocks, quick=args.quick,
-        fast_path=args.fast_path or args.compile, compile=args.compile,
+        fast_path=args.fast_path or args.compile, compile=args.compile, generator_step_only=args.generator_step,
     )
     result = run_bench(settings, progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result["meta"]["command"] = " ".join(["tmd", *args.argv])
@@ -360,6 +368,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--fast-path", action="store_true",
                    help="add the fast-path table: attention kernels and bf16 against the default, in one run")
     p.add_argument("--compile", action="store_true", help="add torch.compile to the fast-path table (slow to compile)")
+    p.add_argument("--generator-step", action="store_true",
+                   help="only the TMD stage-2 generator step against DMD2-v's (N = 2, H = L / 6; the paper: under 17%% extra)")
     p.set_defaults(func=_cmd_bench)
 
 

@@ -40,6 +40,7 @@ from tmd.files import output_dir_problem
 __all__ = [
     "ConfigError",
     "DATA_CONFIGS",
+    "LoRAConfig",
     "METHOD_CONFIGS",
     "RunConfig",
     "TrainConfig",
@@ -102,15 +103,50 @@ def output_dir(default: Any = dataclasses.MISSING) -> Any:
 # The run config every method shares.
 
 
+WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
+"""The Wan blocks' attention (self and cross) and FFN linears, by peft's suffix match."""
+
+
+@dataclass
+class LoRAConfig:
+    """peft LoRA on the Wan transformers of the named state modules; rank 0 trains full weights."""
+
+    rank: int = 0
+    alpha: Optional[float] = None
+    """LoRA alpha (the update is scaled by alpha / rank); null means alpha = rank."""
+    target_modules: list[str] = field(default_factory=lambda: list(WAN_LORA_TARGETS))
+    modules: Optional[list[str]] = None
+    """State modules (``method.state_modules()`` names) whose Wan transformers get adapters; null means the
+    student and, where the method has one, the fake score. The rest of each module (TMD's inner block,
+    fusion and gap embedder) and every other module (the discriminator) train fully."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 0, f"rank must be >= 0 (0 disables LoRA), got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"alpha must be > 0 or null, got {self.alpha}")
+        _check(bool(self.target_modules), "target_modules must name at least one module")
+        _check(self.modules is None or bool(self.modules), "modules must name at least one state module, or be null")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, logging and checkpointing options shared by every method."""
 
     steps: int = 1000
     batch_size: int = 64
+    grad_accum: int = 1
+    """Micro-batches per step: ``batch_size`` stays the global batch, each micro-batch holds
+    ``batch_size / (grad_accum x processes)`` rows, and every group steps once after the last one."""
     lr: float = 1e-4
     lr_groups: dict[str, float] = field(default_factory=dict)
     """Per parameter group lr, overriding ``lr`` (e.g. ``{fake_score: 2e-5}``)."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """After warm-up: constant, or a cosine / linear decay towards 0 at ``steps`` (per training step)."""
+    warmup_steps: int = 0
+    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over the first training steps."""
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: Optional[float] = 1.0
@@ -125,6 +161,7 @@ class TrainConfig:
     """bf16 autocasts the method's forward passes; parameters and optimizer states stay fp32."""
     activation_checkpointing: bool = False
     """Read by methods when they build their models; the loop itself does not need it."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = "auto"
     out_dir: str = output_dir("runs/default")
     progress: bool = True
@@ -135,6 +172,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         for group, lr in self.lr_groups.items():
             _check(lr > 0, f"lr_groups.{group} must be > 0, got {lr}")

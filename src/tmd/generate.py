@@ -1,9 +1,12 @@
 """Text-to-video generation from a Wan teacher or an exported student, decoded to mp4 files.
 
-``model`` is either a diffusers Wan pipeline root (the teacher: Euler steps with CFG) or a student
-folder from ``tmd.models.export`` (TMD or plain few-step; sampled without CFG). The text encoder and
-the VAE always come from a pipeline root: the teacher's own, or for a student the one recorded in its
-``config.json`` (``pipeline`` overrides it).
+``model`` is either a diffusers Wan pipeline root (the teacher: its own scheduler, UniPC for the published
+Wan2.1 pipelines, with CFG; or tmd's Euler sampler with ``scheduler="euler"``), a student folder from
+``tmd.models.export`` or a pipeline folder from ``tmd.pipelines`` (TMD or plain few-step; sampled
+without CFG). The text encoder and the VAE always come from a pipeline root: the teacher's own, the
+pipeline folder's, or for a student folder the one recorded in its ``config.json`` (``pipeline``
+overrides it). Models of the synthetic world (a world run's ``student.safetensors``, its export, the
+world teacher) go to ``tmd.generate_world``, which decodes with the world's autoencoder.
 """
 
 from __future__ import annotations
@@ -130,9 +133,17 @@ def load_generation_model(
     from tmd.models.split import TMDStudent
     from tmd.models.wan import load_teacher
 
+    from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
+    if is_tmd_pipeline(path):
+        from tmd.pipelines.tmd_pipeline import load_student
+
+        return GenerationModel("tmd_student", load_student(path, dtype, device), Path(pipeline or path))
+    if is_few_step_pipeline(path):
+        return GenerationModel("few_step", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
     if not is_student_folder(path):
         return GenerationModel("teacher", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
     config = read_student_config(path)
@@ -150,6 +161,26 @@ def load_generation_model(
     else:
         model = load_teacher(path / TRANSFORMER_DIR, dtype=dtype, device=device)
     return GenerationModel(config["kind"], model, Path(pipeline))
+
+
+SCHEDULERS = ("pipeline", "euler")
+"""How a teacher samples: the scheduler its pipeline ships (as ``WanPipeline`` does), or tmd's Euler sampler."""
+
+
+def load_scheduler(pipeline: Path, shift: float | None = None):
+    """The diffusers scheduler in ``pipeline/scheduler`` (None if there is none), its time shift set to
+    ``shift`` when given (``shift`` or UniPC's ``flow_shift``, whichever it has)."""
+    import diffusers
+
+    config_file = pipeline / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"{config_file} names {config.get('_class_name')!r}, not a diffusers scheduler")
+    overrides = {key: shift for key in ("shift", "flow_shift") if shift is not None and key in config}
+    return cls.from_config(config, **overrides)
 
 
 def teacher_shift(pipeline: Path) -> float:
@@ -205,19 +236,31 @@ def generate(
     progress: bool = True,
     attention: str = "sdpa",
     compile: bool = False,
+    scheduler: str = "pipeline",
 ) -> list[dict[str, Any]]:
     """Generate one mp4 per prompt into ``out``; returns (and writes to ``generation.json``) one record each.
 
     Video i starts from noise seeded by ``seed + i`` whatever the batch size; a student's inner noise
     is drawn per batch. The wall-clock per video covers text encoding, sampling and decoding (a batch's
     time split evenly), not model loading. ``attention`` picks the SDPA kernel and ``compile`` compiles the
-    transformer blocks (``tmd.fastpath``; the first batch then includes compilation).
+    transformer blocks (``tmd.fastpath``; the first batch then includes compilation). ``scheduler``
+    (teachers) is ``pipeline`` (the pipeline's own scheduler; Euler where it ships none) or ``euler``.
     """
+    from tmd.generate_world import generate_world, load_world_model
+
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+    world = load_world_model(model_path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if world is not None:
+        return generate_world(
+            world, prompts, out, steps=steps, inner_steps=inner_steps, guidance=guidance, shift=shift, seed=seed,
+            batch_size=batch_size, fps=fps, save_latents=save_latents, progress=progress, attention=attention,
+        )
     from tqdm.auto import tqdm
 
     from tmd.fastpath import attention_kernel, compile_blocks
     from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
 
     if not prompts:
         raise ValueError("no prompts to generate")
@@ -237,6 +280,7 @@ def generate(
         steps = DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS
     inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
     guidance = (DEFAULT_GUIDANCE if guidance is None else guidance) if teacher else None
+    sampler = load_scheduler(loaded.pipeline, shift) if teacher and scheduler == "pipeline" else None
     shift = shift if shift is not None else (teacher_shift(loaded.pipeline) if teacher else flow.OUTER_SHIFT)
     nfe = loaded.effective_nfe(steps, inner_steps, guidance)
 
@@ -259,7 +303,9 @@ def generate(
         began = time.perf_counter()
         cond = text_encoder.encode(batch)
         with attention_kernel(attention):
-            if teacher:
+            if sampler is not None:
+                latents = sample_with_scheduler(loaded.model, noise, cond, negative, sampler, steps, guidance)
+            elif teacher:
                 latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, shift)
             else:
                 inner_noise = torch.Generator(device).manual_seed(seeds[0])
@@ -286,6 +332,7 @@ def generate(
     settings = {
         "model": str(model_path), "kind": loaded.kind, "pipeline": str(loaded.pipeline), "steps": steps,
         "inner_steps": inner_steps if loaded.kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
+        "scheduler": type(sampler).__name__ if sampler is not None else ("euler" if teacher else None),
         "frames": frames, "height": height, "width": width, "fps": fps, "dtype": str(dtype).removeprefix("torch."),
     }
     (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")

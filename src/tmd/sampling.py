@@ -1,4 +1,5 @@
-"""Samplers: the teacher's Euler sampler with CFG, the TMD sampler (Alg. 1) and a plain few-step sampler (Eq. 18).
+"""Samplers: the teacher's Euler sampler with CFG (or any diffusers scheduler), the TMD sampler (Alg. 1) and a
+plain few-step sampler (Eq. 18).
 
 All work on any model implementing the protocols in ``tmd.models.protocol`` and return the final
 x0 estimate in float32. Students are sampled without CFG: distillation bakes guidance in.
@@ -72,6 +73,39 @@ def sample_teacher(
     for i in tqdm(range(steps), desc="teacher", disable=not progress, leave=False):
         v = guided_velocity(model, x, sigmas[i], cond, neg_cond, guidance)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+@torch.no_grad()
+def sample_with_scheduler(
+    model: VelocityModel,
+    noise: Tensor,
+    cond: Tensor,
+    neg_cond: Tensor | None,
+    scheduler,
+    steps: int = 50,
+    guidance: float = 5.0,
+    progress: bool = False,
+) -> Tensor:
+    """The teacher through a diffusers scheduler's ``step`` API, as ``WanPipeline`` runs it (UniPC for the
+    published Wan2.1 pipelines): the scheduler picks the timesteps and combines the CFG velocities.
+
+    diffusers' Wan predicts the flow ``noise - x0`` at ``timestep = 1000 t``, which is our velocity at ``t``,
+    so the velocity goes to ``scheduler.step`` unchanged. ``scheduler`` is reset by ``set_timesteps``.
+    """
+    from tmd.models.wan import time_of_timestep
+
+    flow.check_steps(steps)
+    flow.check_guidance(guidance)
+    if guidance != 1.0 and neg_cond is None:
+        raise ValueError(f"guidance {guidance} needs a negative condition (neg_cond); pass guidance=1 for none")
+    neg_cond = _broadcast_negative(neg_cond, cond)
+    scheduler.set_timesteps(steps, device=noise.device)
+    scheduler.set_begin_index(0)
+    x = noise.float()
+    for timestep in tqdm(scheduler.timesteps, desc="teacher", disable=not progress, leave=False):
+        v = guided_velocity(model, x, time_of_timestep(timestep), cond, neg_cond, guidance)
+        x = scheduler.step(v, timestep, x, return_dict=False)[0].float()
     return x
 
 

@@ -65,38 +65,65 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
     return path
 
 
-def export_run(weights: str | Path, teacher: str | Path, path: str | Path) -> Path:
-    """Turn a training run's ``student.safetensors`` (``tmd.train.run``) into a student folder.
+EXPORT_FORMATS = ("student", "pipeline")
+SAMPLING_KEYS = {"outer_steps": "num_outer_steps", "inner_steps": "num_inner_steps", "outer_shift": "outer_shift",
+                 "inner_shift": "inner_shift"}
+"""Method config keys a pipeline export records as its sampling defaults (``tmd.pipelines``), by their names there."""
 
-    The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student; any
-    other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
-    """
-    from safetensors import safe_open
 
-    from tmd.methods.common import load_student_weights
-    from tmd.models.split import TMDStudent
+def export_run(weights: str | Path, teacher: str | Path, path: str | Path, format: str = "student") -> Path:
+    """Turn a training run's ``student.safetensors`` (``tmd.train.run``) into a student folder, or with
+    ``format="pipeline"`` into a diffusers pipeline folder (``tmd.pipelines.export_pipeline``)."""
     from tmd.models.wan import load_teacher
+
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    check_output_dir(path)
+    model, method_config = student_from_run(weights, load_teacher(teacher))
+    if format == "pipeline":
+        from tmd.pipelines import export_pipeline
+
+        sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}
+        return export_pipeline(model, path, teacher, sampling)
+    return export_student(model, path, teacher_source=str(teacher))
+
+
+def run_metadata(weights: str | Path) -> dict[str, str]:
+    """The metadata ``tmd train`` writes into ``student.safetensors`` (method name and config)."""
+    from safetensors import safe_open
 
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"no student weights at {weights}")
     check_safetensors(weights)
-    check_output_dir(path)
     with safe_open(str(weights), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "method_config" not in metadata:
         raise ValueError(f"{weights} has no method_config metadata: it was not written by tmd train")
+    return metadata
+
+
+def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeacher, dict[str, Any]]:
+    """The generator a run trained, rebuilt around ``teacher`` (consumed: it becomes the student) with the
+    run's weights, and the run's method config.
+
+    The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student; any
+    other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
+    """
+    from tmd.methods.common import load_student_weights
+    from tmd.models.split import TMDStudent
+
+    metadata = run_metadata(weights)
     method_config = json.loads(metadata["method_config"])
-    model = load_teacher(teacher)
     split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
     if "head_blocks" in split:
         split = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **split}
-        model = TMDStudent.from_teacher(model, **split)
+    model = TMDStudent.from_teacher(teacher, **split) if "head_blocks" in split else teacher
     try:
         load_student_weights(model, str(weights), split)
     except ValueError as e:
-        raise ValueError(f"cannot export the {metadata.get('method')!r} run: {e}") from None
-    return export_student(model, path, teacher_source=teacher)
+        raise ValueError(f"cannot use the {metadata.get('method')!r} run: {e}") from None
+    return model, method_config
 
 
 def read_student_config(path: str | Path) -> dict[str, Any]:

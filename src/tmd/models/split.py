@@ -168,6 +168,24 @@ class TMDStudent(WanModule):
             )
         return student.to(device).eval()
 
+    @classmethod
+    def from_modules(
+        cls, transformer: WanTransformer3DModel, parts: dict[str, nn.Module], head_blocks: int, fusion: Fusion = "gated",
+        inner_velocity: str = "noise",
+    ) -> "TMDStudent":
+        """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
+        them as its components): the split is built on a weightless (meta) skeleton, then ``transformer``
+        and the ``TMD_PARTS`` modules in ``parts`` are put in its place."""
+        from tmd.models.export import TMD_PARTS
+
+        with torch.device("meta"):
+            skeleton = WanTeacher(WanTransformer3DModel.from_config(transformer.config))
+            student = cls(skeleton, head_blocks, fusion, inner_velocity)
+        student.transformer = transformer
+        for name in TMD_PARTS:
+            setattr(student, name, parts[name])
+        return student
+
     @property
     def split_index(self) -> int:
         return self.num_blocks - self.head_blocks

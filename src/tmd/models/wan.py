@@ -23,6 +23,11 @@ from tmd.files import check_safetensors_folder
 TIMESTEP_SCALE = 1000.0
 """diffusers' Wan models take ``timestep = 1000 t``; nothing outside this module uses that scale."""
 
+
+def time_of_timestep(timestep: Tensor) -> Tensor:
+    """tmd's time ``t`` in [0, 1] of a diffusers scheduler's ``timestep`` (what ``WanPipeline`` passes to Wan)."""
+    return timestep.float() / TIMESTEP_SCALE
+
 TINY_CONFIG: dict[str, Any] = {
     "patch_size": [1, 2, 2],
     "num_attention_heads": 2,

@@ -1,8 +1,8 @@
 """Data-parallel training with FSDP2: the process group, sharding of the method's modules, batch slicing.
 
-Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank trains on its slice of the
-global batch ``train.batch_size``; without it, the same code runs as one process and nothing here costs
-anything. Sharding is ``fully_shard`` (FSDP2) on every block of every ``nn.ModuleList`` (transformer
+Launched by ``torchrun`` every rank trains on its slice of the global batch ``train.batch_size`` (one
+torchrun process shards over itself: FSDP2's bf16 policy and wrapping, with nothing to split); without
+torchrun, the same code runs as one process and nothing here costs anything. Sharding is ``fully_shard`` (FSDP2) on every block of every ``nn.ModuleList`` (transformer
 blocks, discriminator heads), then on the model itself, so a rank holds ``1 / world_size`` of each
 weight, gradient and AdamW state between uses. The frozen teacher is sharded the same way and gets no
 optimizer state and no gradients.
@@ -29,6 +29,8 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    initialized: bool = False
+    """A process group exists (launched by torchrun, even with one process): the modules are FSDP2-sharded."""
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +58,8 @@ class DistContext:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # torchrun sets TORCHELASTIC_RUN_ID for every process, so a 1-process torchrun runs the FSDP2 path too
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device: torch.device) -> DistContext:
@@ -69,17 +72,20 @@ def init_distributed(device: torch.device) -> DistContext:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, initialized=True)
 
 
-def check_global_batch(batch_size: int, ctx: DistContext) -> int:
-    """The local batch: the global ``train.batch_size`` split evenly over the ranks."""
-    if batch_size % ctx.world_size:
+def check_global_batch(batch_size: int, ctx: DistContext, grad_accum: int = 1) -> int:
+    """The micro-batch: the global ``train.batch_size`` split evenly over the ranks and their
+    ``train.grad_accum`` micro-batches."""
+    parts = ctx.world_size * grad_accum
+    if batch_size % parts:
+        into = "" if grad_accum == 1 else f" into train.grad_accum={grad_accum} micro-batches on each of"
         raise ValueError(
-            f"train.batch_size={batch_size} is the global batch and must divide evenly over "
-            f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
+            f"train.batch_size={batch_size} is the global batch and must divide evenly{into or ' over'} "
+            f"{ctx.world_size} processes; use a multiple of {parts}"
         )
-    return batch_size // ctx.world_size
+    return batch_size // parts
 
 
 def shard_model(module: nn.Module, mesh, mixed_precision: bool) -> nn.Module:
@@ -102,8 +108,8 @@ def shard_model(module: nn.Module, mesh, mixed_precision: bool) -> nn.Module:
 
 
 def shard_modules(modules: Mapping[str, nn.Module], ctx: DistContext, mixed_precision: bool) -> None:
-    """Shard every module of a run (state modules and the frozen teacher) when there is more than one rank."""
-    if not ctx.enabled:
+    """Shard every module of a run (state modules and the frozen teacher) when torchrun launched it."""
+    if not ctx.initialized:
         return
     from torch.distributed.device_mesh import init_device_mesh
 

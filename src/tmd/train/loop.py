@@ -26,6 +26,19 @@ A method is an object with this interface (``TrainableMethod``)::
 
 ``update`` checks the loss (and the gradient norm) is finite, zeroes the grads of all groups,
 back-propagates, clips the group's grad norm to ``train.grad_clip``, steps its AdamW and its EMAs.
+Each group's learning rate follows ``train.lr_schedule`` after ``train.warmup_steps`` (a torch
+``LambdaLR`` per optimizer, stepped once per training step and checkpointed).
+
+With ``train.grad_accum = K`` > 1 each step runs ``training_step`` on K micro-batches, and micro-batch k
+of rank r is data-parallel "rank" ``r K + k`` of ``K x world_size``: it gets exactly those rows of the
+global batch and, through its ``BatchRandom`` (every micro-batch starts from the step's generator
+state), exactly the noise those rows get in one big batch. ``update`` then only back-propagates
+``loss / K`` into its group's gradients (the other groups' gradients are kept aside), and after the last
+micro-batch every updated group clips, steps and moves its EMAs, in the order first updated. So K
+micro-batches give the update of one batch K times larger, provided a loss does not depend on a group
+updated earlier in the same ``training_step`` (true of every method here: critics train on the
+detached generator sample); a dependency seen by autograd, or a group updated twice in one step, is
+an error.
 Under ``train.precision=bf16`` the whole ``training_step`` runs in bf16 autocast; parameters, grads and
 optimizer states stay fp32. The trainer moves state modules to the device before building optimizers
 and batches to the device before each step; methods read ``train.activation_checkpointing`` themselves.
@@ -41,11 +54,14 @@ draws), and logs losses averaged over ranks: K processes compute what one proces
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -115,18 +131,25 @@ class GeneratorDataSource:
 class EMA:
     """Exponential moving average of a module's state, kept in fp32 outside the module.
 
-    Floating entries (parameters and float buffers) are averaged; others (counters) are copied, and so
-    are parameters the method has frozen (``requires_grad=False``): a frozen part is used as it is (a
-    finished Phased DMD expert, which the later phases train against), so its EMA is the part itself.
+    Floating entries (trainable parameters and float buffers) are averaged; others (counters) are
+    copied. Parameters the method has frozen (``requires_grad=False``: a LoRA run's base weights, a
+    finished Phased DMD expert that later phases train against) are used as they are, so their EMA is
+    the part itself, read from the module instead of being held twice.
     """
 
     def __init__(self, module: nn.Module, decay: float):
         self.module = module
         self.decay = decay
+        frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
         self.shadow = {
             k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
             for k, v in module.state_dict().items()
+            if k not in frozen
         }
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The averaged state with the frozen entries filled in: loadable into the module."""
+        return {**self.module.state_dict(), **self.shadow}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -207,12 +230,13 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
         self.dist = dist if dist is not None else DistContext(device=resolve_device(tc.device))
         self.device = self.dist.device
-        check_global_batch(tc.batch_size, self.dist)
+        check_global_batch(tc.batch_size, self.dist, tc.grad_accum)
 
         self.modules = method.state_modules()
         for module in self.modules.values():
             module.to(self.device)
-        self.groups = {name: list(params) for name, params in method.parameter_groups().items()}
+        # frozen parameters cannot train: that is how LoRA (tmd.models.lora) leaves a base weight alone
+        self.groups = {name: [p for p in params if p.requires_grad] for name, params in method.parameter_groups().items()}
         self._check_groups()
         unknown = set(tc.lr_groups) - set(self.groups)
         if unknown:
@@ -228,6 +252,10 @@ class Trainer:
             )
             for name, params in self.groups.items()
         }
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(tc.lr_schedule, tc.warmup_steps, tc.steps))
+            for name, opt in self.optimizers.items()
+        }
         self.emas = {name: EMA(module, tc.ema_decay) for name, module in method.ema_modules().items()}
         # optimizer states are keyed by parameter names under this root, the same at any world size
         self._root = nn.ModuleDict(self.modules)
@@ -237,6 +265,7 @@ class Trainer:
         method.generator = BatchRandom(self.generator, self.dist.rank, self.dist.world_size)
         seed_everything(tc.seed)
         self.step = 0
+        self._accumulated: _Accumulation | None = None
 
         plan = plan_run(cfg, self.run_dir, resume)  # a refused resume leaves the folder as it was
         if self.dist.is_main:
@@ -256,10 +285,8 @@ class Trainer:
         seen: dict[int, str] = {}
         for name, params in self.groups.items():
             if not params:
-                raise ValueError(f"parameter group {name!r} is empty")
+                raise ValueError(f"parameter group {name!r} has no trainable parameters")
             for p in params:
-                if not p.requires_grad:
-                    raise ValueError(f"parameter group {name!r} holds a parameter with requires_grad=False")
                 if id(p) in seen:
                     raise ValueError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
                 seen[id(p)] = name
@@ -290,22 +317,32 @@ class Trainer:
                 f"non-finite loss at step {self.step + 1} in group {group!r}: term {bad!r} = "
                 f"{values.get(bad, total)} (total {total}); stopped before updating; {self._checkpoint_state()}"
             )
+        if self._accumulated is not None:
+            self._accumulate(group, loss, total, values)
+            return
         with torch.autocast(self.device.type, enabled=False):
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = self.groups[group]
-            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
-            grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            if not np.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {self.step + 1} in group {group!r} (loss {total}); "
-                    f"stopped before updating; {self._checkpoint_state()}"
-                )
-            self.optimizers[group].step()
-            for name, ema in self.emas.items():
-                if self._ema_owner[name] == group:
-                    ema.update()
+            grad_norm = self._step_group(group, total)
+        self._record(group, total, grad_norm, values)
+
+    def _step_group(self, group: str, total: float) -> float:
+        """Clip the group's gradients, step its optimizer and its EMAs; returns the gradient norm."""
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(self.groups[group], max_norm)))
+        if not np.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step + 1} in group {group!r} (loss {total}); "
+                f"stopped before updating; {self._checkpoint_state()}"
+            )
+        self.optimizers[group].step()
+        for name, ema in self.emas.items():
+            if self._ema_owner[name] == group:
+                ema.update()
+        return grad_norm
+
+    def _record(self, group: str, total: float, grad_norm: float, values: Mapping[str, float]) -> None:
         self._window[f"loss/{group}"].append(total)
         self._window[f"grad_norm/{group}"].append(grad_norm)
         for name, v in values.items():
@@ -318,6 +355,73 @@ class Trainer:
             return f"no checkpoint was written yet (the first comes at step {first}), so there is nothing to resume"
         return f"the last checkpoint, {latest}, is intact: --resume continues from it"
 
+    def _accumulate(self, group: str, loss: Tensor, total: float, values: Mapping[str, float]) -> None:
+        """One micro-batch's share of ``update(group, loss)``: ``loss / K`` back-propagated into the group's
+        gradients alone; the step waits for the last micro-batch (:meth:`_step_accumulated`)."""
+        acc = self._accumulated
+        earlier = acc.current
+        if group in earlier:
+            raise ValueError(
+                f"update({group!r}) was called twice in one training_step; with train.grad_accum > 1 every "
+                "group steps once per step, after the last micro-batch (set train.grad_accum=1)"
+            )
+        others = [p for name, params in self.groups.items() if name != group for p in params]
+        kept = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        with torch.autocast(self.device.type, enabled=False):
+            (loss / acc.micro_batches).backward()
+        # grads that reached a group updated earlier in this step mean the loss depends on it: one big
+        # batch would have seen that group already stepped, the deferred step cannot reproduce that
+        reached = [name for name in earlier if any(p.grad is not None for p in self.groups[name])]
+        for p, grad in zip(others, kept):
+            p.grad = grad
+        if reached:
+            raise ValueError(
+                f"update({group!r}) depends on group {reached[0]!r}, updated earlier in the same training_step; "
+                "with train.grad_accum > 1 groups step after the last micro-batch, so this method needs train.grad_accum=1"
+            )
+        earlier.append(group)
+        acc.losses[group].append(total)
+        for name, v in values.items():
+            acc.terms[group][name].append(v)
+
+    def _step_accumulated(self) -> None:
+        acc = self._accumulated
+        with torch.autocast(self.device.type, enabled=False):
+            for group in acc.order:
+                total = statistics.fmean(acc.losses[group])
+                grad_norm = self._step_group(group, total)
+                self._record(group, total, grad_norm, {name: statistics.fmean(v) for name, v in acc.terms[group].items()})
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+
+    def _micro_batches(self, batch: Any) -> dict[str, float]:
+        """``training_step`` on each of the K micro-batches of this step's global batch; then the groups step."""
+        tc, rank, world = self.cfg.train, self.dist.rank, self.dist.world_size
+        k_total = tc.grad_accum
+        start = self.generator.get_state()
+        self._accumulated = _Accumulation(k_total)
+        extras: dict[str, list[float]] = defaultdict(list)
+        try:
+            for k in range(k_total):
+                self.generator.set_state(start)
+                part = rank * k_total + k
+                self.method.generator = BatchRandom(self.generator, part, world * k_total)
+                micro = move_to(slice_batch(batch, part, world * k_total, tc.batch_size), self.device)
+                with self._autocast():
+                    for key, value in (self.method.training_step(micro, self.step, self._update) or {}).items():
+                        extras[key].append(float(value))
+                self._accumulated.end_micro_batch()
+            self._step_accumulated()
+        finally:
+            self._accumulated = None
+            self.method.generator = BatchRandom(self.generator, rank, world)
+        return {key: statistics.fmean(values) for key, values in extras.items()}
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
     # -- loop ------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
@@ -328,18 +432,20 @@ class Trainer:
             wandb_project=tc.wandb_project, config=to_dict(self.cfg), enabled=main,
         )
         bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
         try:
             while self.step < tc.steps:
                 batch = self.data.next_batch()
-                if self.dist.enabled:
-                    batch = slice_batch(batch, self.dist.rank, self.dist.world_size, tc.batch_size)
-                batch = move_to(batch, self.device)
-                with autocast:
-                    extra = self.method.training_step(batch, self.step, self._update)
+                if tc.grad_accum > 1:
+                    extra = self._micro_batches(batch)
+                else:
+                    if self.dist.enabled:
+                        batch = slice_batch(batch, self.dist.rank, self.dist.world_size, tc.batch_size)
+                    batch = move_to(batch, self.device)
+                    with self._autocast():
+                        extra = self.method.training_step(batch, self.step, self._update)
                 for key, value in (extra or {}).items():
                     self._window[key].append(float(value))
                 self.step += 1
@@ -350,6 +456,7 @@ class Trainer:
                     bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in last.items() if k.startswith("loss/")}, refresh=False)
                 if self.eval_fn is not None and tc.eval_every is not None and self.step % tc.eval_every == 0:
                     logger.log(self.step, {f"eval/{k}": float(v) for k, v in self.eval_fn(self.step).items()})
+                self._step_schedulers()  # after logging: the log shows the rate the step used
                 if self.step % tc.checkpoint_every == 0 or done:
                     path = self.save()
         finally:
@@ -359,8 +466,15 @@ class Trainer:
             path = self.save()
         return TrainResult(
             step=self.step, metrics=last, checkpoint=path, run_dir=self.run_dir,
-            ema={name: gather_full(ema.shadow) for name, ema in self.emas.items()},
+            ema={name: gather_full(ema.full_state()) for name, ema in self.emas.items()},
         )
+
+    def _step_schedulers(self, schedulers=None) -> None:
+        with warnings.catch_warnings():
+            # the schedule counts training steps; under TTUR a group may not have stepped yet on step 0
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+            for scheduler in schedulers or self.schedulers.values():
+                scheduler.step()
 
     def _log(self, logger: MetricLogger, elapsed: float) -> dict[str, float]:
         record = {key: sum(values) / len(values) for key, values in self._window.items() if values}
@@ -389,6 +503,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "rng": ckpt.rng_state(),
             "data": self.data.state_dict(),
+            "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
         }
         return ckpt.save_checkpoint(
             self.checkpoint_dir, self.step, self._sharded_state(), trainer_state,
@@ -408,10 +523,64 @@ class Trainer:
             set_model_state_dict(module, sharded["modules"][name])
         for name, opt in self.optimizers.items():
             set_optimizer_state_dict(self._root, opt, sharded["optimizers"][name])
+        self._load_schedulers(path, state.get("lr_schedulers"))
         self.generator.set_state(state["generator"])
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
+
+
+    def _load_schedulers(self, path: Path, states: dict[str, Any] | None) -> None:
+        tc = self.cfg.train
+        if states is None:
+            if tc.lr_schedule != "constant" or tc.warmup_steps:
+                raise ValueError(
+                    f"checkpoint {path} was written without a learning-rate schedule; resume it with "
+                    f"train.lr_schedule=constant train.warmup_steps=0 (got {tc.lr_schedule!r}, {tc.warmup_steps})"
+                )
+            return
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(states[name])
+            # re-evaluate at the saved position with this config's schedule: a resumed run may run longer
+            scheduler.last_epoch -= 1
+            self._step_schedulers((scheduler,))
+
+
+@dataclass
+class _Accumulation:
+    """What the micro-batches of one step have back-propagated so far, per group."""
+
+    micro_batches: int
+    order: list[str] | None = None
+    """The groups the first micro-batch updated, in order: every other one must update the same."""
+    current: list[str] = field(default_factory=list)
+    losses: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    terms: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def end_micro_batch(self) -> None:
+        if self.order is None:
+            self.order = self.current
+        elif self.current != self.order:
+            raise ValueError(f"micro-batches of one step updated different groups: {self.order} and {self.current}")
+        self.current = []
+
+
+def lr_factor(schedule: str, warmup_steps: int, steps: int) -> Callable[[int], float]:
+    """The multiplier of ``lr`` at training step ``i`` (0-based): ``(i + 1) / warmup_steps`` during warm-up,
+    then 1 (constant), ``(1 + cos(pi p)) / 2`` (cosine) or ``1 - p`` (linear) with ``p`` the share of the
+    post-warm-up steps already taken; the last step still has a positive rate."""
+
+    def factor(i: int) -> float:
+        if i < warmup_steps:
+            return (i + 1) / warmup_steps
+        progress = (i - warmup_steps) / max(1, steps - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1 - progress
+        return 1.0
+
+    return factor
 
 
 def _full(value: Tensor) -> Tensor:

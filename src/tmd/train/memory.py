@@ -1,7 +1,17 @@
 """What a run will hold in memory before its first activation: printed at start so a run that cannot fit
-fails in minutes, not after loading three copies of a 14B model."""
+fails in minutes, not after loading three copies of a 14B model.
+
+``python -m tmd.train.memory --config configs/wan14b_tmd_stage2.yaml --model wan14b [key=value ...]``
+prints the same estimate for a Wan-sized run without any weights: the teacher and the method are built
+on the meta device (``train.lora.rank=64`` for the LoRA figure, ``--world-size 8`` for FSDP's shards).
+"""
 
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -9,33 +19,108 @@ GIB = 1024**3
 TRAINABLE_BYTES = 16  # fp32 master weight + fp32 grad + two fp32 AdamW moments
 EMA_BYTES = 4
 
+WAN_14B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
 
-def _numel(modules) -> int:
-    seen, total = set(), 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
+
+def _unique(params) -> list[nn.Parameter]:
+    return list({id(p): p for p in params}.values())
 
 
 def estimate_state_memory(method, teacher: nn.Module, world_size: int = 1) -> dict[str, float]:
     """GiB per process for the frozen teacher (at its dtype), the trainable parameters with grads and AdamW
-    state, and the EMA copies; divided by ``world_size`` as FSDP would shard them. Activations are extra."""
-    trainable = sum(p.numel() for params in method.parameter_groups().values() for p in params)
-    teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    state, the frozen parameters of the trained modules (a LoRA run's base weights, at their dtype) and
+    the EMA copies of the trainable ones; divided by ``world_size`` as FSDP would shard them.
+    Activations are extra."""
+    trainable = _unique(p for params in method.parameter_groups().values() for p in params if p.requires_grad)
+    trained_modules = _unique(p for module in method.state_modules().values() for p in module.parameters())
+    frozen = [p for p in trained_modules if not p.requires_grad]
+    ema = _unique(p for module in method.ema_modules().values() for p in module.parameters() if p.requires_grad)
     parts = {
-        "teacher": teacher_bytes / GIB,
-        "trainable": trainable * TRAINABLE_BYTES / GIB,
-        "ema": _numel(method.ema_modules().values()) * EMA_BYTES / GIB,
+        "teacher": sum(p.numel() * p.element_size() for p in teacher.parameters()) / GIB,
+        "trainable": sum(p.numel() for p in trainable) * TRAINABLE_BYTES / GIB,
+        "frozen": sum(p.numel() * p.element_size() for p in frozen) / GIB,
+        "ema": sum(p.numel() for p in ema) * EMA_BYTES / GIB,
     }
     parts = {name: gib / world_size for name, gib in parts.items()}
     parts["total"] = sum(parts.values())
+    parts["trainable_parameters"] = float(sum(p.numel() for p in trainable))
     return parts
 
 
 def describe(estimate: dict[str, float]) -> str:
     return (f"memory estimate per process: {estimate['total']:.2f} GiB of weights and optimizer state "
             f"(frozen teacher {estimate['teacher']:.2f}, trainable + grads + AdamW {estimate['trainable']:.2f}, "
-            f"EMA {estimate['ema']:.2f}); activations come on top")
+            f"frozen trained-module weights {estimate['frozen']:.2f}, EMA {estimate['ema']:.2f}; "
+            f"{estimate['trainable_parameters'] / 1e6:,.1f}M trainable parameters); activations come on top")
+
+
+def model_config(name: str) -> dict[str, Any]:
+    from tmd.bench import WAN_1_3B_CONFIG
+
+    configs = {"wan1.3b": WAN_1_3B_CONFIG, "wan14b": WAN_14B_CONFIG}
+    if name not in configs:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(configs)}")
+    return dict(configs[name])
+
+
+def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (), world_size: int = 1) -> dict[str, float]:
+    """The estimate a ``tmd train --config config`` run of ``model`` would print, built on the meta device.
+
+    The config's data and ``method.init_from`` are not read (nothing is loaded), so neither needs to exist.
+    """
+    import torch
+    import yaml
+
+    from tmd.config import RunConfig, load_config
+    from tmd.methods import get_method
+    from tmd.models.lora import add_lora
+    from tmd.models.wan import WanTeacher, build_transformer
+
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    placeholders = []
+    if "init_from" in (raw.get("method") or {}):
+        placeholders.append("method.init_from=null")
+    if raw.get("data_kind") == "prepared":
+        placeholders.append("data.path=.")
+    cfg = load_config(RunConfig, config, [*placeholders, *overrides])
+    with torch.device("meta"):
+        teacher = WanTeacher(build_transformer(model_config(model)))
+        method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
+        if cfg.train.lora.enabled:
+            add_lora(method.state_modules(), cfg.train.lora)
+    return estimate_state_memory(method, teacher, world_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tmd.train.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="a run config, e.g. configs/wan1.3b_tmd_stage2.yaml")
+    parser.add_argument("--model", required=True, help="wan1.3b or wan14b: the teacher's architecture")
+    parser.add_argument("--world-size", type=int, default=1, help="processes FSDP shards over")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lora.rank=64")
+    args = parser.parse_args(argv)
+    try:
+        estimate = estimate_for_config(args.config, args.model, args.overrides, args.world_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"python -m tmd.train.memory: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.config} on {args.model}, {args.world_size} process(es) {' '.join(args.overrides)}".rstrip())
+    print(describe(estimate))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

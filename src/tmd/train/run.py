@@ -22,13 +22,15 @@ from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.files import check_safetensors, save_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
+from tmd.models.lora import add_lora, merged_state_dict
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
 
 STUDENT_FILE = "student.safetensors"
-"""The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
+"""The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads (a LoRA run's
+adapters merged in: ``tmd.models.lora``)."""
 
 
 def teacher_and_data(
@@ -96,7 +98,13 @@ def train_run(
     # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
     # shards each rank's own copy, so every rank must draw the same ones
     seed_everything(cfg.train.seed)
+    # the frozen teacher's passes carry gradients too (the GAN reads its features of the student's sample);
+    # its copies (fake scores) inherit the setting. Checkpointing only acts where gradients are recorded.
+    teacher.activation_checkpointing = cfg.train.activation_checkpointing
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
+    lora = cfg.train.lora
+    if lora.enabled:
+        add_lora(method.state_modules(), lora)
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
@@ -109,7 +117,8 @@ def train_run(
     if ctx.is_main:
         # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
         metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
-        save_safetensors({k: v.detach().contiguous() for k, v in weights.items()}, path, metadata=metadata)
+        exported = merged_state_dict(generator, weights) if lora.enabled else weights
+        save_safetensors({k: v.detach().contiguous() for k, v in exported.items()}, path, metadata=metadata)
         (result.run_dir / "student.json").write_text(
             json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
         )

@@ -1,0 +1,127 @@
+"""Students as diffusers pipeline folders: ``TMDPipeline`` for TMD students, stock ``WanPipeline`` for DMD2-v.
+
+A plain few-step student (DMD2-v) samples with Eq. 18's deterministic step, which is the Euler step
+``x - (t - t') v``: exactly what ``FlowMatchEulerDiscreteScheduler.step`` does. What needs care is the
+grid, ``tmd.flow.outer_grid`` (2 steps: 0.999, 0.909, 0), because ``WanPipeline`` only calls
+``set_timesteps(num_inference_steps)`` and the scheduler's own grids start at 1:
+
+- 1 or 2 steps: ``use_karras_sigmas`` with ``sigma_max`` and ``sigma_min`` in the scheduler config. The
+  Karras conversion of ``FlowMatchEulerDiscreteScheduler`` reads those two keys from its config (diffusers
+  marks it "a hack"; on load it warns that they "will be ignored", which is not so) and its end points
+  are the whole grid for one or two steps: the grid is ours to the bit (tested).
+- 3 or more steps: no stock setting gives it; the closest found is ``shift_terminal`` at the last
+  positive time with the ``shift`` fitted to the interior points. It starts at 1 instead of 0.999;
+  ``tmd_student.json`` records both grids.
+
+Both folders take the teacher pipeline's ``vae``, ``text_encoder`` and ``tokenizer`` as they are (files
+hard-linked where the file system allows, else copied).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from tmd import flow
+
+FEW_STEP_FILE = "tmd_student.json"
+"""Written into a few-step student's ``WanPipeline`` folder: what ``tmd generate`` recognises it by."""
+SHARED_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+INDEX_FILE = "model_index.json"
+
+
+def few_step_scheduler(steps: int, shift: float = flow.OUTER_SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """A stock ``FlowMatchEulerDiscreteScheduler`` whose ``set_timesteps(steps)`` gives the outer grid
+    (exactly for 1 or 2 steps, closest found otherwise; see the module docstring)."""
+    grid = flow.outer_grid(steps, shift)
+    if steps <= 2:
+        config = {"shift": 1.0, "use_karras_sigmas": True, "sigma_max": float(grid[0]), "sigma_min": float(grid[-2])}
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    from scipy.optimize import minimize_scalar
+
+    def scheduler(log_shift: float) -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler(shift=math.exp(log_shift), shift_terminal=float(grid[-2]))
+
+    def interior_error(log_shift: float) -> float:
+        return float((scheduler_grid(scheduler(log_shift), steps)[1:-2] - grid[1:-2]).pow(2).sum())
+
+    return scheduler(minimize_scalar(interior_error, bounds=(0.0, math.log(1e4)), method="bounded").x)
+
+
+def scheduler_grid(scheduler, steps: int) -> torch.Tensor:
+    """The sigmas (terminal 0 included) ``scheduler`` steps through for ``steps`` steps, in float64."""
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.double()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a ``TMDStudent`` or a few-step ``WanTeacher``) as a diffusers pipeline folder.
+
+    ``teacher`` is the diffusers Wan pipeline root it was distilled from. ``sampling`` holds the run's
+    ``num_outer_steps`` (both kinds), ``num_inner_steps``, ``outer_shift`` and ``inner_shift`` (TMD):
+    the TMD pipeline's call defaults, the few-step scheduler's grid.
+    """
+    from tmd.models.split import TMDStudent
+    from tmd.models.wan import WanTeacher
+    from tmd.pipelines.tmd_pipeline import TMDParts, TMDPipeline
+
+    sampling = dict(sampling or {})
+    teacher, path = Path(teacher), Path(path)
+    index_file = teacher / INDEX_FILE
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"{teacher} has no {INDEX_FILE}: a pipeline export takes its vae, text_encoder and tokenizer from the "
+            "teacher's diffusers Wan pipeline root"
+        )
+    teacher_index = json.loads(index_file.read_text())
+    missing = [name for name in SHARED_COMPONENTS if name not in teacher_index or not (teacher / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"the teacher pipeline {teacher} lacks {missing}")
+    if not isinstance(model, (TMDStudent, WanTeacher)):
+        raise TypeError(f"can export a TMDStudent or a WanTeacher-style few-step generator, got {type(model).__name__}")
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_COMPONENTS:
+        shutil.copytree(teacher / name, path / name, copy_function=_link_or_copy, dirs_exist_ok=True)
+    model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+    shared = {name: teacher_index[name] for name in SHARED_COMPONENTS}
+    transformer = ["diffusers", "WanTransformer3DModel"]
+    if isinstance(model, TMDStudent):
+        TMDParts.from_student(model, **sampling).save_pretrained(path / "tmd_parts")
+        index = {"_class_name": TMDPipeline.__name__, "_diffusers_version": diffusers.__version__, **shared,
+                 "transformer": transformer, "tmd_parts": [TMDParts.__module__, TMDParts.__name__]}
+    else:
+        steps, shift = sampling.get("num_outer_steps", 2), sampling.get("outer_shift", flow.OUTER_SHIFT)
+        scheduler = few_step_scheduler(steps, shift)
+        scheduler.save_pretrained(path / "scheduler")
+        index = {**teacher_index, **shared, "_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+                 "transformer": transformer, "scheduler": ["diffusers", type(scheduler).__name__]}
+        record = {"kind": "few_step", "num_outer_steps": steps, "outer_shift": shift, "teacher": str(teacher),
+                  "grid": flow.outer_grid(steps, shift).tolist(), "scheduler_grid": scheduler_grid(scheduler, steps).tolist()}
+        (path / FEW_STEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def is_few_step_pipeline(path: str | Path) -> bool:
+    return (Path(path) / FEW_STEP_FILE).is_file() and (Path(path) / INDEX_FILE).is_file()
+
+
+def is_tmd_pipeline(path: str | Path) -> bool:
+    index = Path(path) / INDEX_FILE
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "TMDPipeline"

@@ -1,0 +1,170 @@
+"""Gradient accumulation is exact (K micro-batches = one batch K times larger) and learning-rate schedules
+resume exactly."""
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
+from tmd.methods import get_method
+from tmd.train.logging import read_metrics
+from tmd.train.loop import GeneratorDataSource, Trainer, lr_factor
+from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
+from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
+
+
+@dataclass
+class NoData:
+    pass
+
+
+register_data_config("accumulation_test", NoData)
+
+BATCH = 4
+
+
+def tiny_batch(_, g):
+    return {
+        "x": torch.randn(BATCH, 4, 2, 8, 8, generator=g),
+        "cond": torch.randn(BATCH, 5, 32, generator=g),
+        "neg_cond": torch.randn(BATCH, 5, 32, generator=g),
+    }
+
+
+def train_method(tmp_path, teacher, name, method, grad_accum, steps=2, **train):
+    cfg = from_dict(RunConfig, {
+        "method_name": name, "data_kind": "accumulation_test", "method": method,
+        "train": {"steps": steps, "batch_size": BATCH, "grad_accum": grad_accum, "lr": 1e-3, "log_every": 1,
+                  "checkpoint_every": 100, "progress": False, "tensorboard": False, "ema_decay": 0.5,
+                  "out_dir": str(tmp_path), **train},
+    })
+    torch.manual_seed(0)
+    trained = get_method(name).from_teacher(cfg.method, teacher)
+    trainer = Trainer(trained, GeneratorDataSource(tiny_batch, seed=1), cfg)
+    names = {id(p): f"{module}.{k}" for module, m in trained.state_modules().items() for k, p in m.named_parameters()}
+    grads = []  # (group, {name: gradient}) at every optimizer step, after clipping
+
+    def record(optimizer, args, kwargs, group):
+        grads.append((group, {names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None}))
+
+    for group, optimizer in trainer.optimizers.items():
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs, group=group: record(opt, args, kwargs, group))
+    result = trainer.train()
+    weights = {f"{module}.{k}": v.detach().clone() for module, m in trained.state_modules().items() for k, v in m.state_dict().items()}
+    return {"weights": weights, "ema": result.ema, "grads": grads, "log": read_metrics(tmp_path)}
+
+
+def assert_same_run(a, b, lr=1e-3):
+    assert [group for group, _ in a["grads"]] == [group for group, _ in b["grads"]]
+    for (group, grads_a), (_, grads_b) in zip(a["grads"], b["grads"]):
+        assert grads_a.keys() == grads_b.keys()
+        for key in grads_a:
+            torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-8, msg=f"{group}: {key}")
+    # AdamW's first steps move every parameter by about lr whatever its gradient's size, so the float noise
+    # of a gradient that is analytically zero (the gap embedder's output bias cancels) shows up as ~0.1 lr
+    for key, value in a["weights"].items():
+        torch.testing.assert_close(value, b["weights"][key], rtol=1e-5, atol=0.2 * lr, msg=key)
+    for name, ema in a["ema"].items():
+        for key, value in ema.items():
+            torch.testing.assert_close(value, b["ema"][name][key], rtol=1e-5, atol=0.2 * lr, msg=key)
+    log_a, log_b = a["log"], b["log"]
+    assert [r.keys() for r in log_a] == [r.keys() for r in log_b]
+    for ra, rb in zip(log_a, log_b):
+        for key in ra:
+            if key.startswith(("loss/", "grad_norm/", "generator/", "d_")):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), key
+
+
+STAGE2 = {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03}
+
+
+@pytest.mark.parametrize("name, method", [
+    ("tmd", STAGE2),  # generator turn (VSD + GAN into the discriminator) then a critic turn (two groups)
+    ("dmd2", {"generator_every": 2, "gan_weight": 0.03, "student_input": "backward"}),
+    ("tm", {"head_blocks": 1}),  # condition dropout, per-sample times and two noises per step
+])
+def test_two_micro_batches_equal_one_batch(tmp_path, tiny_teacher, name, method):
+    one = train_method(tmp_path / "one", tiny_teacher, name, method, grad_accum=1)
+    two = train_method(tmp_path / "two", tiny_teacher, name, method, grad_accum=2)
+    four = train_method(tmp_path / "four", tiny_teacher, name, method, grad_accum=4)
+    assert_same_run(two, one)
+    assert_same_run(four, one)
+    teacher = tiny_teacher.state_dict()
+    assert not torch.equal(one["weights"]["student.transformer.proj_out.weight"], teacher["transformer.proj_out.weight"])
+
+
+def test_accumulation_errors(tmp_path):
+    # the generator's loss reads the critic, which one big batch would already have stepped
+    with pytest.raises(ValueError, match="update\\('generator'\\) depends on group 'critic'.*train.grad_accum=1"):
+        Trainer(TwoGroupMethod(), GeneratorDataSource(gaussian_batch, seed=0), make_cfg(tmp_path / "a", grad_accum=2)).train()
+    method = FlowMethod()
+    twice = method.training_step
+    method.training_step = lambda batch, step, update: [twice(batch, step, update), twice(batch, step, update)][0]
+    with pytest.raises(ValueError, match="update\\('model'\\) was called twice in one training_step"):
+        Trainer(method, GeneratorDataSource(gaussian_batch, seed=0), make_cfg(tmp_path / "b", grad_accum=2)).train()
+    with pytest.raises(ValueError, match="batch_size=6 must be a multiple of grad_accum=4"):
+        TrainConfig(batch_size=6, grad_accum=4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_lr_schedule_follows_its_formula_and_resumes_exactly(tmp_path, schedule):
+    train = {"lr_schedule": schedule, "warmup_steps": 3, "steps": 10, "checkpoint_every": 4}
+    straight = FlowMethod()
+    Trainer(straight, GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "a", **train)).train()
+    logged = [r["lr/model"] for r in read_metrics(tmp_path / "a")]
+    assert logged == pytest.approx([1e-2 * lr_factor(schedule, 3, 10)(i) for i in range(10)])
+    assert logged[0] == pytest.approx(1e-2 / 3) and logged[2] == pytest.approx(1e-2) and logged[-2] > logged[-1] > 0
+    cosine_mid = 0.5 * (1 + math.cos(math.pi * 3 / 7))
+    assert lr_factor("cosine", 3, 10)(6) == pytest.approx(cosine_mid) and lr_factor("linear", 3, 10)(6) == pytest.approx(4 / 7)
+
+    first = FlowMethod()
+    Trainer(first, GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "b", **{**train, "steps": 4})).train()
+    resumed = FlowMethod(seed=7)
+    trainer = Trainer(resumed, GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "b", **train), resume=True)
+    assert trainer.optimizers["model"].param_groups[0]["lr"] == pytest.approx(1e-2 * lr_factor(schedule, 3, 10)(4))
+    trainer.train()
+    assert first.losses + resumed.losses == straight.losses
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)
+    assert [r["lr/model"] for r in read_metrics(tmp_path / "b")] == pytest.approx(logged)
+
+
+def test_resuming_a_run_without_schedule_state_needs_a_constant_schedule(tmp_path):
+    # a checkpoint without schedule state (written before schedules were saved) under the same config
+    Trainer(FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path, steps=2, warmup_steps=2)).train()
+    state_file = tmp_path / "checkpoints" / "step_0000002" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["lr_schedulers"]
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="written without a learning-rate schedule; resume it with train.lr_schedule=constant"):
+        Trainer(FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path, steps=4, warmup_steps=2), resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pipeline):  # noqa: F811
+    """torchrun, 2 gloo processes, FSDP2, LoRA on student and fake score, 2 micro-batches of 1 row each:
+    the losses and the exported student of one process with the whole batch of 4 in one pass."""
+    from test_distributed import assert_close_records, losses, torchrun
+    from test_prepare import run_prepare
+    from tmd.cli import main
+
+    folder, captions = videos
+    run_prepare(folder, captions, pipeline, tmp_path / "data")
+    config = tmp_path / "tmd.yaml"
+    config.write_text(
+        "method_name: tmd\ndata_kind: prepared\n"
+        "method: {head_blocks: 1, outer_steps: 2, inner_steps: 2, generator_every: 2, gan_weight: 0.03}\n"
+        f"data: {{path: {tmp_path / 'data'}}}\n"
+        "train: {steps: 2, batch_size: 4, log_every: 1, progress: false, tensorboard: false, lora: {rank: 4}}\n"
+    )
+    common = ["train", "--config", str(config)]
+    assert main([*common, f"train.out_dir={tmp_path / 'one'}"]) == 0
+    torchrun(2, *common, f"train.out_dir={tmp_path / 'two'}", "train.grad_accum=2")
+    assert_close_records(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    a, b = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("two", "one"))
+    assert a.keys() == b.keys() and not any("lora_" in k for k in a)
+    for key in a:  # AdamW's first steps turn the float noise of analytically zero gradients into ~0.1 lr
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=0.2 * 1e-4, msg=key)
