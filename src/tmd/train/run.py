@@ -23,6 +23,7 @@ from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
 from tmd.train.distributed import init_distributed, shard_modules
+from tmd.train.hooks import eval_hook
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 
@@ -80,6 +81,8 @@ def train_run(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     ctx = init_distributed(resolve_device(cfg.train.device))
+    if cfg.data_kind == "world" and assets is None:
+        assets = WorldAssets(cfg.data.assets)  # loaded here because evaluation during training scores on it too
     teacher, data = teacher_and_data(cfg, assets, ctx.device)
     # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
     # shards each rank's own copy, so every rank must draw the same ones
@@ -87,8 +90,9 @@ def train_run(
     method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
+    eval_fn = eval_hook(cfg, method.ema_modules(), assets, ctx.enabled)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
-    result = Trainer(method, data, cfg, run_dir, resume, dist=ctx).train()
+    result = Trainer(method, data, cfg, run_dir, resume, eval_fn=eval_fn, dist=ctx).train()
     (name, weights), *others = result.ema.items()
     generator = method.ema_modules()[name]
     if others:
