@@ -437,7 +437,7 @@ def execute(payload: dict[str, Any]) -> None:
     from tmd.train.logging import read_metrics
     from tmd.train.run import train_run
 
-    began, machine_start = time.perf_counter(), machine()
+    began, machine_start, code = time.perf_counter(), machine(), git_commit()  # the code as it was imported
     record: dict[str, Any] = {k: payload[k] for k in ("key", "study", "name", "label", "method", "seed", "parent")}
     wall: dict[str, float] = {}
     if payload["kind"] == TEACHER:
@@ -463,7 +463,7 @@ def execute(payload: dict[str, Any]) -> None:
     record["scores"] = _scores(assets, method_name, method_cfg, module, payload["score"], payload["noise_seeds"])
     wall["score"] = time.perf_counter() - scoring
     record.update(wall_seconds=wall, machine={**machine_start, "load_average_end": machine()["load_average"]},
-                  git=git_commit(), command=payload["command"],
+                  git=code, command=payload["command"],
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     write_json(Path(payload["record"]), record)
 
