@@ -217,6 +217,8 @@ def test_study_trains_once_resumes_after_an_interruption_and_reports_from_record
     written = {name: (report / name).read_bytes() for name in ("report.md", "results.json")}
     shutil.rmtree(tmp_path / "work")
     shutil.rmtree(report)
+    # recorded stage 2s need nothing, though their stage-1 weights are gone
+    assert tasks(plan(load_study(path)[0]), tmp_path / "records", tmp_path / "work", lambda task: 1.0) == []
     assert main(study_args(tmp_path, path, "--report")) == 0
     assert {name: (report / name).read_bytes() for name in written} == written
     assert all((report / png).stat().st_size > 1000 for png in ("quality_vs_nfe.png", "curves.png", "paired.png"))
@@ -232,7 +234,6 @@ def test_study_trains_once_resumes_after_an_interruption_and_reports_from_record
     data = tiny_study(tiny_assets, report)
     data["runs"]["tmd"]["config"]["train"]["lr"] = 2e-4
     path = write_study(tmp_path, data)
-    stage1 = record_bytes = None
     todo = tasks(plan(load_study(path)[0]), tmp_path / "records", tmp_path / "work", lambda task: 1.0)
     assert sorted((t.run.name, t.kind) for t in todo) == [("stage1", "weights"), ("stage1", "weights"), ("tmd", "train"), ("tmd", "train")]
     stage1 = next(t.run.key for t in todo if t.kind == "weights")

@@ -547,7 +547,8 @@ def run_tasks(todo: list[Task], payloads: dict[str, dict[str, Any]], work: Path,
                 task = next(t for t in waiting if ready(t))
                 waiting.remove(task)
                 progress.started(task)
-                running[task.run.key] = (task, _start(task, payloads[task.run.key], work, jobs, threads), time.perf_counter())
+                began = time.perf_counter()
+                running[task.run.key] = (task, _start(task, payloads[task.run.key], work, jobs, threads), began)
             finished = [key for key, (_, proc, _) in running.items() if proc.poll() is not None]
             if not finished:
                 time.sleep(0.5)

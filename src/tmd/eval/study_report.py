@@ -144,6 +144,10 @@ def main_table(rows: list[dict[str, Any]]) -> list[str]:
                   "frechet", "diversity"], body)
 
 
+def _runs(n: int) -> str:
+    return f"{n} run" + ("s" if n != 1 else "")
+
+
 def _count(values) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for value in values:
@@ -154,12 +158,12 @@ def _count(values) -> dict[str, int]:
 def _machines(records: list[dict[str, Any]]) -> list[str]:
     counts = _count(f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}"
                     + (f", {m['gpu']}" if m.get("gpu") else "") for m in (r["machine"] for r in records))
-    return [f"{text} ({n} runs)" for text, n in sorted(counts.items())]
+    return [f"{text} ({_runs(n)})" for text, n in sorted(counts.items())]
 
 
 def _commits(records: list[dict[str, Any]]) -> str:
     counts = _count((g["commit"] or "unknown")[:10] + ("+dirty" if g["dirty"] else "") for g in (r["git"] for r in records))
-    return ", ".join(f"`{c}` ({n})" for c, n in sorted(counts.items()))
+    return ", ".join(f"`{c}` ({_runs(n)})" for c, n in sorted(counts.items()))
 
 
 def dimension_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -176,16 +180,15 @@ def markdown(study: StudyConfig, study_file: str, records_dir: str, content: dic
         f"# Study `{study.name}`", "",
         *([study.description.strip(), ""] if study.description else []),
         f"Train: `tmd study --config {study_file} --jobs 2` (resumes; `--dry-run` lists the runs and their state). "
-        f"This report: `tmd study --config {study_file} --report`, from the {len(records)} run records in "
-        f"`{records_dir}/` alone.", "",
+        f"This report: `tmd study --config {study_file} --report`, from the run records in `{records_dir}/` alone.", "",
         f"- Evaluation: every row on the same {len(study.eval.noise_seeds)} noise seeds {study.eval.noise_seeds} x the 72 "
         "prompts of the world benchmark (72 videos per noise seed; inner and re-noising noise seeded alike).",
-        f"- Records: {len(records)} ({len(trained)} trained runs); sum of run wall-clock (training + scoring) "
+        f"- Records: {_runs(len(records))}, {len(trained)} of them trained; sum of their wall-clock (training + scoring) "
         f"{train_hours:.2f} h, i.e. about {train_hours / 2:.2f} h with `--jobs 2`.",
         *[f"- Machine: {m}" for m in _machines(records)],
         *([f"- Load average (1 min) at run starts and ends: {min(load):.2f} - {max(load):.2f}"] if load else []),
-        f"- Code: {_commits(records)} (git commit at each run, runs per commit)." if records else "- Code: no records yet.",
-        *[f"- Recorded by `{c}` ({n} runs)" for c, n in sorted(_count(r["command"] for r in records).items())],
+        f"- Code: {_commits(records)} (the git commit each run started with)." if records else "- Code: no records yet.",
+        *[f"- Recorded by `{c}` ({_runs(n)})" for c, n in sorted(_count(r["command"] for r in records).items())],
     ]
     if content["missing"]:
         lines.append(f"- **Not yet recorded** ({len(content['missing'])}): {', '.join(content['missing'])}.")
