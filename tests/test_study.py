@@ -244,6 +244,25 @@ def test_study_trains_once_resumes_after_an_interruption_and_reports_from_record
     assert (tmp_path / "work" / stage1 / "student.safetensors").is_file()
 
 
+def test_a_failed_run_skips_its_children_and_the_study_goes_on(tiny_assets, tmp_path, monkeypatch, capsys):
+    data = tiny_study(tiny_assets, tmp_path / "report")
+    data["runs"] = {name: data["runs"][name] for name in ("teacher", "stage1", "tmd")}
+    data["paired"] = []
+    path = write_study(tmp_path, data)
+    real = study_module.execute
+
+    def broken_stage1(payload):
+        if payload["name"] == "stage1" and payload["seed"] == 1:
+            raise RuntimeError("out of memory, say")
+        real(payload)
+
+    monkeypatch.setattr(study_module, "execute", broken_stage1)
+    assert main(study_args(tmp_path, path)) == 1
+    out = capsys.readouterr().out
+    assert "FAILED train   stage1 seed 1" in out and "RuntimeError: out of memory, say" in out and "skipped tmd seed 1" in out
+    assert len(list((tmp_path / "records").glob("*.json"))) == 3  # teacher, stage 1 seed 0 and its stage 2
+
+
 def test_dry_run_lists_runs_and_state(tiny_assets, tmp_path, capsys):
     path = write_study(tmp_path, tiny_study(tiny_assets, tmp_path / "report"))
     assert main(study_args(tmp_path, path, "--dry-run", "--jobs", "2")) == 0

@@ -40,8 +40,6 @@ from tmd.config import ConfigError, RunConfig, from_dict, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """Study files shipped with the package: ``--config study_main.yaml`` finds them by name."""
-RECORDS_DIR = Path("docs/study/runs")
-WORK_DIR = Path("runs/study")
 TEACHER = "teacher"
 
 # Left out of a run's key: where it is written and how it shows progress change nothing it records.
@@ -501,6 +499,10 @@ class Progress:
     def started(self, task: Task) -> None:
         self.line(f"[{self.done}/{self.total}] start  {task.kind:<7} {task.run.display}, about {_minutes(task.estimate_s)}")
 
+    def skipped(self, task: Task) -> None:
+        self.remaining.pop(task.run.key)
+        self.line(f"skipped {task.run.display}: its parent failed")
+
     def finished(self, task: Task, seconds: float, ok: bool, note: str = "") -> None:
         self.done += 1
         self.estimated += self.remaining.pop(task.run.key)
@@ -542,7 +544,7 @@ def run_tasks(todo: list[Task], payloads: dict[str, dict[str, Any]], work: Path,
                 waiting.remove(task)
                 failed.append(task)
                 failed_keys.add(task.run.key)
-                progress.line(f"skipped {task.run.display}: its parent failed")
+                progress.skipped(task)
             while len(running) < jobs and any(ready(t) for t in waiting):
                 task = next(t for t in waiting if ready(t))
                 waiting.remove(task)

@@ -1,9 +1,9 @@
 """Evaluation during training: the trainer's ``eval_fn`` for ``train.eval_every`` on the world.
 
-Before the first step, every ``eval_every`` steps and after the last, the EMA generator is copied into a private module and
-scored on a fixed small benchmark set: ``train.eval_videos`` prompts spread over the world's 72, one noise
-seed, the same videos at every point, so the curve moves only with the weights. It draws no training
-randomness (its noise has its own generators), so a run's weights do not depend on whether it is on.
+Before the first step, every ``eval_every`` steps and after the last, the EMA generator is copied into a
+private module and scored on a fixed small benchmark set: ``train.eval_videos`` prompts spread over the
+world's 72, one noise seed, the same videos at every point, so the curve moves only with the weights. It
+draws no training randomness (its noise has its own generators): a run's weights do not depend on it.
 """
 
 from __future__ import annotations
