@@ -32,7 +32,7 @@ def test_train_stage1_then_stage2_from_its_export(tiny_assets, tmp_path):
     assert "fusion.gate_logit" in weights and (stage1 / "config.yaml").is_file()
 
     stage2 = tmp_path / "stage2"
-    args = [*common, f"train.out_dir={stage2}", f"method.init_from={stage1 / 'student.safetensors'}", "method.generator_every=1"]
+    args = [*common, f"train.out_dir={stage2}", f"method.init_from={stage1 / 'student.safetensors'}", "method.generator_every=2"]
     assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *args]) == 0
     assert (stage2 / "student.safetensors").is_file()
     records = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
@@ -53,17 +53,20 @@ def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("methods", ["default", pytest.param("all", marks=pytest.mark.slow)])
 def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
-    monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=1))
+    monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=2))
     report = run_demo(tmp_path, "micro", str(tiny_assets), progress=False, methods=methods)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == report["rows"]
     samplers = {(r["method"], r["outer_steps"], r["inner_steps"]) for r in saved["rows"]}
-    assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("tmd", 2, 4), ("tmd", 1, 2)} <= samplers
+    # the paper's Table 1 rows: DMD2-v at 1, 2 and 3 steps, TMD-N2 and TMD-N4 at M = 1 and 2, each its own student
+    assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("dmd2", 3, None)} <= samplers
+    assert {("tmd", m, n) for m in (1, 2) for n in (2, 4)} <= samplers
+    assert {f"tmd_m{m}n{n}_stage{k}" for m in (1, 2) for n in (2, 4) for k in (1, 2)} | {"dmd2_m1", "dmd2_m3"} <= set(report["timings_s"])
     if methods == "all":
         assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"}
         assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers and ("linvideo", 8, None) in samplers
-        # TMD of the linearised teacher: the plain TMD grid, after its own two stages
-        assert {("linvideo_tmd", m, n) for m in (1, 2) for n in (2, 4)} <= samplers
+        # TMD-N2 at M = 2 of the linearised teacher, after its own two stages
+        assert ("linvideo_tmd", 2, 2) in samplers
         assert {"linvideo", "linvideo_tmd_stage1", "linvideo_tmd_stage2"} <= set(report["timings_s"])
         assert "Linearised teacher + TMD, M=" in (tmp_path / "report.md").read_text()
     for row in saved["rows"]:

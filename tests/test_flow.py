@@ -29,13 +29,16 @@ def test_cfg_and_shift():
         flow.shift(0.5, 0.0)
 
 
-def test_outer_grid_matches_design():
+def test_grids_start_at_0999_after_the_shift():
+    """Footnote 2: the shifted grid's end at noise is set to 0.999 after shifting (2 steps: 0.999, 0.909, 0)."""
     grid = flow.outer_grid(2)
-    uniform = torch.tensor([0.999, 0.4995, 0.0], dtype=torch.float64)
-    torch.testing.assert_close(grid, flow.shift(uniform, 10.0))
-    assert grid[0] == pytest.approx(10 * 0.999 / (9 * 0.999 + 1))
-    assert grid[-1] == 0 and torch.all(grid[:-1] > grid[1:])
-    assert len(flow.inner_grid(4)) == 5
+    torch.testing.assert_close(grid, torch.tensor([0.999, 10 * 0.5 / (9 * 0.5 + 1), 0.0], dtype=torch.float64))
+    assert f"{grid[1].item():.3f}" == "0.909"
+    inner = flow.inner_grid(4)
+    expected = [0.999] + [10 * u / (9 * u + 1) for u in (0.75, 0.5, 0.25)] + [0.0]
+    torch.testing.assert_close(inner, torch.tensor(expected, dtype=torch.float64))
+    assert torch.all(inner[:-1] > inner[1:])
+    torch.testing.assert_close(flow.inner_grid(3, 1.0), torch.tensor([0.999, 2 / 3, 1 / 3, 0.0], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("m,n,h,l", [(2, 4, 5, 30), (1, 2, 5, 30), (4, 1, 3, 8)])
@@ -49,13 +52,35 @@ def test_effective_nfe_examples():
     assert flow.teacher_effective_nfe(4, None) == 4
 
 
-def test_inner_flow_step_to_zero_returns_prediction():
-    y, y_hat = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(flow.inner_flow_step(y, y_hat, 0.7, 0.0), y_hat)
-    # with a perfect prediction the step follows the straight line y_s = (1 - s) y_hat + s y1
-    y1 = torch.randn(3, 4)
-    y_s = flow.interpolate(y_hat, y1, 0.8)
-    torch.testing.assert_close(flow.inner_flow_step(y_s, y_hat, 0.8, 0.3), flow.interpolate(y_hat, y1, 0.3))
+def test_inner_flow_map_with_the_noise_velocity():
+    """Eq. 13-14: ``u = y1 - head``, ``y_r = y_s - (s - r) u``; at r = s the flow-map error is ``y - head``."""
+    y_s, head, y1 = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    u = flow.average_velocity(head, y_s, y1, 0.7, "noise")
+    torch.testing.assert_close(u, y1 - head)
+    torch.testing.assert_close(flow.inner_flow_step(y_s, u, 0.7, 0.2), y_s - 0.5 * (y1 - head))
+    # a perfect head (head = y) on the straight inner path stays on it: y_s = (1 - s) y + s y1
+    y = torch.randn(3, 4)
+    y_s = flow.interpolate(y, y1, 0.8)
+    torch.testing.assert_close(flow.inner_flow_step(y_s, flow.average_velocity(y, y_s, y1, 0.8), 0.8, 0.3), flow.interpolate(y, y1, 0.3))
+
+
+def test_inner_flow_map_with_the_implied_velocity():
+    """The ``implied`` option: ``u = (y_s - head) / s``; to r = 0 it lands on the head's output."""
+    y_s, head = torch.randn(3, 4), torch.randn(3, 4)
+    u = flow.average_velocity(head, y_s, torch.randn(3, 4), 0.7, "implied")
+    torch.testing.assert_close(u, (y_s - head) / 0.7)
+    torch.testing.assert_close(flow.inner_flow_step(y_s, u, 0.7, 0.0), head)
+    with pytest.raises(ValueError, match="inner_velocity must be one of"):
+        flow.average_velocity(head, y_s, y_s, 0.7, "x0")
+
+
+def test_deterministic_step_is_eq18_and_euler():
+    x_t, v = torch.randn(3, 4), torch.randn(3, 4)
+    t, t_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.5, 0.2, 0.0])
+    x0 = flow.x0_from_velocity(x_t, v, t)
+    ratio = (t_next / t)[:, None]
+    torch.testing.assert_close(flow.deterministic_step(x_t, x0, t, t_next), (1 - ratio) * x0 + ratio * x_t)
+    torch.testing.assert_close(flow.deterministic_step(x_t, x0, t, t_next), x_t - (t - t_next)[:, None] * v)
 
 
 def test_shifted_uniform_is_seeded_and_in_range():

@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -16,6 +19,7 @@ from tmd.sampling import sample_few_step, sample_tmd
 
 VOCABULARY = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
 FRAMES, HEIGHT, WIDTH = 5, 32, 32  # latents (4, 2, 4, 4): 8 tokens
+SIZE = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
 
 
 def build_tiny_pipeline(path):
@@ -57,7 +61,7 @@ def test_tmd_student_round_trip(tmp_path, tiny_teacher, tiny_inputs, fusion):
 
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["kind"] == "tmd_student" and config["head_blocks"] == 1 and config["fusion"] == fusion
-    assert config["teacher"] == "some/teacher" and config["transformer"]["num_layers"] == TINY_CONFIG["num_layers"]
+    assert config["teacher"] == str(Path("some/teacher").resolve()) and config["transformer"]["num_layers"] == TINY_CONFIG["num_layers"]
     # the backbone + head weights carry the teacher's diffusers key names
     keys = set(load_file(tmp_path / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert keys == set(tiny_teacher.transformer.state_dict())
@@ -184,3 +188,50 @@ def test_generate_user_errors(tmp_path, pipeline, tiny_teacher, capsys):
     for args, match in cases:
         assert main(["generate", *args, "--out", str(tmp_path / "out")]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_the_default_negative_prompt_works_with_any_vocabulary(tmp_path, pipeline, capsys):
+    """Wan's negative prompt has words the tiny word-level tokenizer lacks: they map to <unk> as in diffusers;
+    the user's own prompt is still checked, and the error names it."""
+    common = ["generate", "--model", str(pipeline), "--steps", "2", "--guidance", "3", *SIZE]
+    assert main([*common, "--prompt", "a red circle", "--out", str(tmp_path / "v")]) == 0
+    assert (tmp_path / "v" / "0000-a-red-circle.mp4").is_file()
+    assert main([*common, "--prompt", "a green circle", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 'a green circle' has unknown word(s) ['green']" in err and "bright" not in err
+
+
+def test_an_exported_student_generates_from_any_working_directory(tmp_path, pipeline, monkeypatch):
+    generator = load_teacher(pipeline)
+    save_file(generator.state_dict(), tmp_path / "run.safetensors", metadata={"method": "dmd2", "method_config": "{}"})
+    monkeypatch.chdir(pipeline.parent)
+    assert main(["export", "--run", str(tmp_path / "run.safetensors"), "--teacher", pipeline.name, "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["teacher"] == str(pipeline.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--model", "s", "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
+    assert (tmp_path / "v" / "0000-a-red-circle.mp4").is_file()
+    # a student folder from before, holding a relative path, says what to do
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    (tmp_path / "s" / "config.json").write_text(json.dumps({**config, "teacher": "wan"}))
+    with pytest.raises(FileNotFoundError, match="records its teacher pipeline as wan, which does not exist here; pass --pipeline"):
+        generate("s", ["a red circle"], "v", frames=FRAMES, height=HEIGHT, width=WIDTH)
+    assert main(["generate", "--model", "s", "--pipeline", str(pipeline), "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
+
+
+def test_exported_files_have_the_users_file_mode(tmp_path, pipeline):
+    """safetensors writes mode 0600; a student is meant to be shared like any other file the user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    export_student(TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=1), tmp_path / "s", pipeline)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    assert {"tmd_parts.safetensors", "diffusion_pytorch_model.safetensors"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~mask}
+
+
+def test_pickled_vae_weights_are_refused(tmp_path, pipeline):
+    shutil.copytree(pipeline, tmp_path / "wan")
+    vae = tmp_path / "wan" / "vae"
+    torch.save(AutoencoderKLWan.from_pretrained(vae).state_dict(), vae / "diffusion_pytorch_model.bin")
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no .safetensors weights in .*vae; tmd never loads pickled weights"):
+        load_vae(tmp_path / "wan")

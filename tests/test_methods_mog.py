@@ -48,7 +48,7 @@ def test_transition_matching_turns_the_head_into_a_sampler(fitted_velocity, mean
 
 def test_tmd_stage2_improves_a_few_step_student(fitted_velocity):
     student = MLPTransition.from_velocity_model(copy.deepcopy(fitted_velocity), head_depth=1)
-    cfg = get_method("tmd").Config(guidance=1.0, gan_weight=0.0, generator_every=1, outer_steps=1, inner_steps=2)
+    cfg = get_method("tmd").Config(guidance=1.0, gan_weight=0.0, generator_every=2, outer_steps=1, inner_steps=2)
     method = get_method("tmd")(cfg, TEACHER, student, copy.deepcopy(fitted_velocity))
     before = distance(tmd_sampler(student, 1, 2))
     train(method, steps=400)
@@ -58,7 +58,7 @@ def test_tmd_stage2_improves_a_few_step_student(fitted_velocity):
 
 def test_dmd2_improves_a_one_step_generator(fitted_velocity):
     generator = copy.deepcopy(fitted_velocity)
-    cfg = get_method("dmd2").Config(guidance=1.0, gan_weight=0.0, generator_every=1, outer_steps=1)
+    cfg = get_method("dmd2").Config(guidance=1.0, gan_weight=0.0, generator_every=2, outer_steps=1)
     method = get_method("dmd2")(cfg, TEACHER, generator, copy.deepcopy(fitted_velocity))
 
     def one_step(noise, cond, g):

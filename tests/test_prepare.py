@@ -157,8 +157,44 @@ def test_train_on_prepared_data(tmp_path, videos, pipeline):
     text = tmp_path / "text"
     assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
                  "--frames", "5", "--height", "32", "--width", "32", "--negative-prompt", ""]) == 0
-    # data-free: the DMD2 generator learns from prompts alone (no GAN: it would need real latents)
-    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0").read_text().replace("head_blocks: 1, ", "")
+    # data-free: the DMD2 generator learns from prompts alone, from simulated noise (no data to noise, and
+    # no GAN: it would need real latents)
+    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0, student_input: backward").read_text().replace("head_blocks: 1, ", "")
     (tmp_path / "dmd2.yaml").write_text(config)
     assert main(["train", "--config", str(tmp_path / "dmd2.yaml")]) == 0
     assert (tmp_path / "dmd2" / "student.safetensors").is_file()
+
+
+def test_prepare_with_the_default_negative_prompt_and_a_failed_first_try(tmp_path, videos, pipeline, capsys, monkeypatch):
+    """Wan's negative prompt encodes on a word-level pipeline; a try that fails before its first shard
+    (a caption the tokenizer cannot encode, a crash in the VAE) does not hold the folder to its settings."""
+    folder, captions = videos
+    out = tmp_path / "data"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"good.mp4": "a red circle", "slow.mp4": "a green circle"}))
+    args = ["prepare", "--videos", str(folder), "--model", str(pipeline), "--out", str(out), "--frames", "5",
+            "--height", "32", "--width", "32", "--shard-size", "2"]
+    assert main([*args, "--captions", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: prompt 'a green circle' has unknown word(s) ['green']" in err and "bright" not in err
+    assert not (out / prep.SETTINGS_FILE).exists()
+
+    def out_of_memory(self, clip):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(prep._Encoders, "encode_video", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_prepare(folder, captions, pipeline, out)
+    assert (out / "negative.safetensors").is_file() and not (out / prep.SETTINGS_FILE).exists()
+    monkeypatch.undo()
+    # the same folder, now with good captions and another negative prompt
+    assert main([*args, "--captions", str(captions), "--negative-prompt", "a square"]) == 0
+    assert load_file(out / "negative.safetensors")["cond"].shape == (1, 3, 32)  # a square </s>: the new one
+    assert json.loads((out / prep.SETTINGS_FILE).read_text())["negative_prompt"] == "a square"
+    # the default (Wan's) negative prompt, most of whose words the tokenizer lacks
+    text = tmp_path / "text"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
+                 "--frames", "5", "--height", "32", "--width", "32"]) == 0
+    assert load_file(text / "negative.safetensors")["cond"].shape == (1, 16, 32)  # cut to the encoder's 16 tokens

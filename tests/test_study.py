@@ -37,10 +37,10 @@ def tiny_study(assets, report_dir, **changes) -> dict:
         "base": {"data_kind": "world", "data": {"assets": str(assets)}, "method": {"guidance": 3.0}, "train": train},
         "runs": {
             "teacher": {"method": "teacher", "score": [[2, None], [1, None]]},
-            "dmd2": {"method": "dmd2", "config": {"method": {"outer_steps": 1, "generator_every": 1}}, "score": [[1, None]]},
+            "dmd2": {"method": "dmd2", "config": {"method": {"outer_steps": 1, "generator_every": 2}}, "score": [[1, None]]},
             "stage1": {"method": "tm", "config": {"method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2}}},
             "tmd": {"method": "tmd", "parent": "stage1", "label": "TMD 1x2",
-                    "config": {"method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2, "generator_every": 1},
+                    "config": {"method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2, "generator_every": 2},
                                "train": {"eval_every": 1, "eval_videos": 4}},
                     "score": [[1, 2]]},
         },
@@ -147,24 +147,13 @@ def test_study_file_errors_name_the_key(tiny_assets, tmp_path, edit, message):
 def test_shipped_studies_plan_and_share_their_default_runs():
     main_study, _ = load_study("study_main.yaml")
     runs = plan(main_study)
-    assert {r.name for r in runs} >= {"teacher", "dmd2_m1", "dmd2_m3", "tm_n4", "tmd_n2_m1", "tmd_n4_m2"}
-    assert sum(r.seed == 0 for r in runs) == 9 and {r.seed for r in runs} == {None, 0, 1, 2}
+    assert {r.name for r in runs} >= {"teacher", "dmd2_m1", "dmd2_m3", "tm_n4_m1", "tmd_n2_m1", "tmd_n4_m2"}
+    assert sum(r.seed == 0 for r in runs) == 11 and {r.seed for r in runs} == {None, 0, 1, 2}
     assert len({r.key for r in runs}) == len(runs)
     ablations, _ = load_study("study_ablations.yaml")
     assert len(ablations.paired) == 6 and ablations.seeds == [0, 1]
-    defaults = copy.deepcopy(ablations)
-    defaults.runs = {name: ablations.runs[name] for name in ("tm_n2", "tmd_n2_m2")}
-    shared = {(r.name, r.seed): r.key for r in plan(defaults)}
-    assert shared == {(r.name, r.seed): r.key for r in runs if r.name in ("tm_n2", "tmd_n2_m2") and r.seed in (0, 1)}
-    # the other ablation runs use recipe keys that may not exist in this checkout yet: nothing else may fail
-    for name in set(ablations.runs) - set(defaults.runs):
-        one = copy.deepcopy(ablations)
-        one.runs = {n: ablations.runs[n] for n in (name, ablations.runs[name].parent) if n is not None}
-        one.paired = []
-        try:
-            plan(one)
-        except ConfigError as error:
-            assert any(f"'method.{key}'" in str(error) for key in ("inner_velocity", "rollout_gradients", "transition_target", "student_input")), error
+    shared = {(r.name, r.seed): r.key for r in plan(ablations) if r.name in ("tm_n2_m2", "tmd_n2_m2")}
+    assert shared == {(r.name, r.seed): r.key for r in runs if r.name in ("tm_n2_m2", "tmd_n2_m2") and r.seed in (0, 1)}
 
 
 # ---- running, resuming, reporting
@@ -292,7 +281,7 @@ def test_eval_every_logs_curve_points_without_changing_the_run(tiny_assets, tmp_
     def run(out, **train):
         return train_run(from_dict(RunConfig, {
             "method_name": "dmd2", "data_kind": "world", "data": {"assets": str(tiny_assets)},
-            "method": {"outer_steps": 2, "generator_every": 1, "guidance": 3.0},
+            "method": {"outer_steps": 2, "generator_every": 2, "guidance": 3.0},
             "train": {"steps": 3, "batch_size": 2, "log_every": 1, "progress": False, "tensorboard": False,
                       "device": "cpu", "out_dir": str(tmp_path / out), **train}}))
 

@@ -1,10 +1,13 @@
 import json
 import shutil
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import UMT5EncoderModel
 
+from tmd.errors import PromptError, TmdWarning
 from tmd.models.text import (
     SYNTHETIC_NEGATIVE_PROMPT,
     WAN_NEGATIVE_PROMPT,
@@ -53,11 +56,34 @@ def test_bad_vocabulary():
 
 
 def test_unknown_word_lists_word_and_vocabulary(encoder):
-    with pytest.raises(ValueError) as err:
-        encoder.encode(["a green circle", "a purple square"])
+    with pytest.raises(PromptError) as err:
+        encoder.encode(["a red circle", "a green circle", "a purple square"])
     msg = str(err.value)
-    assert "'green'" in msg and "'purple'" in msg
+    assert "prompt 'a green circle' has unknown word(s) ['green']" in msg
+    assert "prompt 'a purple square' has unknown word(s) ['purple']" in msg and "red circle" not in msg
     assert all(repr(w) in msg for w in VOCAB)
+
+
+def test_not_strict_maps_unknown_words_to_unk_as_diffusers_does(encoder):
+    """A negative prompt the user never typed must encode with any vocabulary."""
+    ids, mask = encoder.tokenize([WAN_NEGATIVE_PROMPT], max_length=100, strict=False)
+    assert ids[0, :2].tolist() == [encoder.tokenizer.unk_token_id] * 2 and mask.sum() == 78  # 77 words and commas, </s>
+    assert torch.equal(ids, encoder.tokenizer([WAN_NEGATIVE_PROMPT], padding="max_length", max_length=100,
+                                              return_tensors="pt").input_ids)
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_cut_with_a_warning(encoder):
+    long = "a red circle moves left right left right a blue square moves"
+    with pytest.warns(TmdWarning, match=r"prompt 'a red circle moves .*' is 13 tokens long; .* reads its first 12"):
+        encoder.tokenize([long])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        encoder.tokenize([long])
+        encoder.encode([long])  # tokenizes it again: still one warning
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder.tokenize(PROMPTS)
 
 
 def test_encode_shape_padding_determinism(encoder):
@@ -112,8 +138,19 @@ def test_from_pretrained_errors(saved, tmp_path):
     no_weights = tmp_path / "no_weights"
     shutil.copytree(saved, no_weights)
     (no_weights / "text_encoder" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no text encoder weights"):
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights in .*text_encoder"):
         TextEncoder.from_pretrained(no_weights)
+    # pickled weights are never loaded, even where transformers would
+    torch.save(UMT5EncoderModel.from_pretrained(saved / "text_encoder").state_dict(), no_weights / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"tmd never loads pickled weights \(found pytorch_model.bin"):
+        TextEncoder.from_pretrained(no_weights)
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(saved, truncated)
+    weights = truncated / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a complete safetensors file"):
+        TextEncoder.from_pretrained(truncated)
 
     wrong_type = tmp_path / "wrong_type"
     shutil.copytree(saved, wrong_type)
@@ -132,7 +169,8 @@ def test_matches_diffusers_wan_prompt_embeds(encoder):
     )
     prompts = PROMPTS + ["a red circle moves left right left right a blue square moves"]  # truncated
     expected = WanPipeline._get_t5_prompt_embeds(pipe, prompt=prompts, max_sequence_length=encoder.max_length)
-    assert torch.equal(encoder.encode(prompts), expected)
+    with pytest.warns(TmdWarning, match="is 13 tokens long"):
+        assert torch.equal(encoder.encode(prompts), expected)
 
 
 def test_negative_prompts():

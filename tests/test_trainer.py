@@ -137,8 +137,10 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"step 7 in group 'model': term 'fm' = nan"):
+    # nan_at counts completed steps (training_step's argument); the message counts as metrics.jsonl does
+    with pytest.raises(NonFiniteLossError, match=r"step 8 in group 'model': term 'fm' = nan .*step_0000005, is intact"):
         run(tmp_path, method=FlowMethod(nan_at=7))
+    assert read_metrics(tmp_path)[-1]["step"] == 7
     root = tmp_path / "checkpoints"
     assert {p.name for p in root.iterdir()} == {"step_0000005", "latest"}
     assert ckpt.latest_checkpoint(root) == root / "step_0000005"
@@ -147,6 +149,12 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     resumed, _ = run(tmp_path, method=FlowMethod(seed=5), resume=True)
     assert_same(weights(resumed.model), weights(straight.model))
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 11))
+
+
+def test_non_finite_loss_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*no checkpoint was written yet \(the first comes at step 5\)"):
+        run(tmp_path, method=FlowMethod(nan_at=2))
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_failed_checkpoint_write_leaves_no_partial_dir(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from tmd.models.wan import TINY_CONFIG, WanTeacher, build_transformer, load_teacher
+from tmd.models.wan import TINY_CONFIG, WanTeacher, build_transformer, load_teacher, unpatchify_features
 
 
 def test_velocity_equals_diffusers_forward(tiny_teacher, tiny_inputs):
@@ -15,11 +15,18 @@ def test_velocity_equals_diffusers_forward(tiny_teacher, tiny_inputs):
     torch.testing.assert_close(ours, reference, rtol=0, atol=0)
 
 
-def test_features_have_grid_layout(tiny_teacher, tiny_inputs):
+def test_features_are_unpatchified(tiny_teacher, tiny_inputs):
+    """Features come at the latent's resolution with dim / prod(patch) channels, token j's channels
+    spread over its patch the way the output projection's unpatchify spreads them."""
     x, text, _ = tiny_inputs
     v, feats = tiny_teacher.velocity_and_features(x, 0.5, text, feature_blocks=(0, 3))
     assert v.shape == x.shape and v.dtype == torch.float32
-    assert [f.shape for f in feats] == [torch.Size([2, 32, 2, 4, 4])] * 2
+    assert [f.shape for f in feats] == [torch.Size([2, 8, 2, 8, 8])] * 2
+    # the token at grid cell (frame 1, row 2, col 3) holds pixels (1, 4..5, 6..7), channels in (p_h, p_w, c) order
+    tokens = torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 32, 32)
+    grid = unpatchify_features(tokens, (2, 4, 4), (1, 2, 2))
+    token = tokens[:, 1 * 16 + 2 * 4 + 3].reshape(2, 2, 2, 8)  # (batch, p_h, p_w, channels)
+    torch.testing.assert_close(grid[:, :, 1, 4:6, 6:8], token.permute(0, 3, 1, 2))
     with pytest.raises(ValueError, match="feature block 4 out of range"):
         tiny_teacher.velocity_and_features(x, 0.5, text, feature_blocks=(4,))
 

@@ -4,10 +4,13 @@ so that ``tmd --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from tmd.errors import TmdError, TmdWarning
 from tmd.fastpath import ATTENTION_KERNELS
 
 
@@ -16,10 +19,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from tmd import flow
+    from tmd.files import check_output_dir
     from tmd.models.split import TMDStudent
     from tmd.models.wan import load_teacher
     from tmd.sampling import sample_teacher, sample_tmd
 
+    if args.out:
+        check_output_dir(args.out.parent)
     torch.manual_seed(args.seed)
     teacher = load_teacher(args.model, seed=args.seed)
     config = teacher.config
@@ -53,10 +59,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for name, nfe, ms, _ in rows:
         print(f"{name:<16}{nfe:>10.2f}{ms:>12.1f}{rows[0][2] / ms:>9.1f}x")
     if args.out:
-        from safetensors.torch import save_file
+        from tmd.files import make_output_dir, save_safetensors
 
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name.replace(" ", "_"): s.contiguous() for name, _, _, s in rows}, str(args.out))
+        make_output_dir(args.out.parent)
+        save_safetensors({name.replace(" ", "_"): s.contiguous() for name, _, _, s in rows}, args.out)
         print(f"latents written to {args.out}")
     return 0
 
@@ -71,8 +77,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--inner-steps", type=int, default=4, help="TMD inner flow-head steps N")
     p.add_argument("--head-blocks", type=int, default=1, help="blocks in the flow head H")
     p.add_argument("--latent-grid", type=int, nargs=3, default=(2, 4, 4), metavar=("F", "H", "W"), help="tokens per axis")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=2, help="samples per call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random teacher, the noise and the text")
     p.add_argument("--out", type=Path, help="write the sampled latents to this .safetensors file")
     p.set_defaults(func=_cmd_sample)
 
@@ -80,7 +86,6 @@ def _add_sample(sub) -> None:
 def _cmd_train_teacher(args: argparse.Namespace) -> int:
     """Build the world's assets (autoencoder, text encoder) where missing and train + export the teacher."""
     import shlex
-
 
     from tmd.config import load_config
     from tmd.train.world_teacher import WorldTeacherConfig, run
@@ -144,8 +149,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score samplers on the synthetic world benchmark (quality vs cost table)")
-    p.add_argument("--sampler", choices=("teacher",), default="teacher")
-    p.add_argument("--steps", type=int, nargs="+", default=[50, 16, 8, 4, 2, 1])
+    p.add_argument("--sampler", choices=("teacher",), default="teacher", help="what to score")
+    p.add_argument("--steps", type=int, nargs="+", default=[50, 16, 8, 4, 2, 1], help="teacher Euler step counts, one row each")
     p.add_argument("--guidance", type=float, nargs="+", help="CFG scales to compare (default: the world's)")
     p.add_argument("--shift", type=float, help="teacher time shift (default: the world's)")
     p.add_argument("--per-prompt", type=int, default=1, help="videos per each of the 72 prompts")
@@ -169,7 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a distillation method (tm, tmd, dmd2, ...) from a YAML config")
     p.add_argument("--config", type=Path, required=True, help="run config (configs/world_tmd_stage1.yaml, ...)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 method.head_blocks=1")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100 method.head_blocks=1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     _add_threads(p)
     p.set_defaults(func=_cmd_train)
@@ -179,7 +184,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Stage 1, stage 2, the DMD2 baseline and the evaluation of every sampler, into --out."""
 
     from tmd.demo import run_demo
+    from tmd.files import check_output_dir
 
+    check_output_dir(args.out)
     run_demo(args.out, args.preset, args.assets, args.seed, methods=args.methods)
     print(f"report written to {args.out / 'report.md'}")
     return 0
@@ -191,7 +198,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--preset", default="quick", help="quick (about 15 min on 2 CPU cores) or full (a GPU)")
     p.add_argument("--methods", default="default", help="default (TMD and DMD2) or all (every baseline too)")
     p.add_argument("--assets", default=None, help="world assets folder (default: the shipped one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run and of the evaluation noise")
     _add_threads(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -233,10 +240,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
     p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--height", type=int, default=480, help="video height in pixels")
+    p.add_argument("--width", type=int, default=832, help="video width in pixels")
+    p.add_argument("--fps", type=int, default=16, help="frame rate written into the mp4s")
+    p.add_argument("--batch-size", type=int, default=1, help="videos sampled together")
     p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by seed + i")
     p.add_argument("--save-latents", action="store_true", help="also write each video's latents (.safetensors)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="transformer and text encoder precision")
@@ -284,8 +291,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--text-only", action="store_true", help="prompt embeddings only (data-free methods)")
     p.add_argument("--prompts", type=Path, help="with --text-only: a text file, one prompt per line")
     p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480, help="clip height in pixels (resized to cover, then center-cropped)")
+    p.add_argument("--width", type=int, default=832, help="clip width in pixels")
     p.add_argument("--fps", type=float, default=16.0, help="clips are resampled to this frame rate")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (the unit of resuming)")
     p.add_argument("--workers", type=int, default=4, help="video decoding threads")
@@ -346,7 +353,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, help="untimed runs per row first (default 2; 1 with --quick)")
     p.add_argument("--head-blocks", type=int, help="TMD flow-head blocks H (default 2 for world, 5 for wan1.3b)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="model precision")
     _add_threads(p)
     p.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (a couple of minutes on CPU)")
@@ -396,8 +403,29 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """What every command takes: --threads (a shared machine must not be oversubscribed) and --debug."""
+    if "--threads" not in p._option_string_actions:
+        _add_threads(p)
+    # SUPPRESS: an unset subcommand flag must not override ``tmd --debug COMMAND``
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error instead of one line")
+    p.formatter_class = _HelpFormatter
+    p.set_defaults(parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tmd", description="Transition Matching Distillation for fast video generation")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_sample(sub)
     _add_train_teacher(sub)
@@ -409,19 +437,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_bench(sub)
     _add_study(sub)
+    for p in sub.choices.values():
+        _add_common(p)
     return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    args, extra = build_parser().parse_known_args(argv)
+    # argparse fills a nargs="*" positional once: key=value pairs after another option come back unparsed
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """tmd's own warnings read like its errors; everyone else's keep their file and line."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_warning(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, TmdWarning):
+                print(f"tmd {command}: warning: {message}", file=file or sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_warning
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = argv  # recorded next to what a command builds, so it can be re-run exactly
     _set_threads(args)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # user errors (bad shapes, missing files, bad config keys) read as one line, not a traceback
-        print(f"tmd {args.command}: error: {error}", file=sys.stderr)
+        with _one_line_warnings(args.command):
+            return args.func(args)
+    except (TmdError, ValueError, FileNotFoundError, FileExistsError) as error:
+        # user errors (bad inputs, missing or broken files, bad config keys) read as one line, not a traceback
+        if args.debug:
+            raise
+        message = str(error).replace("\n", " ")
+        print(f"tmd {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

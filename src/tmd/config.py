@@ -34,6 +34,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 import yaml
 
+from tmd.errors import ConfigError
+from tmd.files import output_dir_problem
+
 __all__ = [
     "ConfigError",
     "DATA_CONFIGS",
@@ -49,10 +52,6 @@ __all__ = [
     "save_config",
     "to_dict",
 ]
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says which key, from where, and what was expected."""
 
 
 METHOD_CONFIGS: dict[str, type] = {}
@@ -241,6 +240,10 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.y*ml"))
+            hint = f": one of {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else " (it holds no .yaml files)"
+            raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file{hint}")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -445,13 +448,6 @@ def _check_path(value: str, kind: str, key: str, ctx: _Context) -> None:
         if not path.exists():
             raise ConfigError(f"{ctx.origin(key)}: key '{key}': path '{value}' does not exist{relative}")
         return
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{ctx.origin(key)}: key '{key}': '{value}' exists and is not a directory{relative}")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{ctx.origin(key)}: key '{key}': cannot create directory '{value}'{relative}: "
-            f"'{parent}' is not a writable directory"
-        )
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{ctx.origin(key)}: key '{key}': {problem}{relative}")

@@ -1,7 +1,9 @@
 """``tmd demo``: the whole story on the synthetic world, measured in one run.
 
-Shipped teacher -> TMD stage 1 (transition matching) -> TMD stage 2 (DMD2 with head rollout) and the
-DMD2 baseline with the same budget -> every sampler scored on the same prompts and noise -> report.
+Shipped teacher -> TMD stage 1 (TM-MeanFlow) -> TMD stage 2 (DMD2-v with head rollout) for TMD-N2 and
+TMD-N4 (H = 1 of 6 blocks, the paper's H/L = 5/30) at M = 1 and 2, and the DMD2-v baseline at 1, 2 and 3
+steps, each a student trained for its own step count with the same budget as the paper's Table 1 -> every
+sampler scored on the same prompts and noise -> report.
 With ``--methods all`` every baseline too, and TMD once more on LinVideo's linearised teacher.
 """
 
@@ -35,14 +37,17 @@ class Preset:
     head_blocks: int
     teacher_steps: tuple[int, ...]
     eval_seeds: int  # videos per prompt in the scored set (72 prompts each)
-    lr: float = 1e-4
+    lr: float = 1e-4  # stage 2 and the baselines
+    stage1_lr: float = 3e-4  # Table 7: stage 1 at 3x stage 2's learning rate
     generator_every: int = 5
     gan_weight: float = 0.03
+    one_step_factor: int = 3  # Table 7: M = 1 students distil 3x longer (12k vs 4k iterations)
 
 
 PRESETS = {
-    "quick": Preset(stage1_steps=150, stage2_steps=300, batch_size=8, head_blocks=2, teacher_steps=(50, 8, 4, 2, 1), eval_seeds=1, generator_every=2),
-    "full": Preset(stage1_steps=2000, stage2_steps=4000, batch_size=32, head_blocks=2, teacher_steps=(50, 16, 8, 4, 2, 1), eval_seeds=4),
+    # stage 1 : stage 2 = 3 : 4 as Table 7; M = 1 at the M = 2 budget to stay within ~15 minutes
+    "quick": Preset(stage1_steps=225, stage2_steps=300, batch_size=8, head_blocks=1, teacher_steps=(50, 8, 4, 2, 1), eval_seeds=1, one_step_factor=1),
+    "full": Preset(stage1_steps=1500, stage2_steps=2000, batch_size=32, head_blocks=1, teacher_steps=(50, 16, 8, 4, 2, 1), eval_seeds=4),
 }
 """``full`` is for a GPU (or a patient CPU)."""
 
@@ -50,7 +55,10 @@ METHOD_SETS = {
     "default": ("tmd", "dmd2"),
     "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"),
 }
-TMD_GRID = ((1, 2), (1, 4), (2, 2), (2, 4))
+TMD_STUDENTS = ((1, 2), (1, 4), (2, 2), (2, 4))
+"""(M, N) of the TMD students: TMD-N2 and TMD-N4 at one and two outer steps, as the paper's Table 1."""
+DMD2_STEPS = (1, 2, 3)
+LINVIDEO_TMD = (2, 2)
 GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
 
 
@@ -65,9 +73,9 @@ def _run_config(
             "method": method_cfg,
             "data": {"assets": assets, "linearised_teacher": None if linearised_teacher is None else str(linearised_teacher)},
             "train": {
-                "steps": preset.stage1_steps if method == "tm" else preset.stage2_steps,
+                "steps": _steps(method, method_cfg, preset),
                 "batch_size": preset.batch_size,
-                "lr": preset.lr,
+                "lr": preset.stage1_lr if method == "tm" else preset.lr,
                 "betas": [0.9, 0.99],
                 "weight_decay": 0.01,
                 "ema_decay": 0.99,
@@ -81,6 +89,13 @@ def _run_config(
         },
         source=f"tmd demo preset ({method})",
     )
+
+
+def _steps(method: str, method_cfg: dict, preset: Preset) -> int:
+    if method == "tm":
+        return preset.stage1_steps
+    one_step = method in ("tmd", "dmd2") and method_cfg.get("outer_steps") == 1
+    return preset.stage2_steps * (preset.one_step_factor if one_step else 1)
 
 
 def _latency_ms(sample: Callable[[], torch.Tensor], repeats: int = 3) -> float:
@@ -120,8 +135,6 @@ class Demo:
     def _baseline_config(self, method: str) -> dict:
         p = self.preset
         cfg: dict[str, Any] = {"guidance": self.guidance}
-        if method == "dmd2":
-            cfg.update(generator_every=p.generator_every, gan_weight=p.gan_weight)
         if method == "phased_dmd":
             cfg["phase_steps"] = p.stage2_steps // 2
         if method == "linvideo":
@@ -130,61 +143,75 @@ class Demo:
                        selection_steps=p.stage2_steps // 2)
         return cfg
 
-    def _train_tmd(self, name: str, linearised_teacher: Path | None = None) -> tuple[TrainedRun, TrainedRun]:
-        """TMD stage 1 then stage 2 (runs ``{name}_stage1``, ``{name}_stage2``), of the linearised model if given."""
+    def _distill_config(self, outer_steps: int) -> dict:
         p = self.preset
-        distill = {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight}
-        stage1 = self._train(f"{name}_stage1", "tm", {"head_blocks": p.head_blocks, "guidance": self.guidance}, linearised_teacher)
+        return {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight, "outer_steps": outer_steps}
+
+    def _train_tmd(self, name: str, outer: int, inner: int, linearised_teacher: Path | None = None) -> tuple[TrainedRun, TrainedRun]:
+        """TMD stage 1 then stage 2 of the M = ``outer``, N = ``inner`` student (runs ``{name}_stage1``, ``{name}_stage2``)."""
+        student = {"head_blocks": self.preset.head_blocks, "outer_steps": outer, "inner_steps": inner}
+        stage1 = self._train(f"{name}_stage1", "tm", student, linearised_teacher)
         stage2 = self._train(
-            f"{name}_stage2", "tmd", {**distill, "head_blocks": p.head_blocks, "init_from": str(stage1.weights)}, linearised_teacher
+            f"{name}_stage2", "tmd", {**self._distill_config(outer), **student, "init_from": str(stage1.weights)}, linearised_teacher
         )
         return stage1, stage2
 
     def train_all(self, methods: tuple[str, ...]) -> None:
-        """TMD (stage 1 then stage 2) and each baseline, every distillation with the same step budget; after
-        LinVideo, TMD once more with the linearised model as its teacher (LinVideo's few-step stage)."""
-        stage1, stage2 = self._train_tmd("tmd")
-        self.tmd_students = {"tmd": stage2.generator, "tmd_stage1": stage1.generator}
-        self.baselines = {}
+        """The TMD students (stage 1 then stage 2) and the DMD2-v students, one per step count, and each
+        baseline, every distillation with the same step budget; after LinVideo, TMD once more with the
+        linearised model as its teacher (LinVideo's few-step stage)."""
+        self.students: list[tuple[dict, Callable]] = []
+        for outer, inner in TMD_STUDENTS:
+            stage1, stage2 = self._train_tmd(f"tmd_m{outer}n{inner}", outer, inner)
+            self._add_tmd_row("tmd", stage2.generator, outer, inner)
+            self._add_tmd_row("tmd_stage1", stage1.generator, outer, inner)
+        for steps in DMD2_STEPS:
+            run = self._train(f"dmd2_m{steps}", "dmd2", self._distill_config(steps))
+            self._add_few_step_row("dmd2", run.generator, steps, get_method("dmd2").sample)
         for method in methods:
-            if method != "tmd":
-                run = self._train(method, method, self._baseline_config(method))
-                self.baselines[method] = run.generator
-                if method == "linvideo":
-                    self.tmd_students["linvideo_tmd"] = self._train_tmd("linvideo_tmd", run.weights)[1].generator
+            if method in ("tmd", "dmd2"):
+                continue
+            run = self._train(method, method, self._baseline_config(method))
+            self._add_baseline_rows(method, run.generator)
+            if method == "linvideo":
+                stage2 = self._train_tmd("linvideo_tmd", *LINVIDEO_TMD, run.weights)[1]
+                self._add_tmd_row("linvideo_tmd", stage2.generator, *LINVIDEO_TMD)
+
+    def _add_tmd_row(self, name: str, student, outer: int, inner: int) -> None:
+        nfe = flow.tmd_effective_nfe(outer, inner, self.preset.head_blocks, self.teacher.num_blocks)
+        self.students.append((
+            {"method": name, "outer_steps": outer, "inner_steps": inner, "effective_nfe": nfe},
+            lambda n, c, u: sample_tmd(student, n, c, outer, inner, torch.Generator().manual_seed(self.seed)),
+        ))
+
+    def _add_few_step_row(self, name: str, module, steps: int, sample: Callable) -> None:
+        self.students.append((
+            {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
+            lambda n, c, u: sample(module, n, c, steps, torch.Generator().manual_seed(self.seed)),
+        ))
+
+    def _add_baseline_rows(self, name: str, module) -> None:
+        method = get_method(name)
+        for steps in method.sample_steps:
+            if hasattr(method, "sample_guided"):  # a multi-step model (LinVideo's linearised teacher): CFG like the teacher
+                self.students.append((
+                    {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
+                    lambda n, c, u, steps=steps: method.sample_guided(module, n, c, u, steps, self.guidance, self.shift),
+                ))
+            else:
+                self._add_few_step_row(name, module, steps, method.sample)
 
     # -- evaluation ----------------------------------------------------------------------------
 
     def _rows_spec(self) -> list[tuple[dict, Callable]]:
-        teacher, num_blocks = self.teacher, self.teacher.num_blocks
+        teacher = self.teacher
         specs = []
         for steps in self.preset.teacher_steps:
             specs.append((
                 {"method": "teacher", "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
                 lambda n, c, u, steps=steps: sample_teacher(teacher, n, c, u, steps, self.guidance, self.shift),
             ))
-        for name, module in self.baselines.items():
-            method = get_method(name)
-            if hasattr(method, "sample_guided"):  # a multi-step model (LinVideo's linearised teacher): CFG like the teacher
-                for steps in method.sample_steps:
-                    specs.append((
-                        {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
-                        lambda n, c, u, steps=steps, m=module, sample=method.sample_guided: sample(m, n, c, u, steps, self.guidance, self.shift),
-                    ))
-                continue
-            for steps in method.sample_steps:
-                specs.append((
-                    {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
-                    lambda n, c, u, steps=steps, m=module, sample=method.sample: sample(m, n, c, steps, torch.Generator().manual_seed(self.seed)),
-                ))
-        for name, student in self.tmd_students.items():
-            for m, n_inner in TMD_GRID:
-                specs.append((
-                    {"method": name, "outer_steps": m, "inner_steps": n_inner,
-                     "effective_nfe": flow.tmd_effective_nfe(m, n_inner, self.preset.head_blocks, num_blocks)},
-                    lambda n, c, u, m=m, k=n_inner, s=student: sample_tmd(s, n, c, m, k, torch.Generator().manual_seed(self.seed)),
-                ))
-        return specs
+        return specs + self.students
 
     def evaluate(self) -> list[dict]:
         rows = []

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.files import check_output_dir, check_safetensors_folder, make_output_dir, save_safetensors
 
 DEFAULT_TEACHER_STEPS = 50
 DEFAULT_STUDENT_STEPS = 2
@@ -41,7 +42,9 @@ def load_vae(pipeline: str | Path, device: str | torch.device = "cpu"):
     folder = Path(pipeline) / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no vae/config.json under {pipeline}: expected a diffusers Wan pipeline root")
-    return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True).to(device).eval()
+    check_safetensors_folder(folder)
+    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, use_safetensors=True)
+    return vae.to(device).eval()
 
 
 def _latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,9 +136,15 @@ def load_generation_model(
     if not is_student_folder(path):
         return GenerationModel("teacher", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
     config = read_student_config(path)
-    pipeline = pipeline or config.get("teacher")
     if pipeline is None:
-        raise ValueError(f"{path} does not record its teacher pipeline; pass --pipeline PATH (a Wan pipeline root)")
+        pipeline = config.get("teacher")
+        if pipeline is None:
+            raise ValueError(f"{path} does not record its teacher pipeline; pass --pipeline PATH (a Wan pipeline root)")
+        if not Path(pipeline).is_dir():
+            raise FileNotFoundError(
+                f"{path} records its teacher pipeline as {pipeline}, which does not exist here; pass --pipeline PATH "
+                "(the Wan pipeline root the student was distilled from)"
+            )
     if config["kind"] == "tmd_student":
         model = TMDStudent.from_pretrained(path, dtype=dtype, device=device)
     else:
@@ -204,7 +213,6 @@ def generate(
     time split evenly), not model loading. ``attention`` picks the SDPA kernel and ``compile`` compiles the
     transformer blocks (``tmd.fastpath``; the first batch then includes compilation).
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from tmd.fastpath import attention_kernel, compile_blocks
@@ -215,6 +223,7 @@ def generate(
         raise ValueError("no prompts to generate")
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    out = check_output_dir(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_generation_model(model_path, pipeline, dtype, device)
     if compile:
@@ -234,12 +243,13 @@ def generate(
     vae = load_vae(loaded.pipeline, device)
     shape = latent_shape(vae, loaded.model.config, frames, height, width)
     text_encoder = TextEncoder.from_pretrained(loaded.pipeline, device=device, dtype=dtype)
+    text_encoder.tokenize(prompts)  # a prompt that cannot be encoded fails here, not after the videos before it
     negative = None
     if teacher and guidance != 1.0:
-        negative = text_encoder.encode([WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
+        negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        negative = text_encoder.encode([negative_prompt], strict=False)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     records: list[dict[str, Any]] = []
     bar = tqdm(total=len(prompts), desc=f"{loaded.kind} {nfe:g} NFE", unit="video", disable=not progress)
     for start in range(0, len(prompts), batch_size):
@@ -266,7 +276,7 @@ def generate(
             write_mp4(out / f"{name}.mp4", videos[i], fps)
             if save_latents:
                 tensors = {"latents": latents[i].contiguous().cpu()}
-                save_file(tensors, str(out / f"{name}.safetensors"), metadata={"prompt": prompt})
+                save_safetensors(tensors, out / f"{name}.safetensors", metadata={"prompt": prompt})
             records.append(
                 {"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds}
             )

@@ -1,4 +1,4 @@
-"""Samplers: the teacher's Euler sampler with CFG, the TMD sampler, and a plain few-step sampler.
+"""Samplers: the teacher's Euler sampler with CFG, the TMD sampler (Alg. 1) and a plain few-step sampler (Eq. 18).
 
 All work on any model implementing the protocols in ``tmd.models.protocol`` and return the final
 x0 estimate in float32. Students are sampled without CFG: distillation bakes guidance in.
@@ -75,14 +75,34 @@ def sample_teacher(
     return x
 
 
-def head_rollout(student: TransitionModel, y: Tensor, features, grid: Tensor) -> Tensor:
-    """Run the flow head through the inner grid from the inner noise ``y``; returns the sampled ``y``.
+ROLLOUT_GRADIENTS = ("all", "last")
+"""Stage 2 back-propagates through every inner step (``all``, the paper) or only the last (``last``,
+the earlier steps run without gradients: the Fig. 7 ablation)."""
 
-    Not wrapped in no_grad: stage-2 training back-propagates through every inner step.
+MULTISTEP = ("deterministic", "renoise")
+"""How a plain few-step generator moves between outer times: ``deterministic`` is the paper's Eq. 18
+(the noise inferred from the current state, an Euler step); ``renoise`` is DMD2's Eq. 19 (fresh noise)."""
+
+
+def head_rollout(
+    student: TransitionModel, x_t: Tensor, t: Tensor | float, y1: Tensor, features, grid: Tensor, gradients: str = "all"
+) -> Tensor:
+    """The inner flow (Alg. 1's ``InnerFlow``) of the outer state ``x_t``: from the inner noise ``y1`` at
+    ``s_N`` through the grid to 0.
+
+    Each step is the flow map ``y_r = y_s - (s - r) u`` with ``u`` from the head as the student's
+    ``inner_velocity`` and ``transition_target`` say (Eq. 14: ``u = y1 - head``). Not wrapped in no_grad:
+    stage 2 back-propagates through the rollout (every step, or only the last with ``gradients="last"``).
     """
+    if gradients not in ROLLOUT_GRADIENTS:
+        raise ValueError(f"rollout gradients must be one of {list(ROLLOUT_GRADIENTS)}, got {gradients!r}")
+    y, last = y1, len(grid) - 2
+    grad_enabled = torch.is_grad_enabled()
     for j in range(len(grid) - 1):
-        y_hat = student.head(y, grid[j], grid[j + 1], features)
-        y = flow.inner_flow_step(y, y_hat, grid[j], grid[j + 1])
+        with torch.set_grad_enabled(grad_enabled and (gradients == "all" or j == last)):
+            head = flow.head_estimate(student.head(y, grid[j], grid[j + 1], features), x_t, t, student.transition_target)
+            u = flow.average_velocity(head, y, y1, grid[j], student.inner_velocity)
+            y = flow.inner_flow_step(y, u, grid[j], grid[j + 1])
     return y
 
 
@@ -91,23 +111,33 @@ def _randn_like(x: Tensor, generator: Random) -> Tensor:
 
 
 def tmd_transition(
-    student: TransitionModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, inner: Tensor, generator
+    student: TransitionModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, inner: Tensor, generator,
+    gradients: str = "all",
 ) -> Tensor:
-    """One outer TMD step: backbone once, the head rolled out from fresh inner noise, a DTM step to t_next.
-
-    To ``t_next = 0`` it returns the generator sample ``x_t - t y``. Gradients flow when enabled.
-    """
+    """One outer TMD step (Alg. 1): backbone once, the head rolled out from fresh inner noise, then the
+    deterministic step to t_next (Eq. 4's DTM step ``x - (t - t_next) y``). Gradients flow when enabled."""
     features = student.backbone(x, t, cond)
-    y = head_rollout(student, _randn_like(x, generator), features, inner)
-    return x - (t - t_next) * y
+    y = head_rollout(student, x, t, _randn_like(x, generator), features, inner, gradients)
+    return flow.outer_step(x, y, t, t_next, student.transition_target)
+
+
+def check_multistep(multistep: str) -> None:
+    if multistep not in MULTISTEP:
+        raise ValueError(f"multistep must be one of {list(MULTISTEP)}, got {multistep!r}")
 
 
 def few_step_transition(
-    model: VelocityModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, generator
+    model: VelocityModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, generator, multistep: str = "deterministic"
 ) -> Tensor:
-    """One DMD2-style step: predict x0 at t, re-noise it with fresh noise to t_next (none at t_next = 0)."""
+    """One step of a plain few-step generator ``g(x_t, t) = x_t - t v`` (Eq. 17) from t to t_next: Eq. 18's
+    deterministic step, or with ``multistep="renoise"`` DMD2's fresh-noise re-noising (Eq. 19)."""
+    check_multistep(multistep)
     x0 = flow.x0_from_velocity(x, model.velocity(x, t, cond), t)
-    return flow.interpolate(x0, _randn_like(x, generator), t_next) if float(t_next) > 0 else x0
+    if float(torch.as_tensor(t_next).max()) == 0:
+        return x0
+    if multistep == "deterministic":
+        return flow.deterministic_step(x, x0, t, t_next)
+    return flow.interpolate(x0, _randn_like(x, generator), t_next)
 
 
 @torch.no_grad()
@@ -138,10 +168,12 @@ def sample_few_step(
     steps: int = 2,
     generator: torch.Generator | None = None,
     shift: float = flow.OUTER_SHIFT,
+    multistep: str = "deterministic",
 ) -> Tensor:
-    """DMD2-style sampling: predict x0 at each grid time, re-noise it with fresh noise to the next."""
+    """A plain few-step generator on the outer grid: deterministic Eq. 18 steps (DMD2-v), or DMD2's
+    re-noising with ``multistep="renoise"`` (the only use of ``generator``)."""
     grid = flow.outer_grid(steps, shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i in range(steps):
-        x = few_step_transition(model, x, grid[i], grid[i + 1], cond, generator)
+        x = few_step_transition(model, x, grid[i], grid[i + 1], cond, generator, multistep)
     return x

@@ -5,8 +5,11 @@ Training never touches pixels or the text encoder: ``tmd prepare`` decodes each 
 Wan VAE (posterior mean, normalised as the transformer sees latents) and its caption with UMT5, and
 writes safetensors shards plus ``index.json``. Prompt embeddings are stored trimmed to the longest
 true prompt of their shard (Wan's embeddings are exactly zero after the prompt) and padded back when
-read. A shard is written atomically, so an interrupted run resumes at the first missing shard. A video
-that cannot be decoded or is too short is skipped with its reason, and the run goes on.
+read. A shard is written atomically, so an interrupted run resumes at the first missing shard; the
+settings a folder is resumed with are checked against ``prepare.json``, written with the first shard, so
+a run that failed before it (a caption the tokenizer cannot encode, a wrong ``--model``) leaves nothing
+that holds the folder to its settings. A video that cannot be decoded or is too short is skipped with its
+reason, and the run goes on.
 
 ``PreparedDataset`` serves the result to the trainer as a ``DataSource``. ``--text-only`` prepares
 prompts alone for data-free methods; its batches carry the latent ``shape`` instead of ``x``.
@@ -30,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from tmd.config import existing_path, register_data_config
+from tmd.errors import PromptError
+from tmd.files import check_output_dir, make_output_dir, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +174,12 @@ class _Encoders:
             )
         self.device = device
 
-    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def encode_text(self, prompts: list[str], strict: bool = True) -> tuple[Tensor, Tensor]:
         """Embeddings trimmed to the longest true prompt (B, l, D), and each prompt's true length."""
         if not prompts:
             return torch.zeros(0, 0, self.text.dim), torch.zeros(0, dtype=torch.int32)
-        lengths = self.text.tokenize(prompts)[1].sum(1)
-        cond = self.text.encode(prompts)[:, : int(lengths.max())]
+        lengths = self.text.tokenize(prompts, strict=strict)[1].sum(1)
+        cond = self.text.encode(prompts, strict=strict)[:, : int(lengths.max())]
         return cond.cpu().contiguous(), lengths.to(torch.int32)
 
     @torch.no_grad()
@@ -185,23 +190,23 @@ class _Encoders:
         return normalize_latents(self.vae, z)[0].float().cpu()
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Resuming with other settings would silently mix two datasets; refuse instead."""
+def _check_settings(out: Path, settings: dict[str, Any]) -> bool:
+    """True if ``out`` holds shards prepared with ``settings`` (a resume), False if it holds none;
+    resuming with other settings would silently mix two datasets, so that is refused."""
     settings_file = out / SETTINGS_FILE
-    if settings_file.is_file():
-        before = json.loads(settings_file.read_text())
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{out} was prepared with other settings ({diff}); use a new --out folder")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    if not settings_file.is_file():
+        return False
+    before = json.loads(settings_file.read_text())
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{out} was prepared with other settings ({diff}); use a new --out folder")
+    return True
 
 
 def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(tensors, tmp, metadata=metadata)
     tmp.replace(path)
 
 
@@ -250,7 +255,7 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
-    from tmd.models.text import WAN_NEGATIVE_PROMPT
+    from tmd.models.text import WAN_NEGATIVE_PROMPT, check_known_words, clean_prompt
 
     text_only = prompts is not None
     if text_only == (captions is not None):
@@ -265,7 +270,7 @@ def prepare(
         if videos is None or not Path(videos).is_dir():
             raise FileNotFoundError(f"videos folder {videos} does not exist")
         entries = read_captions(captions)
-    out, model = Path(out), Path(model)
+    out, model = check_output_dir(out), Path(model)
     negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     settings = {
         "format": FORMAT_VERSION, "mode": "text" if text_only else "videos", "model": str(model.resolve()),
@@ -274,14 +279,20 @@ def prepare(
         "entries_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
     }
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resuming = _check_settings(out, settings)
     encoders = _Encoders(model, frames, height, width, device, dtype, load_vae=not text_only)
-    _check_settings(out, settings)
-    if not (out / NEGATIVE_FILE).is_file():
-        negative, _ = encoders.encode_text([negative_prompt])
+    try:  # before any video is decoded: one bad caption would otherwise stop the run at its shard
+        check_known_words(encoders.text.tokenizer, [clean_prompt(caption) for _, caption in entries])
+    except PromptError as e:
+        raise PromptError(f"{'--prompts' if text_only else captions}: {e}") from None
+    make_output_dir(out)
+    # without prepare.json, whatever an earlier failed try left in ``out`` was made with unknown settings
+    if not resuming or not (out / NEGATIVE_FILE).is_file():
+        negative, _ = encoders.encode_text([negative_prompt], strict=False)
         _save_atomic({"cond": negative}, out / NEGATIVE_FILE, {"prompt": negative_prompt})
 
     shards = math.ceil(len(entries) / shard_size)
-    todo = [k for k in range(shards) if not (out / shard_name(k)).is_file()]
+    todo = [k for k in range(shards) if not (resuming and (out / shard_name(k)).is_file())]
     if len(todo) < shards:
         log.info("%s: %d of %d shards already written, resuming", out, shards - len(todo), shards)
     items = [(p, *entries[p]) for k in todo for p in range(k * shard_size, min((k + 1) * shard_size, len(entries)))]
@@ -295,6 +306,8 @@ def prepare(
         metadata = {"captions": json.dumps([c for _, c in kept]), "videos": json.dumps([v for v, _ in kept]),
                     "skipped": json.dumps(skipped)}
         _save_atomic(tensors, out / shard_name(k), metadata)
+        if not (out / SETTINGS_FILE).is_file():
+            (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     if text_only:
         for k in todo:

@@ -11,6 +11,17 @@ import torch
 
 from tmd.eval.benchmark import format_table
 
+FRAME_MS = 250
+"""How long the GIF shows each frame: imageio's GIF writer reads ``duration`` in milliseconds."""
+
+ROW_NOTES = {
+    "tmd_stage1": "`tmd_stage1` rows are the student after stage 1 only.",
+    "linvideo": "`linvideo` rows are the LinVideo-linearised teacher, sampled like the teacher with CFG.",
+    "linvideo_tmd": "`linvideo_tmd` rows are TMD (both stages, the same budgets) distilled from the `linvideo` model "
+                    "instead of the teacher.",
+}
+"""What a row of the table is, for the methods whose name does not say it; only rows present are described."""
+
 TABLE_KEYS = ("method", "outer_steps", "inner_steps", "effective_nfe", "latency_ms", "speedup_vs_teacher",
               "total", "quality", "semantic", "frechet", "diversity")
 
@@ -105,7 +116,7 @@ def gif_grid(samples: dict[str, torch.Tensor], path: Path, scale: int = 2, label
     for i, label in enumerate(samples):
         draw.text((3, i * row_height + row_height // 2 - 5), label, fill="black")
     labels = np.asarray(margin)
-    imageio.mimsave(path, [np.concatenate([labels, frame], axis=1) for frame in frames], duration=0.25, loop=0)
+    imageio.mimsave(path, [np.concatenate([labels, frame], axis=1) for frame in frames], duration=FRAME_MS, loop=0)
 
 
 def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prompts: list[str]) -> None:
@@ -123,8 +134,8 @@ def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prom
         f"Wall-clock: {timings}.",
         "",
         f"Every row samples the same {report['videos_scored']} videos (the benchmark's fixed prompt set, same noise); latency is the",
-        "median of 3 single-video samples after a warm-up. `tmd_stage1` rows are the student after stage 1 only;",
-        "`linvideo_tmd` rows are TMD (both stages, the same budgets) distilled from the `linvideo` model instead of the teacher.",
+        "median of 3 single-video samples after a warm-up.",
+        *[note for method, note in ROW_NOTES.items() if any(r["method"] == method for r in rows)],
         "",
         "```",
         table,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.models.export import SPLIT_DEFAULTS_OF_OLD_EXPORTS
 from tmd.models.protocol import VelocityModel
 from tmd.sampling import guided_velocity
 from tmd.rng import BatchRandom
@@ -57,6 +58,7 @@ def load_student_weights(student: nn.Module, path: str, expect: dict | None = No
 
     with safe_open(path, framework="pt") as handle:
         exported = json.loads((handle.metadata() or {}).get("method_config", "{}"))
+    exported = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **exported} if "head_blocks" in exported else exported
     for key, value in (expect or {}).items():
         if key in exported and exported[key] != value:
             raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")
@@ -90,8 +92,9 @@ def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: BatchRan
 
 
 def adaptive_l2(error: Tensor, c: float = 1e-3, power: float = 1.0) -> Tensor:
-    """MeanFlow's adaptive weighting ``||e||^2 / sg(||e||^2 + c)^p``: robust to the wide range of target
-    scales; ``p = 0`` is the plain mean squared error."""
+    """MeanFlow's adaptive weighting ``m / sg(m + c)^p`` of the per-sample mean squared error ``m``; ``p = 0``
+    is the plain mean squared error. With ``p = 1`` it equals the TMD paper's form over the *summed* error,
+    ``||e||^2 / sg(||e||^2 + c d)`` (d the sample's dimension), so ``c`` here is the paper's ``c / d``."""
     squared = error.float().pow(2).flatten(1).mean(1)
     return (squared / (squared.detach() + c).pow(power)).mean()
 

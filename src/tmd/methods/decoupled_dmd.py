@@ -23,17 +23,19 @@ import torch.nn.functional as F
 from tmd import flow
 from tmd.methods import register
 from tmd.methods.common import dmd_loss, x0_of
-from tmd.methods.dmd2 import DMD2
-from tmd.methods.distribution_matching import DistributionMatchingConfig
+from tmd.methods.dmd2 import DMD2, DMD2Config
 
 DM_SCHEDULES = ("shifted", "uniform")
 
 
 @dataclass
-class DecoupledDMDConfig(DistributionMatchingConfig):
+class DecoupledDMDConfig(DMD2Config):
     ca_weight: float = 1.0  # 0: DM-only ablation (plain DMD with an unguided real score)
     dm_weight: float = 1.0  # 0: CA-only ablation
     dm_schedule: str = "shifted"
+    student_input: str = "backward"  # its CA schedule is tied to the simulated input time
+    multistep: str = "renoise"
+    fake_score_target: str = "velocity"
 
     def __post_init__(self):
         super().__post_init__()

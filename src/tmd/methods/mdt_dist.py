@@ -30,15 +30,16 @@ from torch import nn
 from tmd import flow
 from tmd.methods import register
 from tmd.methods.common import dmd_loss, trainable_copy
-from tmd.methods.dmd2 import DMD2
-from tmd.methods.distribution_matching import DistributionMatchingConfig
+from tmd.methods.dmd2 import DMD2, DMD2Config
 from tmd.methods.phased_dmd import _col
 from tmd.sampling import guided_velocity
 
 
 @dataclass
-class MDTDistConfig(DistributionMatchingConfig):
+class MDTDistConfig(DMD2Config):
     generator_every: int = 1  # no critic to lead
+    critics_on_generator_steps: bool = True
+    student_input: str = "backward"
     gan_weight: float = 0.0
     vm_weight: float = 1.0
     vd_weight: float = 1.0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.methods import register
 from tmd.methods.common import StudentMethod, adaptive_l2
-from tmd.methods.tmd import StudentConfig, _below
+from tmd.methods.tmd import StudentConfig, grid_point_at_or_below
 from tmd.sampling import guided_velocity
 
 
@@ -79,7 +79,7 @@ class MeanFlow(StudentMethod):
         n, device, d = x.shape[0], x.device, cfg.finite_difference
         t = flow.sample_shifted_uniform(n, cfg.time_shift, g, device).clamp(d + 1e-3, 1 - d)
         grid = flow.outer_grid(cfg.outer_steps, cfg.outer_shift).to(device=device, dtype=torch.float32)
-        r = torch.where(g.rand(n, device) < cfg.mean_flow_fraction, _below(grid, t), t)
+        r = torch.where(g.rand(n, device) < cfg.mean_flow_fraction, grid_point_at_or_below(grid, t), t)
         z = flow.interpolate(x, g.randn(x.shape, device), t)
         u = average_velocity(self.student, z, t, r, cond)
         with torch.no_grad():

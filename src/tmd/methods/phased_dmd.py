@@ -70,6 +70,8 @@ def interval_target(x_s: Tensor, s: Tensor, t: Tensor, eps: Tensor, min_noise_sh
 @dataclass
 class IntervalMatchingConfig(DistributionMatchingConfig):
     gan_weight: float = 0.0
+    student_input: str = "backward"  # the phase's noisy sample comes from the earlier experts' rollout
+    multistep: str = "renoise"
     min_noise_share: float = 0.05  # fake-score weight is clamped below this share of fresh noise
 
     def __post_init__(self):
@@ -159,17 +161,20 @@ class PhasedDMD(IntervalMatching):
         x = noise
         with torch.no_grad():
             for i in range(k):
-                x = few_step_transition(self.student[i], x, grid[i], grid[i + 1], cond, self.generator)
+                x = few_step_transition(self.student[i], x, grid[i], grid[i + 1], cond, self.generator, self.cfg.multistep)
         n = noise.shape[0]
         self._interval = (grid[k + 1].expand(n), torch.full((n,), flow.T_MAX, device=noise.device), 1.0)
-        return few_step_transition(self.student[k], x, grid[k], grid[k + 1], cond, self.generator)
+        return few_step_transition(self.student[k], x, grid[k], grid[k + 1], cond, self.generator, self.cfg.multistep)
 
 
 @torch.no_grad()
-def sample_phased(experts, noise: Tensor, cond: Tensor, generator: torch.Generator | None = None, shift: float = flow.OUTER_SHIFT) -> Tensor:
+def sample_phased(
+    experts, noise: Tensor, cond: Tensor, generator: torch.Generator | None = None, shift: float = flow.OUTER_SHIFT,
+    multistep: str = "renoise",
+) -> Tensor:
     """Expert k takes the k-th transition of the outer grid (predict x0, re-noise to the next time)."""
     grid = flow.outer_grid(len(experts), shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i, expert in enumerate(experts):
-        x = few_step_transition(expert, x, grid[i], grid[i + 1], cond, generator)
+        x = few_step_transition(expert, x, grid[i], grid[i + 1], cond, generator, multistep)
     return x

@@ -33,6 +33,7 @@ from tmd.methods.phased_dmd import IntervalMatching, IntervalMatchingConfig
 @dataclass
 class TDMConfig(IntervalMatchingConfig):
     generator_every: int = 1  # TDM updates generator and fake score 1:1
+    critics_on_generator_steps: bool = True
     tau_shift: float = 1.0  # tau uniform in the stage's interval
 
 

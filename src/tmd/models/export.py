@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
+from tmd.files import check_output_dir, check_safetensors, make_output_dir, save_safetensors, share_like_other_files
 from tmd.models.wan import WanTeacher
 
 CONFIG_FILE = "config.json"
@@ -23,34 +22,45 @@ PARTS_FILE = "tmd_parts.safetensors"
 TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
 """The TMDStudent submodules that are not part of the teacher's transformer."""
 STUDENT_KINDS = ("tmd_student", "few_step")
+STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity", "transition_target")
+"""TMD student settings a run's method config records and a student must be rebuilt with."""
+SPLIT_DEFAULTS_OF_OLD_EXPORTS = {"inner_velocity": "implied", "transition_target": "difference"}
+"""What runs and folders written before a setting was recorded were trained with."""
 
 
-def export_student(student, path: str | Path, teacher_source: str | None = None) -> Path:
+def export_student(student, path: str | Path, teacher_source: str | Path | None = None) -> Path:
     """Write ``student`` (a ``TMDStudent`` or a few-step ``WanTeacher``) as a student folder at ``path``.
 
-    ``teacher_source`` (the teacher's diffusers pipeline root) is recorded so that generation can find
-    the text encoder and VAE the student was distilled with.
+    ``teacher_source`` (the teacher's diffusers pipeline root) is recorded, as an absolute path so that
+    generation from any working directory can find the text encoder and VAE the student was distilled with.
     """
     from tmd.models.split import TMDStudent
 
     path = Path(path)
     if isinstance(student, TMDStudent):
-        config: dict[str, Any] = {"kind": "tmd_student", "head_blocks": student.head_blocks, "fusion": student.fusion_kind}
+        config: dict[str, Any] = {
+            "kind": "tmd_student",
+            "head_blocks": student.head_blocks,
+            "fusion": student.fusion_kind,
+            "inner_velocity": student.inner_velocity,
+            "transition_target": student.transition_target,
+        }
     elif isinstance(student, WanTeacher):
         config = {"kind": "few_step"}
     else:
         raise TypeError(f"can export a TMDStudent or a WanTeacher-style few-step generator, got {type(student).__name__}")
-    path.mkdir(parents=True, exist_ok=True)
+    make_output_dir(path)
     student.transformer.save_pretrained(path / TRANSFORMER_DIR, safe_serialization=True)
+    share_like_other_files(path / TRANSFORMER_DIR)
     if config["kind"] == "tmd_student":
         parts = {
             f"{name}.{key}": value.detach().contiguous().cpu()
             for name in TMD_PARTS
             for key, value in getattr(student, name).state_dict().items()
         }
-        save_file(parts, str(path / PARTS_FILE))
+        save_safetensors(parts, path / PARTS_FILE)
     config["transformer"] = {k: v for k, v in student.transformer.config.items() if not k.startswith("_")}
-    config["teacher"] = None if teacher_source is None else str(teacher_source)
+    config["teacher"] = None if teacher_source is None else str(Path(teacher_source).resolve())
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
 
@@ -70,20 +80,23 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path) -> Pa
     weights = Path(weights)
     if not weights.is_file():
         raise FileNotFoundError(f"no student weights at {weights}")
+    check_safetensors(weights)
+    check_output_dir(path)
     with safe_open(str(weights), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "method_config" not in metadata:
         raise ValueError(f"{weights} has no method_config metadata: it was not written by tmd train")
     method_config = json.loads(metadata["method_config"])
     model = load_teacher(teacher)
-    split = {k: method_config[k] for k in ("head_blocks", "fusion") if k in method_config}
+    split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
     if "head_blocks" in split:
+        split = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **split}
         model = TMDStudent.from_teacher(model, **split)
     try:
         load_student_weights(model, str(weights), split)
     except ValueError as e:
         raise ValueError(f"cannot export the {metadata.get('method')!r} run: {e}") from None
-    return export_student(model, path, teacher_source=str(teacher))
+    return export_student(model, path, teacher_source=teacher)
 
 
 def read_student_config(path: str | Path) -> dict[str, Any]:
@@ -107,6 +120,8 @@ def read_student_config(path: str | Path) -> dict[str, Any]:
     missing = [name for name in required if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"student folder {path} is incomplete: missing {missing}")
+    if kind == "tmd_student":
+        check_safetensors(path / PARTS_FILE)
     return config
 
 

@@ -95,11 +95,18 @@ class MLPVelocity(_MLPFlow):
 class MLPTransition(_MLPFlow):
     """A ``TransitionModel``: ``backbone_depth`` blocks run once per outer step, ``head_depth`` per inner step."""
 
-    def __init__(self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2):
+    def __init__(
+        self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2, inner_velocity: str = "noise",
+        transition_target: str = "difference",
+    ):
         if backbone_depth < 1 or head_depth < 1:
             raise ValueError(f"backbone_depth and head_depth must be >= 1, got {backbone_depth}, {head_depth}")
+        flow.check_inner_velocity(inner_velocity)
+        flow.check_transition_target(transition_target)
         super().__init__(dim, cond_dim, width, backbone_depth + head_depth)
         self.backbone_depth = backbone_depth
+        self.inner_velocity = inner_velocity
+        self.transition_target = transition_target
         self.inner_block = Block(width)
         self.fusion_gate = nn.Parameter(torch.zeros(()))
         self.fusion = nn.Linear(width, width)
@@ -109,11 +116,11 @@ class MLPTransition(_MLPFlow):
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def from_velocity_model(cls, model: MLPVelocity, head_depth: int = 1) -> "MLPTransition":
+    def from_velocity_model(cls, model: MLPVelocity, head_depth: int = 1, inner_velocity: str = "noise") -> "MLPTransition":
         """Student whose head's first evaluation at ``s = t`` equals ``model.velocity`` for any ``y_s`` and ``r``."""
         if not 1 <= head_depth < model.depth:
             raise ValueError(f"head_depth must be in [1, {model.depth - 1}] for a model of depth {model.depth}, got {head_depth}")
-        student = cls(model.dim, model.cond_dim, model.width, model.depth - head_depth, head_depth)
+        student = cls(model.dim, model.cond_dim, model.width, model.depth - head_depth, head_depth, inner_velocity)
         unexpected = student.load_state_dict(model.state_dict(), strict=False).unexpected_keys
         if unexpected:
             raise ValueError(f"velocity model has parameters the student lacks: {unexpected}")

@@ -26,6 +26,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
+from tmd import flow
 from tmd.models.wan import (
     TIMESTEP_SCALE,
     WanState,
@@ -95,8 +96,13 @@ class TMDStudent(WanModule):
     fsdp_entry_points = ("backbone", "head")
     """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
 
-    def __init__(self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated"):
+    def __init__(
+        self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        transition_target: str = "difference",
+    ):
         super().__init__()
+        flow.check_inner_velocity(inner_velocity)
+        flow.check_transition_target(transition_target)
         num_blocks = teacher.num_blocks
         if not 1 <= head_blocks < num_blocks:
             raise ValueError(
@@ -109,6 +115,10 @@ class TMDStudent(WanModule):
         self.transformer = copy.deepcopy(teacher.transformer).requires_grad_(True)
         self.head_blocks = head_blocks
         self.fusion_kind = fusion
+        self.inner_velocity = inner_velocity
+        """How the head's output becomes the inner flow's average velocity (``tmd.flow.INNER_VELOCITIES``)."""
+        self.transition_target = transition_target
+        """What the head estimates (``tmd.flow.TRANSITION_TARGETS``)."""
         dim = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
         dtype = teacher.dtype
         self.inner_block = InnerStateBlock(dim, eps=self.transformer.config.eps).to(dtype)
@@ -119,8 +129,12 @@ class TMDStudent(WanModule):
         self.activation_checkpointing = False
 
     @classmethod
-    def from_teacher(cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated") -> "TMDStudent":
-        return cls(teacher, head_blocks=head_blocks, fusion=fusion).to(teacher.transformer.device)
+    def from_teacher(
+        cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        transition_target: str = "difference",
+    ) -> "TMDStudent":
+        student = cls(teacher, head_blocks, fusion, inner_velocity, transition_target)
+        return student.to(teacher.transformer.device)
 
     @classmethod
     def from_pretrained(
@@ -133,7 +147,7 @@ class TMDStudent(WanModule):
         """
         from safetensors.torch import load_file
 
-        from tmd.models.export import PARTS_FILE, TMD_PARTS, TRANSFORMER_DIR, read_student_config
+        from tmd.models.export import PARTS_FILE, SPLIT_DEFAULTS_OF_OLD_EXPORTS, TMD_PARTS, TRANSFORMER_DIR, read_student_config
         from tmd.models.wan import cast_transformer, load_teacher
 
         path = Path(path)
@@ -142,7 +156,8 @@ class TMDStudent(WanModule):
             raise ValueError(f"{path} holds a {config['kind']} generator, not a TMD student; load it with load_teacher")
         with torch.device("meta"):
             skeleton = WanTransformer3DModel.from_config(config["transformer"])
-        student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"])
+        inner_flow = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **{k: config[k] for k in SPLIT_DEFAULTS_OF_OLD_EXPORTS if k in config}}
+        student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"], **inner_flow)
         student.transformer = load_teacher(path / TRANSFORMER_DIR, dtype=dtype).transformer
         parts = load_file(str(path / PARTS_FILE))
         result = nn.ModuleDict({name: getattr(student, name) for name in TMD_PARTS}).load_state_dict(parts, strict=False)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import html
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+from tmd.errors import PromptError, TmdWarning
+from tmd.files import check_safetensors_folder, share_like_other_files
 
 try:
     import ftfy
@@ -96,21 +100,28 @@ def build_word_tokenizer(vocabulary: list[str], model_max_length: int = WAN_MAX_
     )
 
 
+def _quoted(prompt: str, length: int = 60) -> str:
+    return repr(prompt if len(prompt) <= length else prompt[: length - 3] + "...")
+
+
 def check_known_words(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> None:
-    """Fail loudly instead of silently conditioning on ``<unk>`` (word-level tokenizers only)."""
+    """Fail loudly, naming each prompt, instead of silently conditioning on ``<unk>`` (word-level
+    tokenizers only: a subword tokenizer such as UMT5's encodes any text)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.model, models.WordLevel):
         return
     vocab = backend.get_vocab()
-    unknown: dict[str, None] = {}
+    problems = []
     for prompt in prompts:
         text = backend.normalizer.normalize_str(prompt) if backend.normalizer else prompt
-        for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
-            if word not in vocab:
-                unknown[word] = None
-    if unknown:
+        unknown = dict.fromkeys(word for word, _ in backend.pre_tokenizer.pre_tokenize_str(text) if word not in vocab)
+        if unknown:
+            problems.append(f"prompt {_quoted(prompt)} has unknown word(s) {list(unknown)}")
+    if problems:
         known = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in _SPECIAL_TOKENS]
-        raise ValueError(f"unknown word(s) {list(unknown)} in prompts; vocabulary is {known}")
+        listed = f"{known[:200]}{' and more' if len(known) > 200 else ''}"
+        more = f"; and {len(problems) - 5} more prompts" if len(problems) > 5 else ""
+        raise PromptError(f"{'; '.join(problems[:5])}{more}; the tokenizer's vocabulary is {listed}")
 
 
 class TextEncoder:
@@ -140,16 +151,35 @@ class TextEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def tokenize(self, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input ids and attention mask exactly as ``WanPipeline._get_t5_prompt_embeds`` builds them."""
+    def tokenize(
+        self, prompts: list[str], max_length: int | None = None, strict: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input ids and attention mask exactly as ``WanPipeline._get_t5_prompt_embeds`` builds them.
+
+        ``strict`` refuses words a word-level tokenizer does not know (:func:`check_known_words`), where
+        a typo would silently become ``<unk>``; without it unknown words map to ``<unk>`` as in diffusers,
+        which is what a negative prompt the user never typed needs. A prompt longer than ``max_length``
+        tokens is cut, as in Wan's pipeline, with a warning.
+        """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
         prompts = [clean_prompt(p) for p in prompts]
-        check_known_words(self.tokenizer, prompts)
+        if strict:
+            check_known_words(self.tokenizer, prompts)
+        max_length = max_length or self.max_length
+        full = self.tokenizer(prompts, add_special_tokens=True, verbose=False).input_ids
+        for prompt, ids in zip(prompts, full):
+            if len(ids) > max_length:
+                # raised from here, not the caller: one place, so a prompt tokenized twice warns once
+                warnings.warn(
+                    f"prompt {_quoted(prompt)} is {len(ids)} tokens long; the text encoder reads its first "
+                    f"{max_length} and the rest is cut",
+                    TmdWarning,
+                )
         batch = self.tokenizer(
             prompts,
             padding="max_length",
-            max_length=max_length or self.max_length,
+            max_length=max_length,
             truncation=True,
             add_special_tokens=True,
             return_attention_mask=True,
@@ -158,9 +188,9 @@ class TextEncoder:
         return batch.input_ids, batch.attention_mask
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    def encode(self, prompts: list[str], max_length: int | None = None, strict: bool = True) -> torch.Tensor:
         """(B, L, D) float32 embeddings, exactly zero after each prompt's true tokens."""
-        ids, mask = self.tokenize(prompts, max_length)
+        ids, mask = self.tokenize(prompts, max_length, strict)
         ids, mask = ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         # Right padding makes the mask a prefix, so this equals Wan's trim-to-length-then-zero-pad.
@@ -180,6 +210,7 @@ class TextEncoder:
         if cfg.get("tokenizer_class") == "TokenizersBackend":
             cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
             cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+        share_like_other_files(path / "text_encoder", tok_dir)
 
     @classmethod
     def from_pretrained(
@@ -211,14 +242,13 @@ class TextEncoder:
             raise ValueError(f"{model_dir / 'config.json'} is not valid JSON: {e}") from None
         if model_type != "umt5":
             raise ValueError(f"{model_dir / 'config.json'} has model_type {model_type!r}, expected 'umt5'")
-        if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
-            raise FileNotFoundError(f"no text encoder weights (*.safetensors or *.bin) in {model_dir}")
+        check_safetensors_folder(model_dir)
         if not any((tok_dir / name).is_file() for name in ("tokenizer.json", "spiece.model")):
             raise FileNotFoundError(f"no tokenizer files (tokenizer.json or spiece.model) in {tok_dir}")
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-            model = UMT5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+            model = UMT5EncoderModel.from_pretrained(model_dir, dtype=dtype, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"could not load the text encoder from {path}: {e}") from None
         return cls(tokenizer, model, max_length).to(device)

@@ -18,6 +18,8 @@ from diffusers import WanTransformer3DModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from tmd.files import check_safetensors_folder
+
 TIMESTEP_SCALE = 1000.0
 """diffusers' Wan models take ``timestep = 1000 t``; nothing outside this module uses that scale."""
 
@@ -160,9 +162,18 @@ def project_out(transformer: WanTransformer3DModel, hidden: Tensor, temb: Tensor
     return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def tokens_to_grid(hidden: Tensor, grid: tuple[int, int, int]) -> Tensor:
-    """Token features (B, N, dim) -> (B, dim, F', H', W') for Conv3D heads."""
-    return hidden.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[2], *grid)
+def unpatchify_features(hidden: Tensor, grid: tuple[int, int, int], patch: Sequence[int]) -> Tensor:
+    """Token features (B, N, dim) -> (B, dim / prod(patch), F, H, W) at the latent's own resolution.
+
+    Each token's channels are split into its patch positions, as the output projection's unpatchify does;
+    the TMD paper's discriminator reads teacher features in this layout (A.3, "unpatchified").
+    """
+    p_t, p_h, p_w = patch
+    batch, _, dim = hidden.shape
+    if dim % (p_t * p_h * p_w):
+        raise ValueError(f"feature width {dim} is not divisible by the patch volume {p_t * p_h * p_w}")
+    cells = hidden.reshape(batch, *grid, p_t, p_h, p_w, dim // (p_t * p_h * p_w))
+    return cells.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 class WanModule(nn.Module):
@@ -199,7 +210,8 @@ class WanTeacher(WanModule):
     def velocity_and_features(
         self, x_t: Tensor, t: Tensor | float, cond: Tensor, feature_blocks: Sequence[int] = ()
     ) -> tuple[Tensor, list[Tensor]]:
-        """Velocity (float32) and the hidden states after the given blocks, as (B, dim, F', H', W') grids."""
+        """Velocity (float32) and the hidden states after the given blocks, unpatchified to
+        (B, dim / prod(patch), F, H, W) (:func:`unpatchify_features`)."""
         check_inputs(self.config, x_t, cond)
         for index in feature_blocks:
             if not 0 <= index < self.num_blocks:
@@ -210,7 +222,8 @@ class WanTeacher(WanModule):
             self.transformer.blocks, state.hidden, state, checkpointing=self.activation_checkpointing, capture=feature_blocks
         )
         velocity = project_out(self.transformer, hidden, state.temb, state.grid).float()
-        return velocity, [tokens_to_grid(captured[i], state.grid) for i in feature_blocks]
+        patch = self.transformer.config.patch_size
+        return velocity, [unpatchify_features(captured[i], state.grid, patch) for i in feature_blocks]
 
     def velocity(self, x_t: Tensor, t: Tensor | float, cond: Tensor) -> Tensor:
         return self.velocity_and_features(x_t, t, cond)[0]
@@ -285,9 +298,7 @@ def load_teacher(
             transformer = build_transformer(_read_config_file(path), seed)
         else:
             folder = _find_transformer_folder(path)
-            weights = list(folder.glob("*.safetensors"))
-            if not weights:
-                raise FileNotFoundError(f"no .safetensors weights in {folder} (tmd never loads pickled weights)")
+            check_safetensors_folder(folder)
             transformer = WanTransformer3DModel.from_pretrained(
                 folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype
             )

@@ -51,18 +51,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tmd.config import RunConfig, save_config, to_dict
+from tmd.config import RunConfig, to_dict
+from tmd.errors import NonFiniteLossError
 from tmd.rng import BatchRandom
 from tmd.train import checkpoint as ckpt
 from tmd.train.distributed import DistContext, check_global_batch, gather_full, slice_batch
 from tmd.train.logging import MetricLogger
-
-CONFIG_FILE = "config.yaml"
-CHECKPOINT_DIR = "checkpoints"
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss or gradient norm became NaN/inf; the run stops before the bad update touches weights."""
+from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fresh
 
 
 EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
@@ -185,7 +180,9 @@ class Trainer:
     """Runs ``method`` on ``data`` for ``cfg.train.steps`` steps in ``run_dir`` (default ``train.out_dir``).
 
     ``resume=True`` continues from the latest checkpoint in ``run_dir`` (or starts fresh if there is
-    none); without it a run_dir that already holds checkpoints is refused rather than mixed into.
+    none); without it a run_dir that already holds checkpoints is refused rather than mixed into, and
+    so is a resume whose config differs from the run's in a key that changes the model or the training
+    (``tmd.train.resume``).
     ``eval_fn(step, ema) -> metrics`` (``tmd.train.hooks``) runs before the first step, every
     ``train.eval_every`` steps and after the last, with the EMA state dicts by EMA module name; its metrics
     are logged as ``eval/*``.
@@ -236,20 +233,18 @@ class Trainer:
         seed_everything(tc.seed)
         self.step = 0
 
+        plan = plan_run(cfg, self.run_dir, resume)  # a refused resume leaves the folder as it was
         if self.dist.is_main:
             ckpt.remove_stale_temporaries(self.checkpoint_dir)
         self.dist.barrier()
-        latest = ckpt.latest_checkpoint(self.checkpoint_dir)
-        if latest is not None and not resume:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (latest {latest.name}); "
-                "resume it (resume=True / --resume) or choose another train.out_dir"
-            )
-        if latest is not None:
-            self._load(latest)
+        if plan is not None:
+            self._load(plan.checkpoint)
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / CONFIG_FILE)
+            if plan is None:
+                start_fresh(cfg, self.run_dir)
+            else:
+                record_resume(self.run_dir, self.step, plan)
+                print(f"resumed from step {self.step} ({plan.checkpoint})", flush=True)
         self._window: dict[str, list[float]] = defaultdict(list)
 
     def _check_groups(self) -> None:
@@ -287,9 +282,8 @@ class Trainer:
         if not np.isfinite(total) or not all(np.isfinite(v) for v in values.values()):
             bad = next((name for name, v in values.items() if not np.isfinite(v)), "total")
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step} in group {group!r}: term {bad!r} = "
-                f"{values.get(bad, total)} (total {total}); stopped before updating, "
-                f"the last checkpoint in {self.checkpoint_dir} is intact"
+                f"non-finite loss at step {self.step + 1} in group {group!r}: term {bad!r} = "
+                f"{values.get(bad, total)} (total {total}); stopped before updating; {self._checkpoint_state()}"
             )
         with torch.autocast(self.device.type, enabled=False):
             for optimizer in self.optimizers.values():
@@ -300,8 +294,8 @@ class Trainer:
             grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not np.isfinite(grad_norm):
                 raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {self.step} in group {group!r} (loss {total}); "
-                    f"stopped before updating, the last checkpoint in {self.checkpoint_dir} is intact"
+                    f"non-finite gradient norm at step {self.step + 1} in group {group!r} (loss {total}); "
+                    f"stopped before updating; {self._checkpoint_state()}"
                 )
             self.optimizers[group].step()
             for name, ema in self.emas.items():
@@ -311,6 +305,13 @@ class Trainer:
         self._window[f"grad_norm/{group}"].append(grad_norm)
         for name, v in values.items():
             self._window[f"{group}/{name}"].append(v)
+
+    def _checkpoint_state(self) -> str:
+        latest = ckpt.latest_checkpoint(self.checkpoint_dir)
+        if latest is None:
+            first = min(self.cfg.train.checkpoint_every, self.cfg.train.steps)
+            return f"no checkpoint was written yet (the first comes at step {first}), so there is nothing to resume"
+        return f"the last checkpoint, {latest}, is intact: --resume continues from it"
 
     # -- loop ------------------------------------------------------------------------------------
 

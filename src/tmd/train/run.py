@@ -16,16 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.world_data import WorldAssets, world_data_source
+from tmd.files import check_safetensors, save_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.hooks import eval_hook
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
+from tmd.train.resume import flatten, plan_run
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads."""
@@ -65,6 +66,14 @@ def with_linear_attention(teacher: torch.nn.Module, weights: str | None, copy_mo
         raise ConfigError(f"data.linearised_teacher: {e}") from None
 
 
+def check_weight_files(cfg: RunConfig) -> None:
+    """Every config value naming a ``.safetensors`` file (``method.init_from``, ...) names a complete one;
+    the loaders deep inside a method would fail on a truncated one without naming it."""
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, str) and value.endswith(".safetensors") and Path(value).is_file():
+            check_safetensors(value, key)
+
+
 @dataclass
 class TrainedRun:
     weights: Path
@@ -80,6 +89,9 @@ def train_run(
     """Train ``cfg`` and export the EMA generator to ``run_dir/student.safetensors``."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    # before the teacher is loaded (minutes for Wan): a refused resume or a broken weights file fails at once
+    plan_run(cfg, run_dir if run_dir is not None else cfg.train.out_dir, resume)
+    check_weight_files(cfg)
     ctx = init_distributed(resolve_device(cfg.train.device))
     if cfg.data_kind == "world" and assets is None:
         assets = WorldAssets(cfg.data.assets)  # loaded here because evaluation during training scores on it too
@@ -101,7 +113,7 @@ def train_run(
     if ctx.is_main:
         # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
         metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(path), metadata=metadata)
+        save_safetensors({k: v.detach().contiguous() for k, v in weights.items()}, path, metadata=metadata)
         (result.run_dir / "student.json").write_text(
             json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
         )

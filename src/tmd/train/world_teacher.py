@@ -25,6 +25,7 @@ from tmd.data.world_data import (
     assets_dir,
     world_data_source,
 )
+from tmd.files import share_like_other_files
 
 Stage = Literal["autoencoder", "decoder", "text", "teacher", "all"]
 
@@ -34,7 +35,7 @@ class TeacherModelConfig:
     """The Wan transformer's size; channels and text width follow the autoencoder and text encoder.
 
     64 latent tokens (8x4x8x8 latents, patch 1x2x2) at width 128 train at ~0.4-0.5 s per batch-32
-    step on 2 idle CPU cores (DESIGN.md section 8); 6 blocks buy more steps in a fixed CPU budget.
+    step on 2 idle CPU cores (docs/design.md, section 7); 6 blocks buy more steps in a fixed CPU budget.
     """
 
     num_layers: int = 6
@@ -213,6 +214,7 @@ def train_teacher(cfg: WorldTeacherConfig, out: Path, resume: bool, command: str
     if target.exists():
         shutil.rmtree(target)
     teacher.transformer.save_pretrained(target, safe_serialization=True)
+    share_like_other_files(target)
     save_config(cfg, target / "training_config.yaml")
     write_metadata(cfg, out, command)
     return result.metrics
