@@ -34,7 +34,11 @@ def distance(sample_fn, seed=0):
 
 def train(method, steps, lr=1e-3, seed=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(seed))
-    optimizers = {name: torch.optim.Adam(params, lr=lr) for name, params in method.parameter_groups().items()}
+    overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own settings, as the trainer applies them
+    optimizers = {
+        name: torch.optim.Adam(params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999)))
+        for name, params in method.parameter_groups().items()
+    }
 
     def update(group, loss, terms=None):
         assert torch.isfinite(loss), f"{group} loss {loss}"

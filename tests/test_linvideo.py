@@ -2,6 +2,7 @@
 the linearised model as the teacher of TMD and DMD2 (``data.linearised_teacher``)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from tmd.models.linear_attention import (
     linear_layers,
     linearise,
     round_selection,
+    selection_losses,
     selective_layers,
     softmax_ratios,
 )
@@ -193,22 +195,37 @@ def trajectory_gap(model, teacher, batch, steps=8, guidance=3.0, shift=5.0):
 def test_selective_transfer_keeps_the_hard_layer_and_rounds_to_the_target():
     hard = 2
     teacher = sharpened_teacher(hard, 4.0)
-    cfg = get_method("linvideo").Config(
-        softmax_layers=1, selection_steps=30, logit_gain=1000.0, constraint_weight=1e-3,
-        binarise_weight=1e-3, guidance=3.0, trajectory_steps=8,
-    )
+    # every r starts at 0.99 (all softmax) and the constraint on the rounded count pulls them down together
+    cfg = get_method("linvideo").Config(softmax_layers=1, selection_steps=30, logit_gain=3000.0, guidance=3.0, trajectory_steps=8)
     method = get_method("linvideo").from_teacher(cfg, teacher)
     terms = []
     train(method, make_batch(), 30, record=terms)
     ratios = softmax_ratios(method.student).detach()
     print(describe_layers(method.student))
-    assert int(ratios.argmax()) == hard
-    assert abs(float(ratios.sum()) - 1) < 0.5, ratios
+    others = torch.cat([ratios[:hard], ratios[hard + 1:]])
+    assert float(ratios[hard]) > float(others.max()) + 0.03 and float(others.max()) < 0.5, ratios  # measured 0.33 vs 0.28
     assert terms[-1]["transfer"] < 0.85 * terms[0]["transfer"], (terms[0], terms[-1])
 
     train(method, make_batch(), 1, start=30)  # rounding is due at step selection_steps
     assert linear_layers(method.student) == [i for i in range(4) if i != hard]
     assert float(softmax_ratios(method.student).sum()) == 1.0
+
+
+def test_selection_starts_all_softmax_and_constrains_the_rounded_count(tiny_teacher):
+    """r starts at 0.99 in every layer; the default target is the paper's share (16 of 30 linear: 2 of 4);
+    the constraint is ``(sum round(r) - target)^2`` with its gradient passed straight through the rounding."""
+    method = get_method("linvideo").from_teacher(get_method("linvideo").Config(), tiny_teacher)
+    assert method.softmax_layers == 2
+    torch.testing.assert_close(softmax_ratios(method.student), torch.full((4,), 0.99))
+    layers = selective_layers(method.student)
+    with torch.no_grad():
+        for layer, r in zip(layers, (0.9, 0.6, 0.3, 0.2)):
+            layer.ratio_logit.fill_(math.log(r / (1 - r)) / float(layer.logit_gain))
+    constraint, _ = selection_losses(method.student, 1, 20.0)
+    constraint.backward()
+    assert float(constraint.detach()) == 1.0  # two layers round to softmax, one is wanted
+    for layer, r in zip(layers, (0.9, 0.6, 0.3, 0.2)):  # d/dr = 2 (2 - 1) in every layer, through r = sigmoid(gain logit)
+        torch.testing.assert_close(layer.ratio_logit.grad, torch.tensor([2.0 * r * (1 - r) * float(layer.logit_gain)]))
 
 
 def test_rounding_gives_exactly_the_target(tiny_teacher):

@@ -138,9 +138,8 @@ class Demo:
         if method == "phased_dmd":
             cfg["phase_steps"] = p.stage2_steps // 2
         if method == "linvideo":
-            # a third of the layers stay softmax; selective transfer takes the first half of the budget
-            cfg.update(shift=self.shift, trajectory_steps=8, softmax_layers=max(1, self.teacher.num_blocks // 3),
-                       selection_steps=p.stage2_steps // 2)
+            # the paper's share of linear layers (the method's default); selective transfer takes the first half of the budget
+            cfg.update(shift=self.shift, trajectory_steps=8, selection_steps=p.stage2_steps // 2)
         return cfg
 
     def _distill_config(self, outer_steps: int) -> dict:

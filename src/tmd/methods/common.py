@@ -114,11 +114,17 @@ def dmd_loss(x_hat: Tensor, x0_fake: Tensor, x0_real: Tensor) -> Tensor:
     Its gradient wrt x_hat is g (per element, up to the mean's scale); the per-sample normaliser
     makes the step size independent of how far the sample is from the teacher.
     """
+    return proxy_loss(x_hat, x0_real - x0_fake, x0_real)
+
+
+def proxy_loss(x_hat: Tensor, direction: Tensor, reference: Tensor | None = None) -> Tensor:
+    """``0.5 ||x - sg(x + direction / scale)||^2``, a step along ``direction``: with ``reference`` (the real
+    score's x0 the step points to) DMD's per-sample ``scale = mean|x - reference|``, without it 1."""
     with torch.no_grad():
-        dims = tuple(range(1, x_hat.ndim))
-        scale = (x_hat - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
-        grad = (x0_fake - x0_real) / scale
-        target = x_hat - grad
+        if reference is not None:
+            dims = tuple(range(1, x_hat.ndim))
+            direction = direction / (x_hat - reference).abs().mean(dim=dims, keepdim=True).clamp_min(1e-6)
+        target = x_hat + direction
     return 0.5 * (x_hat.float() - target.float()).pow(2).mean()
 
 

@@ -108,9 +108,13 @@ class DistributionMatching(nn.Module):
     """Step counts at which ``tmd demo`` evaluates the trained generator."""
 
     @staticmethod
-    def sample(generator_module: nn.Module, noise: Tensor, cond: Tensor, steps: int, rng: torch.Generator | None = None) -> Tensor:
-        """How this method's trained generator samples: deterministic Eq. 18 steps (DMD2-v)."""
-        return sample_few_step(generator_module, noise, cond, steps, rng)
+    def sample(
+        generator_module: nn.Module, noise: Tensor, cond: Tensor, steps: int, rng: torch.Generator | None = None,
+        outer_shift: float = flow.OUTER_SHIFT, multistep: str = "deterministic",
+    ) -> Tensor:
+        """How this method's trained generator samples: deterministic Eq. 18 steps (DMD2-v) on the outer grid.
+        ``outer_shift`` and ``multistep`` take the values of the run's method-config keys of the same names."""
+        return sample_few_step(generator_module, noise, cond, steps, rng, outer_shift, multistep)
 
     def denoise(self, x_t: Tensor, t: Tensor, noise: Tensor, cond: Tensor) -> Tensor:
         """The generator's sample ``x_hat`` from the noised data ``x_t = (1 - t) x + t noise`` (per-sample t)."""

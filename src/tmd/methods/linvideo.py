@@ -1,10 +1,13 @@
 """LinVideo (Huang et al. 2025, arXiv 2510.08318): linear attention in chosen layers, recovered by ADM.
 
 The student is a copy of the teacher with every self-attention made selective
-(:mod:`tmd.models.linear_attention`): ``r softmax + (1 - r) linear`` per layer. For the first
-``selection_steps`` steps selective transfer learns the r's (a count constraint towards
-``softmax_layers`` and an annealed 0/1 regulariser), then :func:`round_selection` keeps exactly
-``softmax_layers`` layers softmax and makes the rest linear; training goes on with the rounded model.
+(:mod:`tmd.models.linear_attention`): ``r softmax + (1 - r) linear`` per layer, every r starting at 1
+(0.99: all softmax, converted progressively). For the first ``selection_steps`` steps selective transfer
+learns the r's (a constraint on the rounded count, ``(sum round(r) - softmax_layers)^2``, and an
+annealed 0/1 regulariser), then :func:`round_selection` keeps exactly ``softmax_layers`` layers softmax
+(by default the paper's share: 16 of 30 linear, so 3 of the world's 6) and makes the rest linear;
+training goes on with the rounded model. The paper's text was only available to us second-hand
+(summaries of arXiv 2510.08318; no official code): ``docs/methods.md`` marks what is ours.
 
 Anytime distribution matching (ADM), data-free: each step samples the teacher's ODE with CFG from noise
 on its Euler grid (``trajectory_steps``, ``shift``) down to a random grid time ``t_i``; from that teacher
@@ -28,6 +31,8 @@ Ambiguities and choices:
   dropped once rounded (a linear layer no longer computes its softmax).
 - ``beta`` of the 0/1 regulariser goes linearly from ``beta_start`` to ``beta_end`` over the selection
   phase (AdaRound's 20 -> 2).
+- The rounding in the constraint passes its gradient straight through (a plain round has none), so the
+  constraint pulls every r alike while the rounded count misses the target and is silent once it is met.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from tmd.models.linear_attention import (
     linearise,
     round_selection,
     selection_losses,
+    selective_layers,
     softmax_ratios,
     take_transfer_loss,
 )
@@ -67,18 +73,21 @@ from tmd.sampling import guided_velocity, sample_teacher, teacher_grid
 
 @dataclass
 class LinVideoConfig:
-    softmax_layers: int = 10  # layers left softmax after rounding (our Wan 1.3B default: 20 of 30 linear)
+    softmax_layers: Optional[int] = None  # layers left softmax after rounding; None: the paper's 16 of 30 linear
     selection_steps: int = 500  # selective transfer, then rounding at this step (0: none, the first layers stay softmax)
     feature_dim: Optional[int] = None  # Hedgehog features per half; None: the head dimension
-    init_ratio: float = 0.5  # r of every layer when selection starts
+    init_ratio: float = 0.99  # r of every layer when selection starts: all softmax (a sigmoid reaches 1 only in the limit)
     # AdamW moves every parameter by about lr per step; these gains make the r's and the feature maps move
-    # gain x lr. Tuned at train.lr 1e-4 (the world demo); at lr 1e-5 scale both by 10.
-    logit_gain: float = 200.0  # r = sigmoid(gain * logit)
+    # gain x lr. Tuned at train.lr 1e-4 (the world demo: r leaves 0.99 for 0.5 in about 50 steps); at lr
+    # 1e-5 scale both by 10.
+    logit_gain: float = 1000.0  # r = sigmoid(gain * logit)
     feature_gain: float = 100.0  # W = gain * parameter
-    # small on purpose: Adam follows the sign of each logit's gradient, so the layers separate only where
-    # the constraint's pull, shared by all, is weaker than ADM's pull towards softmax in the harder layers
+    # the constraint must outweigh the 0/1 regulariser's hold on r near 1 (at beta 20 and r = 0.99 its
+    # gradient is 27 per unit weight, the constraint's 2 per missing layer), and it falls silent once the
+    # rounded count is met; Adam follows the sign of each logit's gradient, so the layers separate where
+    # ADM's pull towards softmax in the harder layers is stronger than the constraint's, shared by all
     constraint_weight: float = 0.01
-    binarise_weight: float = 0.01
+    binarise_weight: float = 0.001
     beta_start: float = 20.0
     beta_end: float = 2.0
     transfer_weight: float = 1.0  # attention transfer of the feature maps while layers are mixed
@@ -93,8 +102,8 @@ class LinVideoConfig:
         flow.check_steps(self.trajectory_steps, "trajectory_steps")
         if self.trajectory_steps < 2:
             raise ValueError("trajectory_steps must be >= 2: the last step is matched at the last positive grid time")
-        if self.softmax_layers < 0:
-            raise ValueError(f"softmax_layers must be >= 0, got {self.softmax_layers}")
+        if self.softmax_layers is not None and self.softmax_layers < 0:
+            raise ValueError(f"softmax_layers must be >= 0 (or null for the paper's proportion), got {self.softmax_layers}")
         if self.selection_steps < 0:
             raise ValueError(f"selection_steps must be >= 0, got {self.selection_steps}")
         if self.transfer_tokens < 1:
@@ -112,6 +121,9 @@ class LinVideoConfig:
         if not 0 <= self.uncond_prob <= 1:
             raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
 
+
+PAPER_LINEAR_SHARE = 16 / 30
+"""The paper's Wan 1.3B default: 16 of its 30 self-attention layers linear."""
 
 MODE_KEY = "attn1.processor.mode"
 """The end of the state-dict key that holds each layer's mode (softmax, linear or mixed) in an export."""
@@ -184,7 +196,9 @@ class LinVideo(StudentMethod):
     """Teacher step counts at which ``tmd demo`` evaluates the linearised model (with CFG, like the teacher)."""
 
     def __init__(self, cfg: LinVideoConfig, teacher: nn.Module, student: nn.Module):
-        check_target(student, cfg.softmax_layers)
+        layers = len(selective_layers(student))
+        self.softmax_layers = cfg.softmax_layers if cfg.softmax_layers is not None else layers - round(PAPER_LINEAR_SHARE * layers)
+        check_target(student, self.softmax_layers)
         super().__init__(cfg, student, teacher)
 
     @classmethod
@@ -236,15 +250,15 @@ class LinVideo(StudentMethod):
 
     def training_step(self, batch, step, update):
         cfg = self.cfg
-        if not is_rounded(self.student) and (step >= cfg.selection_steps or cfg.softmax_layers == 0):
-            round_selection(self.student, cfg.softmax_layers)
+        if not is_rounded(self.student) and (step >= cfg.selection_steps or self.softmax_layers == 0):
+            round_selection(self.student, self.softmax_layers)
         selecting = not is_rounded(self.student)
         terms = {"adm": self.adm_loss(batch)}
         if selecting:
             transfer = take_transfer_loss(self.student)
             if cfg.transfer_weight > 0 and transfer is not None:
                 terms["transfer"] = cfg.transfer_weight * transfer
-            constraint, binarise = selection_losses(self.student, cfg.softmax_layers, self.beta(step))
+            constraint, binarise = selection_losses(self.student, self.softmax_layers, self.beta(step))
             terms["constraint"] = cfg.constraint_weight * constraint
             terms["binarise"] = cfg.binarise_weight * binarise
         update("student", sum(terms.values()), terms)

@@ -1,23 +1,25 @@
-"""MDT-dist (Zhou et al. 2025, arXiv 2509.04406): marginal-data transport distillation.
+"""MDT-dist (Zhou et al. 2025, arXiv 2509.04406; official code Zanue/MDT-dist
+``src/trellis/trainers/flow_matching/flow_matching_mdt.py``, ``distill_type: discrete``, the default of
+its configs): marginal-data transport distillation.
 
-The student ``u(x_t, t)`` predicts the transport to data, ``x0 = x_t - t u``; it is exact when x0 is
-constant along the teacher's ODE, i.e. ``u = v_T^w - t du/dt`` with ``du/dt`` the student's derivative
-along the teacher velocity. Velocity matching (VM) regresses u on that target at noised data points;
-velocity distillation (VD) is DMD on the student's few-step samples with the student as its own fake
-score (no fake network): its fake velocity is the one the student implies, ``u + t du/dt``. Sampled like DMD2 (``sample_few_step``: predict x0, re-noise).
+The student ``phi(x_t, t)`` is a velocity model whose x0 ``x_t - t phi`` should be the ODE endpoint,
+i.e. ``u = phi + t dphi/dt = v_teacher^w`` along the teacher's ODE (Eq. 12-13). ``dphi/dt`` is the
+backward difference ``(phi(x_t, t) - phi(x_t - dt v, t - dt)) / dt`` along the teacher's CFG velocity v
+(Eq. 14, dt = 0.01), without gradients, and, as the code does, normalised over the whole tensor of each
+sample, ``D / (||D||_2 + 0.1)``. Both losses share one time t (logit-normal, the code's config) and one
+noise:
+- velocity matching (VM) on noised data: ``||phi(x_t, t) - sg(v - t D)||^2``;
+- velocity distillation (VD, Eq. 16-17) on a one-step sample from pure noise, ``x' = z' - T phi(z', T)``
+  (gradients flow through it): ``x'`` is noised with the same t and noise and pushed by the raw velocity
+  gap ``phi(x'_t, t) - (v' - t D')`` (no normaliser), the student itself being the fake score.
+The student samples with deterministic Euler steps of its velocity on the outer grid.
 
 Ambiguities and choices:
-- ``du/dt`` is a central finite difference ``(u(x + d v, t + d) - u(x - d v, t - d)) / 2d`` (no JVP).
-- Normalisation: the VM step ``G = u - u_tgt`` is normalised as ``G / (rms(G) + c)`` (sCM's tangent
-  normalisation, with the per-sample RMS so that c = 0.1 means the same at any resolution).
-  Normalising D alone would move the fixed point (u would match ``v - t D / (|D| + c)``); normalising
-  the step keeps it and only bounds its size.
-- VD's fake x0 uses the implied velocity ``u + t D``, not u: u's x0 is the ODE endpoint, not the
-  posterior mean the teacher's x0 is, so ``x0_T - x0(u)`` never vanishes. Measured: VD with u alone
-  diverged (closed-form SW 1.33 -> 10.8); with ``u + t D`` it learns alone (-> 0.62) and with VM.
-- VM points are data noised at ``t ~ shift_{tau_shift}(U)`` (the teacher's marginal; batches need 'x').
-- Generator and VD reuse DMD2 (backward simulation; real = teacher with CFG); the base's fake-score
-  step is dropped, since the fake score is the student. No GAN term.
+- ``T`` is ``flow.T_MAX`` (0.999), the first time of our samplers (the code evaluates ``phi(z', 1)``).
+- CFG: the config's ``guidance`` for VM and VD (the code's 40 and 100, in its ``(1 + w) v_c - w v_u``
+  form, are TRELLIS's; our teacher samples with the scale it was trained for, 3.5 on the world, 5 on Wan).
+- The code samples the student with TRELLIS's sampler and CFG; our students sample without CFG
+  (one forward per step), like every few-step generator here.
 """
 
 from __future__ import annotations
@@ -25,45 +27,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import dmd_loss, trainable_copy
-from tmd.methods.dmd2 import DMD2, DMD2Config
-from tmd.methods.phased_dmd import _col
-from tmd.sampling import guided_velocity
+from tmd.methods.common import StudentMethod, trainable_copy
+from tmd.sampling import guided_velocity, sample_few_step
 
 
 @dataclass
-class MDTDistConfig(DMD2Config):
-    generator_every: int = 1  # no critic to lead
-    critics_on_generator_steps: bool = True
-    student_input: str = "backward"
-    gan_weight: float = 0.0
+class MDTDistConfig:
+    guidance: float = 5.0  # CFG of the teacher velocity in VM and VD
     vm_weight: float = 1.0
-    vd_weight: float = 1.0
-    finite_difference: float = 5e-3
-    tangent_c: float = 0.1
+    vd_weight: float = 1.0  # the paper's lambda
+    finite_difference: float = 0.01  # dt of Eq. 14
+    tangent_c: float = 0.1  # D / (||D||_2 + c)
+    logit_mean: float = 1.0  # t = sigmoid(N(mean, std)), the code's logitNormal(1, 1)
+    logit_std: float = 1.0
+    outer_steps: int = 2  # the step count a run is scored at first (sample_steps lists the rest)
+    outer_shift: float = flow.OUTER_SHIFT
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.gan_weight != 0:
-            raise ValueError("mdt_dist has no GAN term; set gan_weight=0")
+        flow.check_guidance(self.guidance)
+        flow.check_steps(self.outer_steps, "outer_steps", 16)
         if self.vm_weight < 0 or self.vd_weight < 0 or self.vm_weight + self.vd_weight == 0:
             raise ValueError(f"vm_weight and vd_weight must be >= 0 and not both 0, got {self.vm_weight}, {self.vd_weight}")
         if not 0 < self.finite_difference < 0.1:
             raise ValueError(f"finite_difference must be in (0, 0.1), got {self.finite_difference}")
-        if self.tangent_c <= 0:
-            raise ValueError(f"tangent_c must be > 0, got {self.tangent_c}")
+        if self.tangent_c <= 0 or self.logit_std <= 0 or self.outer_shift <= 0:
+            raise ValueError("tangent_c, logit_std and outer_shift must be > 0")
+
+
+def normalised_tangent(d: Tensor, c: float) -> Tensor:
+    """``D / (||D||_2 + c)``, the norm over all of each sample's elements (the official code's ``d_norm``)."""
+    return d / flow.expand_time(torch.linalg.vector_norm(d.flatten(1), dim=1) + c, d)
 
 
 @register("mdt_dist")
-class MDTDist(DMD2):
+class MDTDist(StudentMethod):
     Config = MDTDistConfig
 
     def __init__(self, cfg: MDTDistConfig, teacher: nn.Module, student: nn.Module):
-        super().__init__(cfg, teacher, student, fake_score=student)
+        super().__init__(cfg, student, teacher)
 
     @classmethod
     def from_teacher(cls, cfg: MDTDistConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MDTDist":
@@ -71,50 +76,46 @@ class MDTDist(DMD2):
         student.activation_checkpointing = activation_checkpointing
         return cls(cfg, teacher, student)
 
-    def parameter_groups(self):
-        return {"generator": list(self.student.parameters())}
+    sample_steps = (1, 2)
 
-    def state_modules(self):
-        return {"student": self.student}
+    @staticmethod
+    def sample(student, noise, cond, steps, rng=None, outer_shift: float = flow.OUTER_SHIFT):
+        """Deterministic Euler steps of the student's velocity on the outer grid."""
+        return sample_few_step(student, noise, cond, steps, rng, outer_shift)
 
-    def _along_teacher(self, x_t, t, cond, v):
-        """Central finite difference of the student along the teacher velocity: ``du/dt`` on its ODE."""
-        d = self.cfg.finite_difference
-        return (self.student.velocity(x_t + d * v, t + d, cond) - self.student.velocity(x_t - d * v, t - d, cond)) / (2 * d)
+    def _times(self, n: int, device) -> Tensor:
+        """The code's logit-normal time, kept in ``[dt + 1e-5, 1]`` so that ``t - dt`` stays a time."""
+        cfg, dt = self.cfg, self.cfg.finite_difference
+        t = torch.sigmoid(self.generator.randn((n,), device) * cfg.logit_std + cfg.logit_mean)
+        return 1e-5 + dt + (1 - dt - 1e-5) * t
 
-    def _times(self, x):
-        d = self.cfg.finite_difference
-        return flow.sample_shifted_uniform(x.shape[0], self.cfg.tau_shift, self.generator, x.device).clamp(d + 1e-3, 1 - d)
+    @torch.no_grad()
+    def velocity_target(self, x_t: Tensor, t: Tensor, phi: Tensor, batch: dict) -> Tensor:
+        """``v^w - t D / (||D|| + c)`` at ``x_t``, ``D`` the student's backward difference along ``v^w``;
+        ``phi`` is the student's velocity at ``(x_t, t)``."""
+        cfg, dt, cond = self.cfg, self.cfg.finite_difference, batch["cond"]
+        v = guided_velocity(self.teacher, x_t, t, cond, batch["neg_cond"], cfg.guidance)
+        d = (phi - self.student.velocity(x_t - dt * v, t - dt, cond)) / dt
+        return v - flow.expand_time(t, x_t) * normalised_tangent(d, cfg.tangent_c)
 
-    def velocity_matching_loss(self, batch):
+    def training_step(self, batch, step, update):
         cfg, x, cond = self.cfg, batch["x"], batch["cond"]
-        t = self._times(x)
-        x_t = flow.interpolate(x, self._randn(x.shape, x.device), t)
-        u = self.student.velocity(x_t, t, cond)
-        with torch.no_grad():
-            v = guided_velocity(self.teacher, x_t, t, cond, batch["neg_cond"], cfg.guidance)
-            step = u - (v - _col(t, x_t) * self._along_teacher(x_t, t, cond, v))
-            rms = step.float().pow(2).flatten(1).mean(1).sqrt()
-            target = u - step / _col(rms + cfg.tangent_c, step)
-        return 0.5 * (u.float() - target.float()).pow(2).mean()
-
-    def velocity_distillation_loss(self, x_hat, batch):
-        cond = batch["cond"]
-        t = self._times(x_hat)
-        x_t = flow.interpolate(x_hat, self._randn(x_hat.shape, x_hat.device), t)
-        with torch.no_grad():
-            v = guided_velocity(self.teacher, x_t, t, cond, batch["neg_cond"], self.cfg.guidance)
-            implied = self.student.velocity(x_t, t, cond) + _col(t, x_t) * self._along_teacher(x_t, t, cond, v)
-            real, fake = flow.x0_from_velocity(x_t, v, t), flow.x0_from_velocity(x_t, implied, t)
-        return dmd_loss(x_hat, fake, real)
-
-    def generator_loss(self, x_hat, batch):
+        t, noise = self._times(x.shape[0], x.device), self.generator.randn(x.shape, x.device)
         terms = {}
-        if self.cfg.vd_weight > 0:
-            terms["vd"] = self.cfg.vd_weight * self.velocity_distillation_loss(x_hat, batch)
-        if self.cfg.vm_weight > 0:
-            terms["vm"] = self.cfg.vm_weight * self.velocity_matching_loss(batch)
-        return sum(terms.values()), terms
-
-    def critic_losses(self, x_fake, batch, update):
+        if cfg.vm_weight > 0:
+            x_t = flow.interpolate(x, noise, t)
+            phi = self.student.velocity(x_t, t, cond)
+            target = self.velocity_target(x_t, t, phi.detach(), batch)
+            terms["vm"] = cfg.vm_weight * (phi.float() - target.float()).pow(2).mean()
+        if cfg.vd_weight > 0:
+            z = self.generator.randn(x.shape, x.device)
+            phi_z = self.student.velocity(z, flow.T_MAX, cond)
+            x_fake = flow.x0_from_velocity(z, phi_z, flow.T_MAX)
+            with torch.no_grad():
+                x_t = flow.interpolate(x_fake, noise, t)
+                phi = self.student.velocity(x_t, t, cond)
+                gap = phi - self.velocity_target(x_t, t, phi, batch)
+            # gradient 2 gap / N on phi_z, hence -2 gap / (T N) on the sample x' = z - T phi_z (Eq. 17)
+            terms["vd"] = cfg.vd_weight * (gap.float() + phi_z.float() - phi_z.detach().float()).pow(2).mean()
+        update("student", sum(terms.values()), terms)
         return {}

@@ -71,8 +71,8 @@ class MeanFlow(StudentMethod):
     sample_steps = (1, 2)
 
     @staticmethod
-    def sample(student, noise, cond, steps, rng=None):
-        return sample_mean_flow(student, noise, cond, steps)
+    def sample(student, noise, cond, steps, rng=None, outer_shift: float = flow.OUTER_SHIFT):
+        return sample_mean_flow(student, noise, cond, steps, outer_shift)
 
     def training_step(self, batch, step, update):
         cfg, g, x, cond = self.cfg, self.generator, batch["x"], batch["cond"]

@@ -261,12 +261,15 @@ def check_target(model: WanModule | WanTransformer3DModel, target: int) -> None:
 
 
 def selection_losses(model: WanModule | WanTransformer3DModel, target: int, beta: float) -> tuple[Tensor, Tensor]:
-    """``(sum r - target)^2`` and ``sum (1 - |2r - 1|^beta)``: the count constraint and the 0/1 regulariser."""
+    """``(sum round(r) - target)^2`` and ``sum (1 - |2r - 1|^beta)``: the count constraint on the rounded
+    count (its gradient passed straight through the rounding, so it pushes every r alike while the rounded
+    count misses the target, and not at all once it is met) and the 0/1 regulariser."""
     check_target(model, target)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     r = softmax_ratios(model)
-    return (r.sum() - target) ** 2, (1 - (2 * r - 1).abs() ** beta).sum()
+    rounded = r + (r.round() - r).detach()
+    return (rounded.sum() - target) ** 2, (1 - (2 * r - 1).abs() ** beta).sum()
 
 
 @torch.no_grad()

@@ -16,6 +16,9 @@ A method is an object with this interface (``TrainableMethod``)::
         how TTUR is written (``if step % 5 == 0: update("generator", g_loss)``). ``terms`` are the
         named parts of the loss, logged as ``<group>/<term>`` and named if one is not finite.
         Returns extra metrics to log.
+    optimizer_overrides() -> {"fake_score": {"lr_scale": 5.0, "betas": (0.0, 0.95)}, ...}   (optional)
+        A method's own AdamW settings per group (its paper's): the group's lr is ``lr_scale x train.lr``
+        unless ``train.lr_groups`` names the group, and ``betas`` replaces ``train.betas``.
     generator: tmd.rng.BatchRandom
         Assigned by the trainer before the first step: seeded from ``train.seed``, on the training
         device, checkpointed. Draw all of the method's noise from it (``randn``, ``rand``, ``randint``
@@ -115,7 +118,9 @@ class GeneratorDataSource:
 class EMA:
     """Exponential moving average of a module's state, kept in fp32 outside the module.
 
-    Floating entries (parameters and float buffers) are averaged; others (counters) are copied.
+    Floating entries (parameters and float buffers) are averaged; others (counters) are copied, and so
+    are parameters the method has frozen (``requires_grad=False``): a frozen part is used as it is (a
+    finished Phased DMD expert, which the later phases train against), so its EMA is the part itself.
     """
 
     def __init__(self, module: nn.Module, decay: float):
@@ -129,11 +134,12 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         current = self.module.state_dict()
-        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        frozen = {name for name, p in self.module.named_parameters() if not p.requires_grad}
+        floats = [k for k, v in self.shadow.items() if v.is_floating_point() and k not in frozen]
         if floats:
             torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], 1.0 - self.decay)
         for k, v in self.shadow.items():
-            if not v.is_floating_point():
+            if k in frozen or not v.is_floating_point():
                 v.copy_(current[k])
 
 
@@ -216,10 +222,14 @@ class Trainer:
         unknown = set(tc.lr_groups) - set(self.groups)
         if unknown:
             raise ValueError(f"train.lr_groups names unknown groups {sorted(unknown)}; groups: {sorted(self.groups)}")
+        overrides = getattr(method, "optimizer_overrides", dict)()
+        if set(overrides) - set(self.groups):
+            raise ValueError(f"optimizer_overrides names unknown groups {sorted(set(overrides) - set(self.groups))}")
         fused = True if self.device.type == "cuda" else None
         self.optimizers = {
             name: torch.optim.AdamW(
-                params, lr=tc.lr_groups.get(name, tc.lr), betas=tc.betas, weight_decay=tc.weight_decay, fused=fused
+                params, lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
+                betas=overrides.get(name, {}).get("betas", tc.betas), weight_decay=tc.weight_decay, fused=fused,
             )
             for name, params in self.groups.items()
         }
