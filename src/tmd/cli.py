@@ -373,6 +373,29 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    """Train the study's missing runs (resumable, --jobs at a time), score them alike, report with intervals."""
+    from tmd.study import main as study
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    return study(args)
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="a declared table of runs x training seeds: train what is missing, score, report with intervals")
+    p.add_argument("--config", required=True, help="a study file, or the name of a shipped one (study_main.yaml, study_ablations.yaml)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (1: in this process)")
+    p.add_argument("--report", action="store_true", help="only write the report (report_dir) from the committed run records")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs (and their parents)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, their keys and state, and the estimated time")
+    p.add_argument("--records", default="docs/study/runs", help="folder of the per-run JSON records (committed)")
+    p.add_argument("--work", default="runs/study", help="folder of the runs' weights and logs (not committed)")
+    p.add_argument("--readme", type=Path, help="with the report: also write the results table into this file's study block")
+    _add_threads(p)
+    p.set_defaults(func=_cmd_study)
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1 without a GPU: on a shared 2-core machine "
                    "one thread measured up to 10x faster than two for these small models; 0 = torch's default)")
@@ -423,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_study(sub)
     for p in sub.choices.values():
         _add_common(p)
     return parser

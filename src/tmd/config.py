@@ -157,6 +157,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     eval_every: Optional[int] = None
+    """Score the EMA generator on the world's benchmark every this many steps (``eval/*`` in metrics.jsonl);
+    0 or null: never. World data only."""
+    eval_videos: int = 24
+    """Prompts in that fixed evaluation set (evenly spread over the world's 72, one noise seed)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the method's forward passes; parameters and optimizer states stay fp32."""
     activation_checkpointing: bool = False
@@ -185,7 +189,8 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.eval_every is None or self.eval_every >= 1, f"eval_every must be >= 1 or null, got {self.eval_every}")
+        _check(self.eval_every is None or self.eval_every >= 0, f"eval_every must be >= 0 or null, got {self.eval_every}")
+        _check(1 <= self.eval_videos <= 72, f"eval_videos must be in [1, 72] (the world's prompts), got {self.eval_videos}")
         if self.device != "auto":
             try:
                 torch.device(self.device)

@@ -79,6 +79,9 @@ from tmd.train.logging import MetricLogger
 from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fresh
 
 
+EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
+
+
 class Update(Protocol):
     def __call__(self, group: str, loss: Tensor, terms: Mapping[str, Tensor] | None = None) -> None: ...
 
@@ -209,7 +212,9 @@ class Trainer:
     none); without it a run_dir that already holds checkpoints is refused rather than mixed into, and
     so is a resume whose config differs from the run's in a key that changes the model or the training
     (``tmd.train.resume``).
-    ``eval_fn(step) -> metrics`` runs every ``train.eval_every`` steps; its metrics are logged as ``eval/*``.
+    ``eval_fn(step, ema) -> metrics`` (``tmd.train.hooks``) runs before the first step, every
+    ``train.eval_every`` steps and after the last, with the EMA state dicts by EMA module name; its metrics
+    are logged as ``eval/*``.
     ``dist`` is the data-parallel context (``tmd.train.distributed.init_distributed``, after sharding the
     method's modules); without it the run is one process on ``train.device``.
     """
@@ -221,7 +226,7 @@ class Trainer:
         cfg: RunConfig,
         run_dir: str | Path | None = None,
         resume: bool = False,
-        eval_fn: Callable[[int], dict[str, float]] | None = None,
+        eval_fn: EvalFn | None = None,
         dist: DistContext | None = None,
     ):
         self.method, self.data, self.cfg, self.eval_fn = method, data, cfg, eval_fn
@@ -435,7 +440,10 @@ class Trainer:
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
+        evaluate = self.eval_fn is not None and bool(tc.eval_every)
         try:
+            if evaluate and self.step == 0:
+                self._evaluate(logger)  # the curve starts at the initial weights
             while self.step < tc.steps:
                 batch = self.data.next_batch()
                 if tc.grad_accum > 1:
@@ -454,8 +462,8 @@ class Trainer:
                 if self.step % tc.log_every == 0 or done:
                     last = self._log(logger, time.perf_counter() - start)
                     bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in last.items() if k.startswith("loss/")}, refresh=False)
-                if self.eval_fn is not None and tc.eval_every is not None and self.step % tc.eval_every == 0:
-                    logger.log(self.step, {f"eval/{k}": float(v) for k, v in self.eval_fn(self.step).items()})
+                if evaluate and (self.step % tc.eval_every == 0 or done):
+                    self._evaluate(logger)
                 self._step_schedulers()  # after logging: the log shows the rate the step used
                 if self.step % tc.checkpoint_every == 0 or done:
                     path = self.save()
@@ -475,6 +483,10 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
             for scheduler in schedulers or self.schedulers.values():
                 scheduler.step()
+
+    def _evaluate(self, logger: MetricLogger) -> None:
+        metrics = self.eval_fn(self.step, {name: ema.full_state() for name, ema in self.emas.items()})
+        logger.log(self.step, {f"eval/{k}": float(v) for k, v in metrics.items()})
 
     def _log(self, logger: MetricLogger, elapsed: float) -> dict[str, float]:
         record = {key: sum(values) / len(values) for key, values in self._window.items() if values}
@@ -596,6 +608,6 @@ def train(
     cfg: RunConfig,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    eval_fn: Callable[[int], dict[str, float]] | None = None,
+    eval_fn: EvalFn | None = None,
 ) -> TrainResult:
     return Trainer(method, data, cfg, run_dir, resume, eval_fn).train()

@@ -34,6 +34,7 @@ SAFE_TO_CHANGE = frozenset({
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_every",
+    "train.eval_videos",
     "train.progress",
     "train.tensorboard",
     "train.wandb",

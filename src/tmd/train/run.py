@@ -24,6 +24,7 @@ from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
 from tmd.models.lora import add_lora, merged_state_dict
 from tmd.train.distributed import init_distributed, shard_modules
+from tmd.train.hooks import eval_hook
 from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
@@ -94,6 +95,8 @@ def train_run(
     plan_run(cfg, run_dir if run_dir is not None else cfg.train.out_dir, resume)
     check_weight_files(cfg)
     ctx = init_distributed(resolve_device(cfg.train.device))
+    if cfg.data_kind == "world" and assets is None:
+        assets = WorldAssets(cfg.data.assets)  # loaded here because evaluation during training scores on it too
     teacher, data = teacher_and_data(cfg, assets, ctx.device)
     # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
     # shards each rank's own copy, so every rank must draw the same ones
@@ -107,8 +110,9 @@ def train_run(
         add_lora(method.state_modules(), lora)
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
+    eval_fn = eval_hook(cfg, method.ema_modules(), assets, ctx.enabled)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
-    result = Trainer(method, data, cfg, run_dir, resume, dist=ctx).train()
+    result = Trainer(method, data, cfg, run_dir, resume, eval_fn=eval_fn, dist=ctx).train()
     (name, weights), *others = result.ema.items()
     generator = method.ema_modules()[name]
     if others:
