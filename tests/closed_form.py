@@ -36,7 +36,9 @@ def train(method, steps, lr=1e-3, seed=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(seed))
     overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own settings, as the trainer applies them
     optimizers = {
-        name: torch.optim.Adam(params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999)))
+        name: torch.optim.Adam(
+            params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999))
+        )
         for name, params in method.parameter_groups().items()
     }
 

@@ -61,7 +61,9 @@ def test_inner_flow_map_with_the_noise_velocity():
     # a perfect head (head = y) on the straight inner path stays on it: y_s = (1 - s) y + s y1
     y = torch.randn(3, 4)
     y_s = flow.interpolate(y, y1, 0.8)
-    torch.testing.assert_close(flow.inner_flow_step(y_s, flow.average_velocity(y, y_s, y1, 0.8), 0.8, 0.3), flow.interpolate(y, y1, 0.3))
+    torch.testing.assert_close(
+        flow.inner_flow_step(y_s, flow.average_velocity(y, y_s, y1, 0.8), 0.8, 0.3), flow.interpolate(y, y1, 0.3)
+    )
 
 
 def test_inner_flow_map_with_the_implied_velocity():

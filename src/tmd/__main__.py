@@ -1,3 +1,4 @@
 from tmd.cli import main
 import sys
+
 sys.exit(main())

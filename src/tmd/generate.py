@@ -253,8 +253,19 @@ def generate(
     world = load_world_model(model_path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if world is not None:
         return generate_world(
-            world, prompts, out, steps=steps, inner_steps=inner_steps, guidance=guidance, shift=shift, seed=seed,
-            batch_size=batch_size, fps=fps, save_latents=save_latents, progress=progress, attention=attention,
+            world,
+            prompts,
+            out,
+            steps=steps,
+            inner_steps=inner_steps,
+            guidance=guidance,
+            shift=shift,
+            seed=seed,
+            batch_size=batch_size,
+            fps=fps,
+            save_latents=save_latents,
+            progress=progress,
+            attention=attention,
         )
     from tqdm.auto import tqdm
 
@@ -323,17 +334,24 @@ def generate(
             if save_latents:
                 tensors = {"latents": latents[i].contiguous().cpu()}
                 save_safetensors(tensors, out / f"{name}.safetensors", metadata={"prompt": prompt})
-            records.append(
-                {"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds}
-            )
+            records.append({"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds})
             bar.write(f"{name}.mp4: {nfe:g} effective NFE, {seconds:.2f} s")
         bar.update(len(batch))
     bar.close()
     settings = {
-        "model": str(model_path), "kind": loaded.kind, "pipeline": str(loaded.pipeline), "steps": steps,
-        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
+        "model": str(model_path),
+        "kind": loaded.kind,
+        "pipeline": str(loaded.pipeline),
+        "steps": steps,
+        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None,
+        "guidance": guidance,
+        "shift": shift,
         "scheduler": type(sampler).__name__ if sampler is not None else ("euler" if teacher else None),
-        "frames": frames, "height": height, "width": width, "fps": fps, "dtype": str(dtype).removeprefix("torch."),
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "fps": fps,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")
     return records

@@ -91,7 +91,9 @@ def _from_run(path: Path, device: torch.device) -> WorldModel:
 
     config_file = path.parent / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} next to {path}: tmd generate reads a run's student.safetensors in its run folder")
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} next to {path}: tmd generate reads a run's student.safetensors in its run folder"
+        )
     config = yaml.safe_load(config_file.read_text()) or {}
     if config.get("data_kind") != "world":
         raise ValueError(
@@ -178,7 +180,9 @@ def generate_world(
             if teacher:
                 latents = sample_teacher(model, noise, cond, negative, steps, guidance, shift)
             elif kind == "tmd_student":
-                latents = sample_tmd(model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift)
+                latents = sample_tmd(
+                    model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift
+                )
             else:
                 latents = sample_few_step(model, noise, cond, steps, shift=shift)
         videos = assets.decode(latents).cpu()
@@ -189,17 +193,35 @@ def generate_world(
             write_mp4(out / f"{name}.mp4", frames, fps)
             imageio.mimsave(out / f"{name}.gif", list(frames.numpy()), duration=GIF_FRAME_SECONDS, loop=0)
             if save_latents:
-                save_file({"latents": latents[i].contiguous().cpu()}, str(out / f"{name}.safetensors"), metadata={"prompt": prompt})
-            records.append({"file": f"{name}.mp4", "gif": f"{name}.gif", "prompt": prompt, "seed": seeds[i],
-                            "effective_nfe": nfe, "seconds": seconds})
+                save_file(
+                    {"latents": latents[i].contiguous().cpu()}, str(out / f"{name}.safetensors"), metadata={"prompt": prompt}
+                )
+            records.append(
+                {
+                    "file": f"{name}.mp4",
+                    "gif": f"{name}.gif",
+                    "prompt": prompt,
+                    "seed": seeds[i],
+                    "effective_nfe": nfe,
+                    "seconds": seconds,
+                }
+            )
             bar.write(f"{name}.mp4 / .gif: {nfe:g} effective NFE, {seconds:.3f} s")
         bar.update(len(batch))
     bar.close()
     _, frames, height, width = (int(s) for s in videos.shape[1:])
     settings = {
-        "model": str(world.source), "kind": kind, "world": str(assets.path), "steps": steps,
-        "inner_steps": inner_steps if kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
-        "scheduler": "euler" if teacher else None, "frames": frames, "height": height * SCALE, "width": width * SCALE,
+        "model": str(world.source),
+        "kind": kind,
+        "world": str(assets.path),
+        "steps": steps,
+        "inner_steps": inner_steps if kind == "tmd_student" else None,
+        "guidance": guidance,
+        "shift": shift,
+        "scheduler": "euler" if teacher else None,
+        "frames": frames,
+        "height": height * SCALE,
+        "width": width * SCALE,
         "fps": fps,
     }
     (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")

@@ -47,8 +47,10 @@ MIN_SECONDS = {"latency": 60, "kernels": 30, "stage2_step": 45, "fsdp_smoke": 90
 
 
 CPU_SMOKE_OVERRIDES = ("train.precision=fp32",)
-CPU_SMOKE_WHY = ("torch 2.13.0+cpu (oneDNN) returns non-finite bf16 conv3d weight gradients in about 60% of calls "
-                 "(the discriminator's first conv), so on the CPU the smoke run trains in fp32; a GPU runs the config's bf16")
+CPU_SMOKE_WHY = (
+    "torch 2.13.0+cpu (oneDNN) returns non-finite bf16 conv3d weight gradients in about 60% of calls "
+    "(the discriminator's first conv), so on the CPU the smoke run trains in fp32; a GPU runs the config's bf16"
+)
 
 
 @dataclass
@@ -197,8 +199,10 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
         method = cls.from_teacher(cls.Config(**method_cfg), teacher, activation_checkpointing=True)
     method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
     fused = True if device.type == "cuda" else None
-    optimizers = {g: torch.optim.AdamW(p, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
-                  for g, p in method.parameter_groups().items()}
+    optimizers = {
+        g: torch.optim.AdamW(p, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+        for g, p in method.parameter_groups().items()
+    }
 
     grad_norms: dict[str, float] = {}
 
@@ -212,10 +216,13 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
 
     noise, cond, neg = inputs(spec)
     batch = {"x": noise, "cond": cond, "neg_cond": neg}
-    result: dict[str, Any] = {"head_blocks": f"{spec.head_blocks}/{spec.config['num_layers']}",
-                              "inner_steps": method_cfg["inner_steps"], "precision": "fp32 weights, bf16 autocast",
-                              "activation_checkpointing": True,
-                              "weights_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    result: dict[str, Any] = {
+        "head_blocks": f"{spec.head_blocks}/{spec.config['num_layers']}",
+        "inner_steps": method_cfg["inner_steps"],
+        "precision": "fp32 weights, bf16 autocast",
+        "activation_checkpointing": True,
+        "weights_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
     for turn, step in (("generator", 0), ("critic", 1)):
         for attempt in ("first", "second"):  # the first call also allocates AdamW's state
             reset_peak(device)
@@ -255,13 +262,28 @@ def write_prepared(folder: Path, spec: Spec, samples: int = 2) -> None:
         "cond_lengths": torch.full((samples,), length, dtype=torch.int64),
     }
     captions = [f"random sample {i}" for i in range(samples)]
-    save_file(tensors, str(folder / shard_name(0)), metadata={"captions": json.dumps(captions), "videos": json.dumps(captions),
-                                                              "skipped": "[]"})
+    save_file(
+        tensors,
+        str(folder / shard_name(0)),
+        metadata={"captions": json.dumps(captions), "videos": json.dumps(captions), "skipped": "[]"},
+    )
     save_file({"cond": torch.zeros(1, 1, dim, dtype=torch.bfloat16)}, str(folder / NEGATIVE_FILE), metadata={"prompt": ""})
-    index = {"format": FORMAT_VERSION, "mode": "videos", "latent_shape": list(spec.latent), "text_max_length": length,
-             "samples": samples, "skipped": 0, "skipped_videos": [], "negative": NEGATIVE_FILE,
-             "shards": [{"file": shard_name(0), "samples": samples}], "model": "random", "frames": None, "height": None,
-             "width": None, "fps": None}
+    index = {
+        "format": FORMAT_VERSION,
+        "mode": "videos",
+        "latent_shape": list(spec.latent),
+        "text_max_length": length,
+        "samples": samples,
+        "skipped": 0,
+        "skipped_videos": [],
+        "negative": NEGATIVE_FILE,
+        "shards": [{"file": shard_name(0), "samples": samples}],
+        "model": "random",
+        "frames": None,
+        "height": None,
+        "width": None,
+        "fps": None,
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -278,11 +300,29 @@ def fsdp_smoke(spec: Spec, work: Path, timeout_s: float) -> dict[str, Any]:
         write_prepared(work / "data", spec)
         run_dir = work / "run"
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "tmd", "train",
-            "--config", str(STAGE2_CONFIG), f"data.path={work / 'data'}", f"data.teacher={work / 'teacher'}",
-            "method.init_from=null", f"method.head_blocks={spec.head_blocks}", "train.steps=2", "train.batch_size=1",
-            "train.log_every=1", "train.checkpoint_every=1000", "train.keep_checkpoints=1", "train.progress=false",
-            "train.tensorboard=false", f"train.out_dir={run_dir}", *CPU_SMOKE_OVERRIDES * (spec.device == "cpu"),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "tmd",
+            "train",
+            "--config",
+            str(STAGE2_CONFIG),
+            f"data.path={work / 'data'}",
+            f"data.teacher={work / 'teacher'}",
+            "method.init_from=null",
+            f"method.head_blocks={spec.head_blocks}",
+            "train.steps=2",
+            "train.batch_size=1",
+            "train.log_every=1",
+            "train.checkpoint_every=1000",
+            "train.keep_checkpoints=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            f"train.out_dir={run_dir}",
+            *CPU_SMOKE_OVERRIDES * (spec.device == "cpu"),
         ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         start = time.perf_counter()
@@ -321,35 +361,53 @@ def format_table(result: dict[str, Any]) -> str:
         "",
     ]
     if result.get("latency"):
-        lines += ["## Latency per video (ms)", "",
-                  "| variant | teacher 50x2 | TMD 2x2 | DMD2-v 2 steps | teacher / TMD | teacher / DMD2-v |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Latency per video (ms)",
+            "",
+            "| variant | teacher 50x2 | TMD 2x2 | DMD2-v 2 steps | teacher / TMD | teacher / DMD2-v |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in result["latency"]:
             measured = f" (whole sampler: {row['teacher_50x2_measured_ms']:.0f})" if "teacher_50x2_measured_ms" in row else ""
-            lines.append(f"| {row['variant']} | {row['teacher_50x2_ms']:.0f}{measured} | {row['tmd_2x2_ms']:.1f} | "
-                         f"{row['dmd2_2step_ms']:.1f} | {row['speedup_tmd']:.1f}x | {row['speedup_dmd2']:.1f}x |")
+            lines.append(
+                f"| {row['variant']} | {row['teacher_50x2_ms']:.0f}{measured} | {row['tmd_2x2_ms']:.1f} | "
+                f"{row['dmd2_2step_ms']:.1f} | {row['speedup_tmd']:.1f}x | {row['speedup_dmd2']:.1f}x |"
+            )
         lines.append("")
     if result.get("kernels"):
         lines += ["## SDPA kernels: one teacher CFG step (ms)", ""]
-        lines += [f"- {r['kernel']}: " + (f"{r['teacher_step_ms']:.1f}" if r["teacher_step_ms"] is not None else f"n/a ({r['note']})")
-                  for r in result["kernels"]]
+        lines += [
+            f"- {r['kernel']}: " + (f"{r['teacher_step_ms']:.1f}" if r["teacher_step_ms"] is not None else f"n/a ({r['note']})")
+            for r in result["kernels"]
+        ]
         lines.append("")
     step = result.get("stage2_step")
     if step:
+
         def turn(name: str) -> str:
             if f"{name}_second_s" not in step:
                 return f"out of memory ({step.get(f'{name}_second_oom') or step.get(f'{name}_first_oom')})"
             peak = step[f"{name}_first_peak_gib"]
             return f"{step[f'{name}_second_s']:.2f} s, peak {'n/a' if peak is None else f'{peak:.1f} GiB'} (first call, AdamW state allocated)"
 
-        lines += [f"## TMD stage-2 step (H = {step['head_blocks']}, N = {step['inner_steps']}, {step['precision']}, "
-                  "activation checkpointing)", "", f"- generator turn: {turn('generator')}", f"- critic turn: {turn('critic')}",
-                  "- gradient norms: " + ", ".join(f"{k} {v:.3g}" for k, v in step["grad_norms"].items()), ""]
+        lines += [
+            f"## TMD stage-2 step (H = {step['head_blocks']}, N = {step['inner_steps']}, {step['precision']}, "
+            "activation checkpointing)",
+            "",
+            f"- generator turn: {turn('generator')}",
+            f"- critic turn: {turn('critic')}",
+            "- gradient norms: " + ", ".join(f"{k} {v:.3g}" for k, v in step["grad_norms"].items()),
+            "",
+        ]
     smoke = result.get("fsdp_smoke")
     if smoke:
-        lines += ["## 1-GPU torchrun FSDP2 smoke run of configs/wan1.3b_tmd_stage2.yaml (2 steps)", "",
-                  f"- {'ok' if smoke['ok'] else 'FAILED'}: return code {smoke['returncode']}, {smoke['wall_s']:.0f} s, "
-                  f"{len(smoke['losses'])} logged steps, checkpoint shards {smoke['checkpoint_shards']}", ""]
+        lines += [
+            "## 1-GPU torchrun FSDP2 smoke run of configs/wan1.3b_tmd_stage2.yaml (2 steps)",
+            "",
+            f"- {'ok' if smoke['ok'] else 'FAILED'}: return code {smoke['returncode']}, {smoke['wall_s']:.0f} s, "
+            f"{len(smoke['losses'])} logged steps, checkpoint shards {smoke['checkpoint_shards']}",
+            "",
+        ]
     if result["skipped"]:
         lines += ["## Skipped", "", *[f"- {s}" for s in result["skipped"]], ""]
     return "\n".join(lines)
@@ -388,11 +446,20 @@ def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> di
     teacher = build_teacher(spec, torch.bfloat16)
     student = TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval()
     result["meta"] = {
-        "spec": asdict(spec), "model": spec.name, "parameters": parameter_count(teacher), "dtype": "bfloat16",
-        "latent": list(spec.latent), "tokens": flops.tokens(spec.config, spec.latent), "text_len": spec.text_len,
-        "device": device, "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "repeats": spec.repeats,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": budget_s,
+        "spec": asdict(spec),
+        "model": spec.name,
+        "parameters": parameter_count(teacher),
+        "dtype": "bfloat16",
+        "latent": list(spec.latent),
+        "tokens": flops.tokens(spec.config, spec.latent),
+        "text_len": spec.text_len,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "repeats": spec.repeats,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "budget_s": budget_s,
     }
     result["latency"] = []
     if section("latency"):
@@ -415,7 +482,9 @@ def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> di
         write(result, out)
     if section("compile"):
         teacher = build_teacher(spec, torch.bfloat16)
-        student = compile_blocks(TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval(), backend=spec.compile_backend)
+        student = compile_blocks(
+            TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval(), backend=spec.compile_backend
+        )
         compile_blocks(teacher, backend=spec.compile_backend)
         started = time.perf_counter()
         row = latency_row(f"compiled blocks ({spec.compile_backend}), SDPA's choice", teacher, student, spec, "sdpa")

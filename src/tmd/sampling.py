@@ -145,7 +145,13 @@ def _randn_like(x: Tensor, generator: Random) -> Tensor:
 
 
 def tmd_transition(
-    student: TransitionModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, inner: Tensor, generator,
+    student: TransitionModel,
+    x: Tensor,
+    t: Tensor,
+    t_next: Tensor | float,
+    cond: Tensor,
+    inner: Tensor,
+    generator,
     gradients: str = "all",
 ) -> Tensor:
     """One outer TMD step (Alg. 1): backbone once, the head rolled out from fresh inner noise, then the

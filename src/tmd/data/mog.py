@@ -42,7 +42,9 @@ class MixtureWorld:
 
     def __post_init__(self):
         if self.dim < 1 or self.num_classes < 1 or self.components < 1:
-            raise ValueError(f"dim, num_classes and components must be >= 1, got {self.dim}, {self.num_classes}, {self.components}")
+            raise ValueError(
+                f"dim, num_classes and components must be >= 1, got {self.dim}, {self.num_classes}, {self.components}"
+            )
         if not (self.std > 0 and self.radius >= 0):
             raise ValueError(f"std must be > 0 and radius >= 0, got {self.std}, {self.radius}")
         g = torch.Generator().manual_seed(self.seed)
@@ -83,7 +85,9 @@ class MixtureWorld:
         """(1, K + 1): the samplers broadcast it over the batch."""
         return self.null_cond(1)
 
-    def sample(self, n: int, labels: Tensor | int | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, n: int, labels: Tensor | int | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``n`` data points and their conditions; null labels draw from the marginal and keep the null condition."""
         if labels is None:
             labels = torch.multinomial(self.class_probs, n, replacement=True, generator=generator)

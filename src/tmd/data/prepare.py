@@ -141,9 +141,7 @@ def load_clip(path: Path, frames: int, height: int, width: int, fps: float) -> T
         except Exception as e:
             raise VideoSkipped(f"decoding failed after {len(picked)} frames: {type(e).__name__}") from None
     if len(picked) < frames:
-        raise VideoSkipped(
-            f"too short: {frames} frames at {fps:g} fps need {wanted[-1] + 1} source frames at {source_fps:g} fps"
-        )
+        raise VideoSkipped(f"too short: {frames} frames at {fps:g} fps need {wanted[-1] + 1} source frames at {source_fps:g} fps")
     return resize_crop(torch.from_numpy(np.stack(picked)), height, width)
 
 
@@ -169,9 +167,7 @@ class _Encoders:
             self.vae = None
         self.text = TextEncoder.from_pretrained(model, device=device, dtype=dtype)
         if self.text.dim != transformer.text_dim:
-            raise ValueError(
-                f"the text encoder's width {self.text.dim} is not the transformer's text_dim {transformer.text_dim}"
-            )
+            raise ValueError(f"the text encoder's width {self.text.dim} is not the transformer's text_dim {transformer.text_dim}")
         self.device = device
 
     def encode_text(self, prompts: list[str], strict: bool = True) -> tuple[Tensor, Tensor]:
@@ -273,9 +269,16 @@ def prepare(
     out, model = check_output_dir(out), Path(model)
     negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     settings = {
-        "format": FORMAT_VERSION, "mode": "text" if text_only else "videos", "model": str(model.resolve()),
-        "frames": frames, "height": height, "width": width, "fps": fps, "shard_size": shard_size,
-        "negative_prompt": negative_prompt, "entries": len(entries),
+        "format": FORMAT_VERSION,
+        "mode": "text" if text_only else "videos",
+        "model": str(model.resolve()),
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "fps": fps,
+        "shard_size": shard_size,
+        "negative_prompt": negative_prompt,
+        "entries": len(entries),
         "entries_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
     }
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -303,8 +306,11 @@ def prepare(
         tensors = {"cond": cond, "cond_lengths": lengths}
         if not text_only:
             tensors["latents"] = torch.stack(latents) if latents else torch.zeros(0, *encoders.shape)
-        metadata = {"captions": json.dumps([c for _, c in kept]), "videos": json.dumps([v for v, _ in kept]),
-                    "skipped": json.dumps(skipped)}
+        metadata = {
+            "captions": json.dumps([c for _, c in kept]),
+            "videos": json.dumps([v for v, _ in kept]),
+            "skipped": json.dumps(skipped),
+        }
         _save_atomic(tensors, out / shard_name(k), metadata)
         if not (out / SETTINGS_FILE).is_file():
             (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

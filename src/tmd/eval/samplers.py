@@ -25,7 +25,11 @@ TRANSITION_METHODS = ("tm", "tmd")
 def _options(fn: Callable, method_cfg: Any, given: set[str]) -> dict[str, Any]:
     """The sampler's keyword options that the method config holds under the same name (outer_shift, ...):
     a recipe key that changes how its students sample reaches the sampler without a change here."""
-    return {name: getattr(method_cfg, name) for name in inspect.signature(fn).parameters if name not in given and hasattr(method_cfg, name)}
+    return {
+        name: getattr(method_cfg, name)
+        for name in inspect.signature(fn).parameters
+        if name not in given and hasattr(method_cfg, name)
+    }
 
 
 def sampler(
@@ -40,7 +44,9 @@ def sampler(
         if inner is None:
             raise ValueError(f"{method_name} students sample with outer x inner steps; inner steps missing for M = {outer}")
         options = _options(sample_tmd, method_cfg, {"student", "noise", "cond", "outer_steps", "inner_steps", "generator"})
-        return lambda noise, cond, neg: sample_tmd(module, noise, cond, outer, inner, torch.Generator().manual_seed(seed), **options)
+        return lambda noise, cond, neg: sample_tmd(
+            module, noise, cond, outer, inner, torch.Generator().manual_seed(seed), **options
+        )
     if inner is not None:
         raise ValueError(f"{method_name} has no inner steps; score it as [{outer}, null]")
     method = get_method(method_name)

@@ -197,7 +197,9 @@ class LinVideo(StudentMethod):
 
     def __init__(self, cfg: LinVideoConfig, teacher: nn.Module, student: nn.Module):
         layers = len(selective_layers(student))
-        self.softmax_layers = cfg.softmax_layers if cfg.softmax_layers is not None else layers - round(PAPER_LINEAR_SHARE * layers)
+        self.softmax_layers = (
+            cfg.softmax_layers if cfg.softmax_layers is not None else layers - round(PAPER_LINEAR_SHARE * layers)
+        )
         check_target(student, self.softmax_layers)
         super().__init__(cfg, student, teacher)
 

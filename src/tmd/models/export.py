@@ -66,8 +66,12 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
 
 
 EXPORT_FORMATS = ("student", "pipeline")
-SAMPLING_KEYS = {"outer_steps": "num_outer_steps", "inner_steps": "num_inner_steps", "outer_shift": "outer_shift",
-                 "inner_shift": "inner_shift"}
+SAMPLING_KEYS = {
+    "outer_steps": "num_outer_steps",
+    "inner_steps": "num_inner_steps",
+    "outer_shift": "outer_shift",
+    "inner_shift": "inner_shift",
+}
 """Method config keys a pipeline export records as its sampling defaults (``tmd.pipelines``), by their names there."""
 
 

@@ -226,8 +226,14 @@ def linearise(
             raise ValueError(f"block {index} is already linearised")
         weight = attn.to_q.weight
         processor = SelectiveAttention(
-            heads, head_dim, feature_dim, init_ratio, logit_gain, torch.Generator().manual_seed(seed + index),
-            feature_gain, transfer_tokens,
+            heads,
+            head_dim,
+            feature_dim,
+            init_ratio,
+            logit_gain,
+            torch.Generator().manual_seed(seed + index),
+            feature_gain,
+            transfer_tokens,
         )
         attn.set_processor(processor.to(device=weight.device, dtype=weight.dtype))
     return model

@@ -96,7 +96,13 @@ class MLPTransition(_MLPFlow):
     """A ``TransitionModel``: ``backbone_depth`` blocks run once per outer step, ``head_depth`` per inner step."""
 
     def __init__(
-        self, dim: int, cond_dim: int, width: int = 128, backbone_depth: int = 3, head_depth: int = 2, inner_velocity: str = "noise",
+        self,
+        dim: int,
+        cond_dim: int,
+        width: int = 128,
+        backbone_depth: int = 3,
+        head_depth: int = 2,
+        inner_velocity: str = "noise",
         transition_target: str = "difference",
     ):
         if backbone_depth < 1 or head_depth < 1:

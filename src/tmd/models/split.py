@@ -97,7 +97,11 @@ class TMDStudent(WanModule):
     """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
 
     def __init__(
-        self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        self,
+        teacher: WanTeacher,
+        head_blocks: int = 5,
+        fusion: Fusion = "gated",
+        inner_velocity: str = "noise",
         transition_target: str = "difference",
     ):
         super().__init__()
@@ -130,7 +134,11 @@ class TMDStudent(WanModule):
 
     @classmethod
     def from_teacher(
-        cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        cls,
+        teacher: WanTeacher,
+        head_blocks: int = 5,
+        fusion: Fusion = "gated",
+        inner_velocity: str = "noise",
         transition_target: str = "difference",
     ) -> "TMDStudent":
         student = cls(teacher, head_blocks, fusion, inner_velocity, transition_target)
@@ -170,7 +178,11 @@ class TMDStudent(WanModule):
 
     @classmethod
     def from_modules(
-        cls, transformer: WanTransformer3DModel, parts: dict[str, nn.Module], head_blocks: int, fusion: Fusion = "gated",
+        cls,
+        transformer: WanTransformer3DModel,
+        parts: dict[str, nn.Module],
+        head_blocks: int,
+        fusion: Fusion = "gated",
         inner_velocity: str = "noise",
     ) -> "TMDStudent":
         """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
@@ -227,4 +239,3 @@ class TMDStudent(WanModule):
             offset=self.split_index,
         )
         return project_out(self.transformer, hidden, temb, features.grid).float()
-

@@ -28,6 +28,7 @@ def time_of_timestep(timestep: Tensor) -> Tensor:
     """tmd's time ``t`` in [0, 1] of a diffusers scheduler's ``timestep`` (what ``WanPipeline`` passes to Wan)."""
     return timestep.float() / TIMESTEP_SCALE
 
+
 TINY_CONFIG: dict[str, Any] = {
     "patch_size": [1, 2, 2],
     "num_attention_heads": 2,
@@ -324,4 +325,3 @@ def cast_transformer(transformer: WanTransformer3DModel, dtype: torch.dtype) -> 
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -103,16 +103,33 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
     transformer = ["diffusers", "WanTransformer3DModel"]
     if isinstance(model, TMDStudent):
         TMDParts.from_student(model, **sampling).save_pretrained(path / "tmd_parts")
-        index = {"_class_name": TMDPipeline.__name__, "_diffusers_version": diffusers.__version__, **shared,
-                 "transformer": transformer, "tmd_parts": [TMDParts.__module__, TMDParts.__name__]}
+        index = {
+            "_class_name": TMDPipeline.__name__,
+            "_diffusers_version": diffusers.__version__,
+            **shared,
+            "transformer": transformer,
+            "tmd_parts": [TMDParts.__module__, TMDParts.__name__],
+        }
     else:
         steps, shift = sampling.get("num_outer_steps", 2), sampling.get("outer_shift", flow.OUTER_SHIFT)
         scheduler = few_step_scheduler(steps, shift)
         scheduler.save_pretrained(path / "scheduler")
-        index = {**teacher_index, **shared, "_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
-                 "transformer": transformer, "scheduler": ["diffusers", type(scheduler).__name__]}
-        record = {"kind": "few_step", "num_outer_steps": steps, "outer_shift": shift, "teacher": str(teacher),
-                  "grid": flow.outer_grid(steps, shift).tolist(), "scheduler_grid": scheduler_grid(scheduler, steps).tolist()}
+        index = {
+            **teacher_index,
+            **shared,
+            "_class_name": "WanPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "transformer": transformer,
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        record = {
+            "kind": "few_step",
+            "num_outer_steps": steps,
+            "outer_shift": shift,
+            "teacher": str(teacher),
+            "grid": flow.outer_grid(steps, shift).tolist(),
+            "scheduler_grid": scheduler_grid(scheduler, steps).tolist(),
+        }
         (path / FEW_STEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return path

@@ -39,7 +39,9 @@ class WorldEvalHook:
         # the EMA lives outside the module, and the trained module must not see the EMA weights
         self.model = copy.deepcopy(module).requires_grad_(False).eval().to(assets.device)
         outer, inner = run_steps(cfg.method_name, cfg.method)
-        self.sample = sampler(cfg.method_name, cfg.method, self.model, outer, inner, EVAL_NOISE_SEED, assets.guidance, assets.shift)
+        self.sample = sampler(
+            cfg.method_name, cfg.method, self.model, outer, inner, EVAL_NOISE_SEED, assets.guidance, assets.shift
+        )
         self.assets, self.prompts = assets, curve_prompts(cfg.train.eval_videos)
         self.start, self.eval_seconds = time.perf_counter(), 0.0
 
@@ -53,7 +55,9 @@ class WorldEvalHook:
         return {**{k: result[k] for k in CURVE_KEYS}, "train_seconds": train_seconds, "seconds": seconds}
 
 
-def eval_hook(cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets | None, distributed: bool) -> WorldEvalHook | None:
+def eval_hook(
+    cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets | None, distributed: bool
+) -> WorldEvalHook | None:
     """The run's ``eval_fn``: None unless ``train.eval_every`` is set."""
     if not cfg.train.eval_every:
         return None

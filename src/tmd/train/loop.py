@@ -252,8 +252,11 @@ class Trainer:
         fused = True if self.device.type == "cuda" else None
         self.optimizers = {
             name: torch.optim.AdamW(
-                params, lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
-                betas=overrides.get(name, {}).get("betas", tc.betas), weight_decay=tc.weight_decay, fused=fused,
+                params,
+                lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
+                betas=overrides.get(name, {}).get("betas", tc.betas),
+                weight_decay=tc.weight_decay,
+                fused=fused,
             )
             for name, params in self.groups.items()
         }
@@ -433,10 +436,17 @@ class Trainer:
         tc = self.cfg.train
         main = self.dist.is_main
         logger = MetricLogger(
-            self.run_dir, resume_step=self.step, tensorboard=tc.tensorboard and main, wandb=tc.wandb and main,
-            wandb_project=tc.wandb_project, config=to_dict(self.cfg), enabled=main,
+            self.run_dir,
+            resume_step=self.step,
+            tensorboard=tc.tensorboard and main,
+            wandb=tc.wandb and main,
+            wandb_project=tc.wandb_project,
+            config=to_dict(self.cfg),
+            enabled=main,
         )
-        bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True
+        )
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
@@ -473,7 +483,10 @@ class Trainer:
         if path is None or path.name != ckpt.checkpoint_name(self.step):
             path = self.save()
         return TrainResult(
-            step=self.step, metrics=last, checkpoint=path, run_dir=self.run_dir,
+            step=self.step,
+            metrics=last,
+            checkpoint=path,
+            run_dir=self.run_dir,
             ema={name: gather_full(ema.full_state()) for name, ema in self.emas.items()},
         )
 
@@ -518,8 +531,13 @@ class Trainer:
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
         }
         return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self._sharded_state(), trainer_state,
-            keep=self.cfg.train.keep_checkpoints, is_main=self.dist.is_main, barrier=self.dist.barrier,
+            self.checkpoint_dir,
+            self.step,
+            self._sharded_state(),
+            trainer_state,
+            keep=self.cfg.train.keep_checkpoints,
+            is_main=self.dist.is_main,
+            barrier=self.dist.barrier,
         )
 
     def _load(self, path: Path) -> None:
@@ -527,8 +545,9 @@ class Trainer:
 
         state = ckpt.read_trainer_state(path)
         if state["optimizer_groups"] != sorted(self.optimizers):
-            raise ValueError(f"checkpoint {path} has optimizer groups {state['optimizer_groups']}, "
-                             f"the method has {sorted(self.optimizers)}")
+            raise ValueError(
+                f"checkpoint {path} has optimizer groups {state['optimizer_groups']}, the method has {sorted(self.optimizers)}"
+            )
         sharded = self._sharded_state()
         ckpt.load_sharded_state(path, sharded)
         for name, module in self.modules.items():
@@ -540,7 +559,6 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
-
 
     def _load_schedulers(self, path: Path, states: dict[str, Any] | None) -> None:
         tc = self.cfg.train

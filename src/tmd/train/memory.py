@@ -62,10 +62,12 @@ def estimate_state_memory(method, teacher: nn.Module, world_size: int = 1) -> di
 
 
 def describe(estimate: dict[str, float]) -> str:
-    return (f"memory estimate per process: {estimate['total']:.2f} GiB of weights and optimizer state "
-            f"(frozen teacher {estimate['teacher']:.2f}, trainable + grads + AdamW {estimate['trainable']:.2f}, "
-            f"frozen trained-module weights {estimate['frozen']:.2f}, EMA {estimate['ema']:.2f}; "
-            f"{estimate['trainable_parameters'] / 1e6:,.1f}M trainable parameters); activations come on top")
+    return (
+        f"memory estimate per process: {estimate['total']:.2f} GiB of weights and optimizer state "
+        f"(frozen teacher {estimate['teacher']:.2f}, trainable + grads + AdamW {estimate['trainable']:.2f}, "
+        f"frozen trained-module weights {estimate['frozen']:.2f}, EMA {estimate['ema']:.2f}; "
+        f"{estimate['trainable_parameters'] / 1e6:,.1f}M trainable parameters); activations come on top"
+    )
 
 
 def model_config(name: str) -> dict[str, Any]:

@@ -129,4 +129,3 @@ def train_run(
     ctx.barrier()
     set_model_state_dict(generator, weights, options=StateDictOptions(full_state_dict=True))
     return TrainedRun(path, generator.eval().requires_grad_(False))
-

@@ -73,7 +73,9 @@ class AutoencoderStageConfig:
                 f"got {self.steps}, {self.batch_size}, {self.lr}, {self.decoder_lr}"
             )
         if self.decoder_steps < 0 or self.decoder_latent_noise < 0:
-            raise ValueError(f"decoder_steps and decoder_latent_noise must be >= 0, got {self.decoder_steps}, {self.decoder_latent_noise}")
+            raise ValueError(
+                f"decoder_steps and decoder_latent_noise must be >= 0, got {self.decoder_steps}, {self.decoder_latent_noise}"
+            )
 
 
 @dataclass
@@ -148,7 +150,12 @@ def build_autoencoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True)
     a = cfg.autoencoder
     model = train_autoencoder(
         AutoencoderConfig(base_channels=a.base_channels, latent_channels=a.latent_channels),
-        _world_videos, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress,
+        _world_videos,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        progress=progress,
     )
     model.save_pretrained(out / AUTOENCODER_DIR)
     if a.decoder_steps:
