@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
+from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
 
 from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
 from tmd.methods import get_method
 from tmd.train.logging import read_metrics
 from tmd.train.loop import GeneratorDataSource, Trainer, lr_factor
-from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
-from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
 
 
 @dataclass
@@ -173,6 +173,7 @@ def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pi
     the losses and the exported student of one process with the whole batch of 4 in one pass."""
     from test_distributed import assert_close_records, losses, torchrun
     from test_prepare import run_prepare
+
     from tmd.cli import main
 
     folder, captions = videos

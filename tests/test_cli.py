@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_generate import build_tiny_pipeline
 
 from tmd.cli import _parse, build_parser, main
 from tmd.errors import ConfigError, NonFiniteLossError
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
-from test_generate import build_tiny_pipeline
 
 SIZE = ["--frames", "5", "--height", "32", "--width", "32"]
 

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generate import FRAMES, HEIGHT, WIDTH, read_mp4
+from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
 from tmd.cli import main
 from tmd.rng import BatchRandom
 from tmd.train.distributed import DistContext, check_global_batch, slice_batch
 from tmd.train.logging import read_metrics
-from test_generate import FRAMES, HEIGHT, WIDTH, read_mp4
-from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:

@@ -42,7 +42,7 @@ def test_grids_start_at_0999_after_the_shift():
 
 
 @pytest.mark.parametrize("m,n,h,l", [(2, 4, 5, 30), (1, 2, 5, 30), (4, 1, 3, 8)])
-def test_effective_nfe(m, n, h, l):
+def test_effective_nfe(m, n, h, l):  # noqa: E741 (the paper's symbols)
     assert flow.tmd_effective_nfe(m, n, h, l) == pytest.approx(m * (1 + (n - 1) * h / l))
 
 

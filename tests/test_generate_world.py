@@ -5,6 +5,7 @@ import json
 import imageio.v2 as imageio
 import torch
 from safetensors.torch import load_file
+from test_generate import read_mp4
 
 from tmd.cli import main
 from tmd.config import RunConfig, from_dict
@@ -12,7 +13,6 @@ from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR, WorldAssets
 from tmd.generate_world import SCALE
 from tmd.sampling import sample_tmd
 from tmd.train.run import train_run
-from test_generate import read_mp4
 
 PROMPT = "a red circle moving right"
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_generate import build_tiny_pipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,7 +37,6 @@ from tmd.models.wan import load_teacher
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
 from tmd.train.run import with_linear_attention
-from test_generate import build_tiny_pipeline
 
 LATENT = (4, 2, 8, 8)
 

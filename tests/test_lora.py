@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_accumulation import STAGE2, tiny_batch
 
 from tmd.config import ConfigError, LoRAConfig, RunConfig, from_dict
 from tmd.methods import get_method
@@ -16,7 +17,6 @@ from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
 from tmd.train.loop import GeneratorDataSource, Trainer
 from tmd.train.memory import estimate_for_config, estimate_state_memory
-from test_accumulation import STAGE2, tiny_batch
 
 LORA = {"rank": 4, "alpha": 8.0}
 

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import export_to_video
 from safetensors.torch import load_file, save_file
+from test_generate import FRAMES, HEIGHT, VOCABULARY, WIDTH, perturbed, pipeline, read_mp4  # noqa: F401  (fixture)
 
 from tmd import flow
 from tmd.cli import main
@@ -18,7 +19,6 @@ from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
 from tmd.pipelines import TMDPipeline, export_pipeline
 from tmd.pipelines.export import FEW_STEP_FILE, scheduler_grid
 from tmd.sampling import sample_few_step, sample_tmd, sample_with_scheduler
-from test_generate import FRAMES, HEIGHT, WIDTH, VOCABULARY, perturbed, pipeline, read_mp4  # noqa: F401  (fixture)
 
 SIZE = {"height": HEIGHT, "width": WIDTH, "num_frames": FRAMES}
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generate import build_tiny_pipeline
 
 from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, load_config
 from tmd.data import prepare as prep
 from tmd.data.prepare import PreparedDataset, load_clip, prepare
 from tmd.generate import load_vae, normalize_latents
-from test_generate import build_tiny_pipeline
 
 FRAMES, SIZE = 5, 32
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import yaml
+from test_trainer import run
 
 from tmd.cli import main
 from tmd.errors import ResumeError
 from tmd.train.resume import CONFIG_FILE, HISTORY_FILE
-from test_trainer import run
 
 
 def snapshot(folder):

@@ -10,9 +10,9 @@ from tmd import flow
 from tmd.methods import get_method
 from tmd.methods.common import adaptive_l2
 from tmd.models.discriminator import default_feature_blocks
-from tmd.rng import BatchRandom
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
+from tmd.rng import BatchRandom
 from tmd.sampling import sample_teacher, sample_tmd
 
 B, D = 3, 4

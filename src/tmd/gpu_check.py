@@ -23,7 +23,6 @@ runs all of it on the CPU with the 4-block test model and tiny shapes (compile w
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -32,9 +31,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -208,11 +208,11 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
 
     def update(group, loss, terms=None):  # what Trainer._update does at grad_accum = 1
         with torch.autocast(device.type, enabled=False):
-            for optimizer in optimizers.values():
+            for optimizer in optimizers.values():  # noqa: F821 (deleted after the closure's last call)
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norms[group] = float(torch.nn.utils.clip_grad_norm_(method.parameter_groups()[group], 1.0))
-            optimizers[group].step()
+            grad_norms[group] = float(torch.nn.utils.clip_grad_norm_(method.parameter_groups()[group], 1.0))  # noqa: F821
+            optimizers[group].step()  # noqa: F821
 
     noise, cond, neg = inputs(spec)
     batch = {"x": noise, "cond": cond, "neg_cond": neg}

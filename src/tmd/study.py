@@ -196,7 +196,7 @@ class Run:
     spec: RunSpec
     config: dict[str, Any] | None
     """The resolved run config as plain data, without init_from and out_dir (None for the teacher)."""
-    parent: Optional["Run"] = None
+    parent: Optional[Run] = None
 
     @property
     def display(self) -> str:
@@ -502,7 +502,7 @@ def execute(payload: dict[str, Any]) -> None:
         machine={**machine_start, "load_average_end": machine()["load_average"]},
         git=code,
         command=payload["command"],
-        finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        finished=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     write_json(Path(payload["record"]), record)
 

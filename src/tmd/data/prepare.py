@@ -17,8 +17,6 @@ prompts alone for data-free methods; its batches carry the latent ``shape`` inst
 
 from __future__ import annotations
 
-from typing import Optional
-
 import hashlib
 import json
 import logging
@@ -28,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch

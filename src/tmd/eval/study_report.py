@@ -377,7 +377,7 @@ def _plots(content: dict[str, Any], out: Path) -> None:
 
     if content["curves"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        for i, (name, curve) in enumerate(sorted(content["curves"].items())):
+        for i, (_name, curve) in enumerate(sorted(content["curves"].items())):
             colour = f"C{i}"
             for j, (seed, points) in enumerate(sorted(curve["points"].items(), key=lambda kv: str(kv[0]))):
                 label = curve["label"] if j == 0 else None

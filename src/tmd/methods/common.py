@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.models.export import SPLIT_DEFAULTS_OF_OLD_EXPORTS
 from tmd.models.protocol import VelocityModel
-from tmd.sampling import guided_velocity
 from tmd.rng import BatchRandom
+from tmd.sampling import guided_velocity
 
 
 def freeze(module: nn.Module) -> nn.Module:

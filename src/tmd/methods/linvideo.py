@@ -204,7 +204,7 @@ class LinVideo(StudentMethod):
         super().__init__(cfg, student, teacher)
 
     @classmethod
-    def from_teacher(cls, cfg: LinVideoConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "LinVideo":
+    def from_teacher(cls, cfg: LinVideoConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> LinVideo:
         student = linearise(
             trainable_copy(teacher), cfg.feature_dim, cfg.init_ratio, cfg.logit_gain, cfg.feature_gain, cfg.transfer_tokens
         )

@@ -65,7 +65,7 @@ class MeanFlow(StudentMethod):
         super().__init__(cfg, student, teacher)
 
     @classmethod
-    def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MeanFlow":
+    def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> MeanFlow:
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing))
 
     sample_steps = (1, 2)

@@ -133,7 +133,7 @@ class PhasedDMD(DistributionMatching):
         self.phase = 0
 
     @classmethod
-    def from_teacher(cls, cfg: PhasedDMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "PhasedDMD":
+    def from_teacher(cls, cfg: PhasedDMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> PhasedDMD:
         experts = nn.ModuleList(trainable_copy(teacher) for _ in range(cfg.outer_steps))
         for expert in experts:
             expert.activation_checkpointing = activation_checkpointing

@@ -212,7 +212,7 @@ class TMD(DistributionMatching):
     Config = TMDConfig
 
     @classmethod
-    def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "TMD":
+    def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> TMD:
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing), trainable_copy(teacher))
 
     def denoise(self, x_t, t, noise, cond):

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from tmd.config import ConfigError, LoRAConfig
 
-
 DEFAULT_MODULES = ("student", "fake_score")
 
 

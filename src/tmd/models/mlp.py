@@ -122,7 +122,7 @@ class MLPTransition(_MLPFlow):
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def from_velocity_model(cls, model: MLPVelocity, head_depth: int = 1, inner_velocity: str = "noise") -> "MLPTransition":
+    def from_velocity_model(cls, model: MLPVelocity, head_depth: int = 1, inner_velocity: str = "noise") -> MLPTransition:
         """Student whose head's first evaluation at ``s = t`` equals ``model.velocity`` for any ``y_s`` and ``r``."""
         if not 1 <= head_depth < model.depth:
             raise ValueError(f"head_depth must be in [1, {model.depth - 1}] for a model of depth {model.depth}, got {head_depth}")

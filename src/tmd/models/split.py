@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.models.wan import (
     TIMESTEP_SCALE,
-    WanState,
     WanModule,
+    WanState,
     WanTeacher,
     as_time,
     block_modulation,
@@ -140,14 +140,14 @@ class TMDStudent(WanModule):
         fusion: Fusion = "gated",
         inner_velocity: str = "noise",
         transition_target: str = "difference",
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         student = cls(teacher, head_blocks, fusion, inner_velocity, transition_target)
         return student.to(teacher.transformer.device)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         """Load a folder written by ``tmd.models.export.export_student`` (no teacher or run needed).
 
         The split is built around a weightless (meta) copy of the transformer, then the saved one is
@@ -184,7 +184,7 @@ class TMDStudent(WanModule):
         head_blocks: int,
         fusion: Fusion = "gated",
         inner_velocity: str = "noise",
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
         them as its components): the split is built on a weightless (meta) skeleton, then ``transformer``
         and the ``TMD_PARTS`` modules in ``parts`` are put in its place."""

@@ -9,9 +9,10 @@ re-assembled pass equal to diffusers' forward.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel

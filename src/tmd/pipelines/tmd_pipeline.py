@@ -57,7 +57,7 @@ class TMDParts(ModelMixin, ConfigMixin):
         self.gap_embedder = TimestepEmbedding(freq_dim, dim)
 
     @classmethod
-    def from_student(cls, student: TMDStudent, **sampling) -> "TMDParts":
+    def from_student(cls, student: TMDStudent, **sampling) -> TMDParts:
         """The parts of ``student`` (copied), with sampling defaults (``num_outer_steps``, ...) in the config."""
         config = student.transformer.config
         parts = cls(

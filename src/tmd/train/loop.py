@@ -78,7 +78,6 @@ from tmd.train.distributed import DistContext, check_global_batch, gather_full, 
 from tmd.train.logging import MetricLogger
 from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fresh
 
-
 EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
 
 

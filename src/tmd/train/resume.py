@@ -131,7 +131,7 @@ def start_fresh(cfg: Any, run_dir: Path) -> None:
 def record_resume(run_dir: Path, step: int, plan: ResumePlan) -> None:
     record = {
         "resumed_from_step": step,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "changes": {key: [None if a is _ABSENT else a, None if b is _ABSENT else b] for key, (a, b) in plan.changes.items()},
     }
     with open(run_dir / HISTORY_FILE, "a") as f:
