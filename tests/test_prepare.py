@@ -11,7 +11,7 @@ from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, load_config
 from tmd.data import prepare as prep
 from tmd.data.prepare import PreparedDataset, load_clip, prepare
-from tmd.generate import load_vae, normalize_latents
+from tmd.models.vae import load_vae, normalize_latents
 
 FRAMES, SIZE = 5, 32
 

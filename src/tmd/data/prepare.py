@@ -37,6 +37,8 @@ from torch import Tensor
 from tmd.config import existing_path, register_data_config
 from tmd.errors import PromptError
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.models.vae import latent_shape, normalize_latents
+from tmd.models.vae import load_vae as load_wan_vae
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ class _Encoders:
     """The VAE, the text encoder and the checked latent shape of one pipeline root."""
 
     def __init__(self, model: Path, frames: int, height: int, width: int, device, dtype, load_vae: bool):
-        from tmd.generate import latent_shape
-        from tmd.generate import load_vae as load_wan_vae
         from tmd.models.text import TextEncoder
 
         config_file = model / "transformer" / "config.json"
@@ -178,8 +178,6 @@ class _Encoders:
 
     @torch.no_grad()
     def encode_video(self, clip: Tensor) -> Tensor:
-        from tmd.generate import normalize_latents
-
         z = self.vae.encode(clip[None].to(self.device)).latent_dist.mode()
         return normalize_latents(self.vae, z)[0].float().cpu()
 

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 from tmd import flow
 from tmd.models.export import TMD_PARTS
 from tmd.models.split import FUSIONS, InnerStateBlock, TMDStudent
+from tmd.models.vae import denormalize_latents
 from tmd.sampling import sample_tmd
 
 logger = logging.get_logger(__name__)
@@ -188,8 +189,6 @@ class TMDPipeline(WanPipeline):
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
-        from tmd.generate import denormalize_latents
-
         video = self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.device, self.vae.dtype)), return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
