@@ -59,8 +59,8 @@ class PreparedDataConfig:
     """A linvideo run's ``student.safetensors`` (made from ``teacher``): distil that linearised model instead."""
 
     def __post_init__(self):
-        # imported here: the methods pull in diffusers, which `tmd prepare` itself does not need
-        from tmd.methods.linvideo import check_linearised_teacher
+        # imported here: linear attention pulls in diffusers' transformer, which `tmd prepare` does not need
+        from tmd.models.linear_attention import check_linearised_teacher
 
         check_linearised_teacher(self.linearised_teacher)
 
