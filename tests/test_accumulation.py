@@ -11,9 +11,10 @@ from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
 from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
 
 from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
+from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
 from tmd.train.logging import read_metrics
-from tmd.train.loop import GeneratorDataSource, Trainer, lr_factor
+from tmd.train.loop import Trainer, lr_factor
 
 
 @dataclass

@@ -10,13 +10,14 @@ from torch import nn
 
 from tmd import flow
 from tmd.config import RunConfig, TrainConfig, register_data_config, register_method_config
+from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
 from tmd.methods.mdt_dist import normalised_tangent
 from tmd.methods.meanflow import sample_mean_flow
 from tmd.methods.phased_dmd import PerPhase, interval_noising, interval_target, sample_phased
 from tmd.methods.tdm import tdm_generator_loss
 from tmd.rng import BatchRandom
-from tmd.train.loop import EMA, GeneratorDataSource, Trainer
+from tmd.train.loop import EMA, Trainer
 
 B, D = 6, 3
 

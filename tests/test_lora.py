@@ -9,13 +9,14 @@ from safetensors.torch import load_file
 from test_accumulation import STAGE2, tiny_batch
 
 from tmd.config import ConfigError, LoRAConfig, RunConfig, from_dict
+from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
 from tmd.methods.common import load_student_weights
 from tmd.models.lora import add_lora, lora_layers, merged_state_dict
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
-from tmd.train.loop import GeneratorDataSource, Trainer
+from tmd.train.loop import Trainer
 from tmd.train.memory import estimate_for_config, estimate_state_memory
 
 LORA = {"rank": 4, "alpha": 8.0}

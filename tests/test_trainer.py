@@ -7,9 +7,10 @@ from torch import nn
 
 from tmd import flow
 from tmd.config import RunConfig, TrainConfig, load_config, register_data_config, register_method_config
+from tmd.data.source import GeneratorDataSource
 from tmd.train import checkpoint as ckpt
 from tmd.train.logging import read_metrics
-from tmd.train.loop import GeneratorDataSource, NonFiniteLossError, Trainer
+from tmd.train.loop import NonFiniteLossError, Trainer
 from tmd.train.loop import train as run_training
 
 

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from tmd.config import existing_path, register_data_config
+from tmd.data.source import GeneratorDataSource
 from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_videos
 from tmd.eval.benchmark import BenchmarkResult, score_videos
 from tmd.models.autoencoder import VideoAutoencoder
 from tmd.models.linear_attention import check_linearised_teacher
 from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
-from tmd.train.loop import GeneratorDataSource
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
 """The shipped world: ``autoencoder/``, ``text_encoder/`` + ``tokenizer/``, ``teacher/``, ``world.json``."""

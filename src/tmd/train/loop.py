@@ -43,8 +43,8 @@ Under ``train.precision=bf16`` the whole ``training_step`` runs in bf16 autocast
 optimizer states stay fp32. The trainer moves state modules to the device before building optimizers
 and batches to the device before each step; methods read ``train.activation_checkpointing`` themselves.
 
-Data comes from a ``DataSource`` (``next_batch`` plus ``state_dict``/``load_state_dict``) so a resumed
-run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
+Data comes from a ``DataSource`` (``tmd.data.source``: ``next_batch`` plus ``state_dict``/``load_state_dict``) so a
+resumed run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
 
 Under ``torchrun`` (``tmd.train.distributed``) the modules arrive sharded with FSDP2; every rank reads the
 global batch and keeps its rows, draws its noise through a ``BatchRandom`` (the rows of global-batch
@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tmd.config import RunConfig, to_dict
+from tmd.data.source import DataSource
 from tmd.errors import NonFiniteLossError
 from tmd.rng import BatchRandom
 from tmd.train import checkpoint as ckpt
@@ -95,39 +96,6 @@ class TrainableMethod(Protocol):
     def state_modules(self) -> dict[str, nn.Module]: ...
 
     def training_step(self, batch: Any, step: int, update: Update) -> dict[str, float]: ...
-
-
-class DataSource(Protocol):
-    def next_batch(self) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class GeneratorDataSource:
-    """Batch i is ``fn(i, generator seeded from (seed, i))``: resuming only needs the index."""
-
-    def __init__(self, fn: Callable[[int, torch.Generator], Any], seed: int, device: str | torch.device = "cpu"):
-        self.fn = fn
-        self.seed = seed
-        self.device = torch.device(device)
-        self.index = 0
-
-    def next_batch(self) -> Any:
-        # SeedSequence mixes (seed, i) so neighbouring batches get unrelated streams.
-        mixed = int(np.random.SeedSequence([self.seed, self.index]).generate_state(1, np.uint64)[0])
-        batch = self.fn(self.index, torch.Generator(self.device).manual_seed(mixed))
-        self.index += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint was written with data seed {state['seed']}, this source has {self.seed}")
-        self.index = state["index"]
 
 
 class EMA:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tmd.config import ConfigError, RunConfig, to_dict
+from tmd.data.source import DataSource
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.files import check_safetensors, save_safetensors
 from tmd.methods import get_method
@@ -25,7 +26,7 @@ from tmd.methods.linvideo import load_linearised
 from tmd.models.lora import add_lora, merged_state_dict
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.hooks import eval_hook
-from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
+from tmd.train.loop import Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
 
