@@ -11,11 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from tmd.cli import main
 from tmd.generate import generate
-from tmd.models.export import export_run, export_student
+from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.text import build_tiny_text_encoder
 from tmd.models.vae import decode_video, denormalize_latents, load_vae, normalize_latents
 from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
+from tmd.pipelines.export import export_run
 from tmd.sampling import sample_few_step, sample_tmd
 
 VOCABULARY = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]

@@ -11,7 +11,7 @@ from test_accumulation import STAGE2, tiny_batch
 from tmd.config import ConfigError, LoRAConfig, RunConfig, from_dict
 from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
-from tmd.methods.common import load_student_weights
+from tmd.models.export import load_student_weights
 from tmd.models.lora import add_lora, lora_layers, merged_state_dict
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher

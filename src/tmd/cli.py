@@ -361,7 +361,7 @@ def _add_prepare(sub) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Turn a run's student.safetensors into a self-describing student folder for tmd generate."""
-    from tmd.models.export import export_run
+    from tmd.pipelines.export import export_run
 
     path = export_run(args.run, args.teacher, args.out, args.format)
     print(f"{'pipeline' if args.format == 'pipeline' else 'student'} folder written to {path}")

@@ -70,7 +70,7 @@ def load_generation_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> GenerationModel:
-    from tmd.models.export import TRANSFORMER_DIR, is_student_folder, read_student_config
+    from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
     from tmd.models.split import TMDStudent
     from tmd.models.wan import load_teacher
     from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline

@@ -46,7 +46,7 @@ def _world_assets_of(teacher: Path) -> Path | None:
 
 def load_world_model(path: str | Path, device: torch.device) -> WorldModel | None:
     """The world model at ``path``, or None when ``path`` is not one (a Wan pipeline or its students)."""
-    from tmd.models.export import is_student_folder, read_student_config
+    from tmd.models.folder import is_student_folder, read_student_config
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -72,7 +72,7 @@ def _from_teacher_folder(path: Path, device: torch.device) -> WorldModel:
 
 
 def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
-    from tmd.models.export import TRANSFORMER_DIR, read_student_config
+    from tmd.models.folder import TRANSFORMER_DIR, read_student_config
     from tmd.models.split import TMDStudent
     from tmd.models.wan import load_teacher
 

@@ -51,10 +51,10 @@ from tmd.methods.common import (
     dmd_loss,
     freeze,
     latent_shape,
-    load_student_weights,
     trainable_copy,
     x0_of,
 )
+from tmd.models.export import load_student_weights
 from tmd.models.linear_attention import (
     check_target,
     export_config,

@@ -27,6 +27,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.models.folder import PARTS_FILE, SPLIT_DEFAULTS_OF_OLD_EXPORTS, TMD_PARTS, TRANSFORMER_DIR, read_student_config
 from tmd.models.wan import (
     TIMESTEP_SCALE,
     WanModule,
@@ -34,9 +35,11 @@ from tmd.models.wan import (
     WanTeacher,
     as_time,
     block_modulation,
+    cast_transformer,
     check_inputs,
     embed,
     embed_tokens,
+    load_teacher,
     project_out,
     run_blocks,
     time_embedding,
@@ -155,9 +158,6 @@ class TMDStudent(WanModule):
         """
         from safetensors.torch import load_file
 
-        from tmd.models.export import PARTS_FILE, SPLIT_DEFAULTS_OF_OLD_EXPORTS, TMD_PARTS, TRANSFORMER_DIR, read_student_config
-        from tmd.models.wan import cast_transformer, load_teacher
-
         path = Path(path)
         config = read_student_config(path)
         if config["kind"] != "tmd_student":
@@ -188,8 +188,6 @@ class TMDStudent(WanModule):
         """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
         them as its components): the split is built on a weightless (meta) skeleton, then ``transformer``
         and the ``TMD_PARTS`` modules in ``parts`` are put in its place."""
-        from tmd.models.export import TMD_PARTS
-
         with torch.device("meta"):
             skeleton = WanTeacher(WanTransformer3DModel.from_config(transformer.config))
             student = cls(skeleton, head_blocks, fusion, inner_velocity)

@@ -21,7 +21,7 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tmd import flow
-from tmd.models.export import TMD_PARTS
+from tmd.models.folder import TMD_PARTS
 from tmd.models.split import FUSIONS, InnerStateBlock, TMDStudent
 from tmd.models.vae import denormalize_latents
 from tmd.sampling import sample_tmd
