@@ -2,10 +2,9 @@
 is exact, the sliced Wasserstein distance of a sampler to it, and a minimal training loop."""
 
 import torch
+from mog import AnalyticTeacher, MixtureWorld, MLPVelocity, fit_velocity
 
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
 from tmd.eval.sliced import sliced_wasserstein
-from tmd.models.mlp import MLPVelocity, fit_velocity
 from tmd.rng import BatchRandom
 
 WORLD = MixtureWorld(dim=2, num_classes=4)

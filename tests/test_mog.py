@@ -1,10 +1,9 @@
 import pytest
 import torch
+from mog import AnalyticTeacher, MixtureWorld, MLPTransition, MLPVelocity, fit_velocity
 
 from tmd import flow
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
 from tmd.eval.sliced import sliced_wasserstein
-from tmd.models.mlp import MLPTransition, MLPVelocity, fit_velocity
 from tmd.models.protocol import TransitionModel, VelocityModel
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
 
