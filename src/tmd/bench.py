@@ -24,27 +24,8 @@ from torch import Tensor
 
 from tmd import flow
 from tmd.eval import flops
+from tmd.models.wan import WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
 from tmd.rng import BatchRandom
-
-WAN_1_3B_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-}
-"""Wan2.1 T2V 1.3B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
-WAN_1_3B_LATENT = (16, 21, 60, 104)
-"""Latents of an 81 x 480 x 832 video (VAE: 4x temporal, 8x spatial)."""
-WAN_TEXT_LEN = 512
-"""UMT5 prompt length Wan pads to."""
 
 TEACHER_STEPS = 50
 TEACHER_GUIDANCE = 5.0

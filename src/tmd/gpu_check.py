@@ -67,8 +67,7 @@ class Spec:
 
 
 def make_spec(tiny: bool, device: str) -> Spec:
-    from tmd.bench import WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
-    from tmd.models.wan import TINY_CONFIG
+    from tmd.models.wan import TINY_CONFIG, WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
 
     if tiny:
         return Spec("tiny", dict(TINY_CONFIG), (4, 2, 8, 8), 8, 1, 50, device, "aot_eager", 2)

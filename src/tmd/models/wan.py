@@ -47,6 +47,41 @@ TINY_CONFIG: dict[str, Any] = {
 }
 """A random Wan transformer small enough for unit tests (about 60k parameters)."""
 
+WAN_1_3B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 1.3B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+WAN_1_3B_LATENT = (16, 21, 60, 104)
+"""Latents of an 81 x 480 x 832 video (VAE: 4x temporal, 8x spatial)."""
+WAN_TEXT_LEN = 512
+"""UMT5 prompt length Wan pads to."""
+WAN_14B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+
 
 @dataclass
 class WanState:
