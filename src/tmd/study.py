@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -682,10 +683,12 @@ def dry_run(runs: list[Run], todo: list[Task], records: Path, jobs: int) -> None
     )
 
 
-def main(args) -> int:
-    """``tmd study`` (``tmd.cli``): train what is missing, then write the report; ``--report`` only reports."""
-    from tmd.eval.study_report import write_report
+def main(args, write_report: Callable[..., Path]) -> int:
+    """``tmd study`` (``tmd.cli``): train what is missing, then write the report; ``--report`` only reports.
 
+    ``write_report`` is ``tmd.study_report.write_report``, handed in from above: the report reads this
+    module's runs and records, so it sits in the layer above it.
+    """
     study, path = load_study(args.config)
     records, work = Path(args.records), Path(args.work)
     everything = plan(study, str(path))

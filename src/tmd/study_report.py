@@ -15,7 +15,7 @@ from typing import Any
 
 from tmd.eval.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
 from tmd.eval.stats import LEVEL, paired_difference, t_interval, variance_components
-from tmd.study import TEACHER, Run, StudyConfig, read_records, row_names, write_json
+from tmd.study import CONFIG_DIR, TEACHER, Run, StudyConfig, read_records, row_names, write_json
 
 SCORE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate", *QUALITY_DIMS, *SEMANTIC_DIMS)
 TRAINED_INTERVAL = "Student-t 95% over the per-training-seed means (each the mean over the evaluation noise seeds)"
@@ -431,8 +431,6 @@ def update_readme(path: Path, name: str, table: str) -> None:
 
 def write_report(study: StudyConfig, study_file: Path, runs: list[Run], records_dir: Path, readme: Path | None = None) -> Path:
     """Write the report from the records of ``runs``; returns the path of ``report.md``."""
-    from tmd.study import CONFIG_DIR
-
     records = read_records(records_dir, list(dict.fromkeys(r.key for r in runs)))
     content = collect(study, runs, records)
     out = Path(study.report_dir)
