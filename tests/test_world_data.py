@@ -7,6 +7,7 @@ from tmd.cli import main
 from tmd.config import ConfigError, load_config
 from tmd.data.world import all_prompts, world_vocabulary
 from tmd.data.world_data import DEFAULT_ASSETS, PromptEmbeddings, WorldAssets, world_data_source
+from tmd.eval.samplers import evaluate_sampler
 from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from tmd.models.text import build_tiny_text_encoder
 from tmd.sampling import sample_teacher
@@ -78,7 +79,8 @@ def test_train_teacher_end_to_end_builds_loadable_assets(tmp_path, capsys):
     assets = WorldAssets(out)
     assert assets.guidance == 3.0
     prompts = all_prompts()[:2]
-    score = assets.evaluate_sampler(
+    score = evaluate_sampler(
+        assets,
         lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, 1, assets.guidance, assets.shift),
         prompts=prompts,
     )

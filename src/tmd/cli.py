@@ -128,6 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tmd import flow
     from tmd.data.world_data import WorldAssets, eval_prompts
     from tmd.eval.benchmark import format_table
+    from tmd.eval.samplers import evaluate_sampler, reconstruction_score
     from tmd.sampling import sample_teacher
 
     assets = WorldAssets(args.assets)
@@ -136,7 +137,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     for guidance in args.guidance or [assets.guidance]:
         for steps in args.steps:
-            score = assets.evaluate_sampler(
+            score = evaluate_sampler(
+                assets,
                 lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, steps, guidance, shift),
                 prompts=prompts,
                 seed=args.seed,
@@ -152,7 +154,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 }
             )
             print(f"{rows[-1]['method']} {steps} steps: total {result.total:.4f}", file=sys.stderr, flush=True)
-    ceiling = assets.reconstruction_score(prompts, seed=args.seed)
+    ceiling = reconstruction_score(assets, prompts, seed=args.seed)
     rows.append({"method": "autoencoded world (ceiling)", **{k: getattr(ceiling, k) for k in _TABLE_SCORES}})
     print(f"{len(prompts)} videos ({args.per_prompt} per prompt), noise seed {args.seed}, shift {shift:g}")
     print(format_table(rows))

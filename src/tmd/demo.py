@@ -23,6 +23,7 @@ from tmd import flow
 from tmd.config import RunConfig, from_dict
 from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import format_table
+from tmd.eval.samplers import evaluate_sampler
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.run import TrainedRun, train_run
@@ -270,7 +271,7 @@ class Demo:
         one_cond, one_neg = self.assets.encode_prompts([GRID_PROMPTS[0]])
         self.grid_samples = {}
         for spec, fn in self._rows_spec():
-            score = self.assets.evaluate_sampler(fn, eval_prompts(self.preset.eval_seeds), seed=self.seed)
+            score = evaluate_sampler(self.assets, fn, eval_prompts(self.preset.eval_seeds), seed=self.seed)
             latency = _latency_ms(lambda: fn(one_noise, one_cond, one_neg))
             row = {**spec, "latency_ms": latency, "ms_per_video_batched": 1000 * score.seconds_per_video}
             row.update(

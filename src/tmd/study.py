@@ -395,7 +395,7 @@ def _scores(
     assets, method_name: str, method_cfg: Any, module, score: list[list[int | None]], noise_seeds: list[int]
 ) -> list[dict[str, Any]]:
     from tmd.data.world_data import eval_prompts
-    from tmd.eval.samplers import effective_nfe, sampler
+    from tmd.eval.samplers import effective_nfe, evaluate_sampler, sampler
 
     prompts, guidance, shift = eval_prompts(1), assets.guidance, assets.shift
     nfe = {(m, n): effective_nfe(method_name, method_cfg, m, n, assets.teacher.num_blocks, guidance) for m, n in score}
@@ -403,7 +403,7 @@ def _scores(
     for outer, inner in score:
         for seed in noise_seeds:
             fn = sampler(method_name, method_cfg, module, outer, inner, seed, guidance, shift)
-            result = assets.evaluate_sampler(fn, prompts, seed=seed)
+            result = evaluate_sampler(assets, fn, prompts, seed=seed)
             rows.append(
                 {
                     "outer_steps": outer,

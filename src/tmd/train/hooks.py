@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tmd.config import ConfigError, RunConfig
 from tmd.data.world_data import WorldAssets, eval_prompts
-from tmd.eval.samplers import run_steps, sampler
+from tmd.eval.samplers import evaluate_sampler, run_steps, sampler
 
 EVAL_NOISE_SEED = 0
 CURVE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")
@@ -48,7 +48,7 @@ class WorldEvalHook:
     def __call__(self, step: int, ema: Mapping[str, dict[str, Tensor]]) -> dict[str, float]:
         began = time.perf_counter()
         self.model.load_state_dict(ema[self.name])
-        result = self.assets.evaluate_sampler(self.sample, self.prompts, seed=EVAL_NOISE_SEED).result.as_dict()
+        result = evaluate_sampler(self.assets, self.sample, self.prompts, seed=EVAL_NOISE_SEED).result.as_dict()
         seconds = time.perf_counter() - began
         train_seconds = began - self.start - self.eval_seconds
         self.eval_seconds += seconds
