@@ -12,36 +12,31 @@ world teacher) go to ``tmd.generate_world``, which decodes with the world's auto
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tmd import flow
+from tmd.fastpath import attention_kernel, compile_blocks
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.generate_world import generate_world, load_world_model
+from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
+from tmd.models.split import TMDStudent
+from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
 from tmd.models.vae import decode_video, latent_shape, load_vae
+from tmd.models.wan import load_teacher
+from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
+from tmd.pipelines.tmd_pipeline import load_student
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
+from tmd.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, WAN_FPS, slug, write_mp4
 
-DEFAULT_TEACHER_STEPS = 50
-DEFAULT_STUDENT_STEPS = 2
-DEFAULT_INNER_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SHIFT = 5.0
 """Teacher time shift when the pipeline's scheduler config names none."""
-WAN_FPS = 16
-MANIFEST_FILE = "generation.json"
-
-
-def write_mp4(path: str | Path, frames: Tensor, fps: int = WAN_FPS) -> None:
-    """uint8 (F, H, W, 3) frames -> H.264 mp4 through imageio-ffmpeg."""
-    import imageio.v2 as imageio
-
-    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8) as writer:
-        for frame in frames.numpy():
-            writer.append_data(frame)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,17 +65,10 @@ def load_generation_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> GenerationModel:
-    from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher
-    from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if is_tmd_pipeline(path):
-        from tmd.pipelines.tmd_pipeline import load_student
-
         return GenerationModel("tmd_student", load_student(path, dtype, device), Path(pipeline or path))
     if is_few_step_pipeline(path):
         return GenerationModel("few_step", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
@@ -149,10 +137,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def _slug(prompt: str, length: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "video"
-
-
 def generate(
     model_path: str | Path,
     prompts: list[str],
@@ -186,8 +170,6 @@ def generate(
     transformer blocks (``tmd.fastpath``; the first batch then includes compilation). ``scheduler``
     (teachers) is ``pipeline`` (the pipeline's own scheduler; Euler where it ships none) or ``euler``.
     """
-    from tmd.generate_world import generate_world, load_world_model
-
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     world = load_world_model(model_path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -208,10 +190,6 @@ def generate(
             attention=attention,
         )
     from tqdm.auto import tqdm
-
-    from tmd.fastpath import attention_kernel, compile_blocks
-    from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
 
     if not prompts:
         raise ValueError("no prompts to generate")
@@ -269,7 +247,7 @@ def generate(
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
-            name = f"{start + i:04d}-{_slug(prompt)}"
+            name = f"{start + i:04d}-{slug(prompt)}"
             write_mp4(out / f"{name}.mp4", videos[i], fps)
             if save_latents:
                 tensors = {"latents": latents[i].contiguous().cpu()}
