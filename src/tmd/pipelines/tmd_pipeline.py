@@ -24,6 +24,7 @@ from tmd import flow
 from tmd.models.folder import TMD_PARTS
 from tmd.models.split import FUSIONS, InnerStateBlock, TMDStudent
 from tmd.models.vae import denormalize_latents
+from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
 
 logger = logging.get_logger(__name__)
@@ -206,8 +207,6 @@ def _on_device(generator: torch.Generator | list[torch.Generator] | None, device
 def load_student(path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TMDStudent:
     """The TMD student of a ``TMDPipeline`` folder, without loading its VAE and text encoder."""
     from pathlib import Path
-
-    from tmd.models.wan import load_teacher
 
     path = Path(path)
     parts = TMDParts.from_pretrained(path / "tmd_parts", torch_dtype=dtype)

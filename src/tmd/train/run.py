@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from tmd.config import ConfigError, RunConfig, to_dict
+from tmd.data.prepare import PreparedDataset
 from tmd.data.source import DataSource
 from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.files import check_safetensors, save_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
 from tmd.models.lora import add_lora, merged_state_dict
+from tmd.models.wan import load_teacher
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.hooks import eval_hook
 from tmd.train.loop import Trainer, resolve_device, seed_everything
@@ -48,9 +50,6 @@ def teacher_and_data(
         # linearised on a copy: the assets' teacher may be shared (``tmd demo`` samples it as the teacher row)
         return with_linear_attention(assets.teacher.to(device), cfg.data.linearised_teacher, copy_model=True), data
     if cfg.data_kind == "prepared":
-        from tmd.data.prepare import PreparedDataset
-        from tmd.models.wan import load_teacher
-
         data = PreparedDataset(cfg.data.path, cfg.train.batch_size, cfg.train.seed)
         teacher = load_teacher(cfg.data.teacher or data.index["model"], device=device)
         # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
