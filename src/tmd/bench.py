@@ -23,9 +23,28 @@ import torch
 from torch import Tensor
 
 from tmd import flow
+from tmd.config import load_config
+from tmd.data.world import WorldConfig
+from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
 from tmd.eval import flops
-from tmd.models.wan import WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
+from tmd.eval.benchmark import format_table
+from tmd.fastpath import attention_kernel, compile_blocks
+from tmd.methods import get_method
+from tmd.models.autoencoder import AutoencoderConfig
+from tmd.models.linear_attention import linearise, round_selection
+from tmd.models.split import TMDStudent
+from tmd.models.wan import (
+    WAN_1_3B_CONFIG,
+    WAN_1_3B_LATENT,
+    WAN_TEXT_LEN,
+    WanTeacher,
+    cast_transformer,
+    load_teacher,
+    parameter_count,
+)
 from tmd.rng import BatchRandom
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
 
 TEACHER_STEPS = 50
 TEACHER_GUIDANCE = 5.0
@@ -48,12 +67,6 @@ class BenchModel:
 
 def world_model() -> BenchModel:
     """The synthetic world's teacher: the shipped one's config if built, else ``configs/world_teacher.yaml``."""
-    from tmd.config import load_config
-    from tmd.data.world import WorldConfig
-    from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
-    from tmd.models.autoencoder import AutoencoderConfig
-    from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
-
     cfg = load_config(WorldTeacherConfig, WORLD_CONFIG_FILE if WORLD_CONFIG_FILE.is_file() else None)
     shipped = DEFAULT_ASSETS / TEACHER_DIR / "config.json"
     if shipped.is_file():
@@ -138,8 +151,6 @@ def attention_scaling(
 ) -> list[dict[str, Any]]:
     """Latency of one transformer block per pass (batch 1) with softmax self-attention and with LinVideo's
     linear attention, at growing sequence lengths: softmax grows as n^2, linear as n."""
-    from tmd.models.linear_attention import linearise, round_selection
-
     linear = linearise(teacher, copy_model=True)
     round_selection(linear, 0)
     blocks = {"softmax": teacher.transformer.blocks[0], "linear": linear.transformer.blocks[0]}
@@ -197,11 +208,6 @@ def fast_path_table(
     """The same two calls under each fast-path switch, timed round-robin in one run: SDPA's own kernel
     choice against forced kernels, bf16 weights (when the bench runs fp32), and compiled blocks."""
     import copy
-
-    from tmd.fastpath import attention_kernel, compile_blocks
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import WanTeacher, cast_transformer
-    from tmd.sampling import sample_tmd
 
     def variant(model, kernel: str = "sdpa"):
         student = TMDStudent.from_teacher(model, head_blocks=head_blocks).eval()
@@ -286,8 +292,6 @@ def generator_step_ratio(teacher, batch: dict, repeats: int, warmup: int, inner_
     paper's settings: N = 2 inner steps, a head of H = L / 6 blocks (rounded), 2 outer steps, GAN 0.03.
     Both steps hold everything that differs (student sample with gradients) and everything that does not
     (real and fake scores, the GAN's teacher features, backward, AdamW)."""
-    from tmd.methods import get_method
-
     head_blocks = max(1, round(teacher.num_blocks / 6))
     shared = {"outer_steps": 2, "gan_weight": 0.03}
     steps = {
@@ -345,11 +349,6 @@ def _scaling_latents(latent: tuple[int, ...], config: dict[str, Any], sizes: int
 
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """All tables as lists of row dicts, plus the settings they were measured with (``meta``)."""
-    from tmd.methods import get_method
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher, parameter_count
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
-
     device = torch.device(settings.device)
     if device.type == "cpu" and settings.model == "wan1.3b":
         raise ValueError(
@@ -559,8 +558,6 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
 
 
 def format_report(result: dict[str, Any]) -> str:
-    from tmd.eval.benchmark import format_table
-
     meta = result["meta"]
     header = (
         f"model {meta['model']} ({meta['parameters']:,} parameters, {meta['blocks']} blocks, head H={meta['head_blocks']}), "

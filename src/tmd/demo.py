@@ -23,6 +23,7 @@ from tmd import flow
 from tmd.config import RunConfig, from_dict
 from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import format_table
+from tmd.eval.report import write_report
 from tmd.eval.samplers import evaluate_sampler
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
@@ -306,7 +307,6 @@ class Demo:
         self.train_all(methods)
         rows = self.evaluate()
         self.timings["total"] = time.perf_counter() - start
-        from tmd.eval.report import write_report
 
         report = {
             "preset": self.preset_name,

@@ -21,6 +21,7 @@ from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_vide
 from tmd.models.autoencoder import VideoAutoencoder
 from tmd.models.linear_attention import check_linearised_teacher
 from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
+from tmd.models.wan import load_teacher
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
 """The shipped world: ``autoencoder/``, ``text_encoder/`` + ``tokenizer/``, ``teacher/``, ``world.json``."""
@@ -106,8 +107,6 @@ class WorldAssets:
     """The shipped autoencoder, text encoder and (optionally) teacher, loaded from one folder."""
 
     def __init__(self, path: str | Path | None = None, teacher: bool = True, device: str | torch.device = "cpu"):
-        from tmd.models.wan import load_teacher
-
         self.path = assets_dir(path)
         self.device = torch.device(device)
         missing = [name for name in self.required(teacher) if not (self.path / name).exists()]
