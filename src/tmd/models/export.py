@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from tmd.files import check_safetensors, make_output_dir, save_safetensors, share_like_other_files
 from tmd.models.folder import (
@@ -56,6 +56,14 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
     config["teacher"] = None if teacher_source is None else str(Path(teacher_source).resolve())
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def save_run_weights(path: str | Path, state: dict[str, Tensor], method: str, method_config: dict[str, Any]) -> None:
+    """Write a run's generator weights as ``tmd train`` exports them, read back by :func:`run_metadata` and
+    :func:`student_from_run`: the split (head_blocks, fusion) is not visible in the parameter names, so
+    it travels as metadata with the method's name and config."""
+    metadata = {"method": method, "method_config": json.dumps(method_config)}
+    save_safetensors({k: v.detach().contiguous() for k, v in state.items()}, path, metadata=metadata)
 
 
 def run_metadata(weights: str | Path) -> dict[str, str]:

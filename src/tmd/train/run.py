@@ -21,9 +21,10 @@ from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.prepare import PreparedDataset
 from tmd.data.source import DataSource
 from tmd.data.world_data import WorldAssets, world_data_source
-from tmd.files import check_safetensors, save_safetensors
+from tmd.files import check_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
+from tmd.models.export import save_run_weights
 from tmd.models.lora import add_lora, merged_state_dict
 from tmd.models.wan import load_teacher
 from tmd.train.distributed import init_distributed, shard_modules
@@ -119,10 +120,8 @@ def train_run(
         raise ValueError(f"cannot tell which of the EMA modules {sorted(result.ema)} is the generator to export")
     path = result.run_dir / STUDENT_FILE
     if ctx.is_main:
-        # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
-        metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
         exported = merged_state_dict(generator, weights) if lora.enabled else weights
-        save_safetensors({k: v.detach().contiguous() for k, v in exported.items()}, path, metadata=metadata)
+        save_run_weights(path, exported, cfg.method_name, to_dict(cfg.method))
         (result.run_dir / "student.json").write_text(
             json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
         )
