@@ -38,6 +38,26 @@ from typing import Any
 
 import torch
 
+from tmd.bench import FAST_PATH_KERNELS
+from tmd.data.prepare import FORMAT_VERSION, INDEX_FILE, NEGATIVE_FILE, shard_name
+from tmd.eval import flops
+from tmd.fastpath import attention_kernel, compile_blocks
+from tmd.methods import get_method
+from tmd.models.split import TMDStudent
+from tmd.models.wan import (
+    TINY_CONFIG,
+    WAN_1_3B_CONFIG,
+    WAN_1_3B_LATENT,
+    WAN_TEXT_LEN,
+    WanTeacher,
+    build_transformer,
+    cast_transformer,
+    parameter_count,
+)
+from tmd.rng import BatchRandom
+from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
+from tmd.train.logging import read_metrics
+
 REPO = Path(__file__).resolve().parents[2]
 STAGE2_CONFIG = REPO / "configs" / "wan1.3b_tmd_stage2.yaml"
 GUIDANCE, SHIFT = 5.0, 5.0
@@ -67,8 +87,6 @@ class Spec:
 
 
 def make_spec(tiny: bool, device: str) -> Spec:
-    from tmd.models.wan import TINY_CONFIG, WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
-
     if tiny:
         return Spec("tiny", dict(TINY_CONFIG), (4, 2, 8, 8), 8, 1, 50, device, "aot_eager", 2)
     return Spec("wan1.3b", dict(WAN_1_3B_CONFIG), WAN_1_3B_LATENT, WAN_TEXT_LEN, 5, 50, device, "inductor", 3)
@@ -113,8 +131,6 @@ def free(device: torch.device) -> None:
 
 def build_teacher(spec: Spec, dtype: torch.dtype):
     """Random weights built on the device itself (1.3B parameters initialise in seconds there)."""
-    from tmd.models.wan import WanTeacher, build_transformer, cast_transformer
-
     with torch.device(spec.device):
         transformer = build_transformer(spec.config)
     return WanTeacher(cast_transformer(transformer, dtype)).eval()
@@ -132,9 +148,6 @@ def inputs(spec: Spec, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def latency_row(variant: str, teacher, student, spec: Spec, kernel: str, full_teacher: bool = False) -> dict[str, Any]:
     """ms per video of the three samplers under one attention kernel; the teacher as 50 x its CFG step."""
-    from tmd.fastpath import attention_kernel
-    from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
-
     device = torch.device(spec.device)
     noise, cond, neg = inputs(spec)
     t = torch.full((1,), 0.5, device=device)
@@ -159,10 +172,6 @@ def latency_row(variant: str, teacher, student, spec: Spec, kernel: str, full_te
 def kernel_rows(teacher, spec: Spec) -> list[dict[str, Any]]:
     """One CFG step of the teacher under each forced SDPA kernel (math only on the CPU: at 32760 tokens
     it would materialise the attention matrix)."""
-    from tmd.bench import FAST_PATH_KERNELS
-    from tmd.fastpath import attention_kernel
-    from tmd.sampling import guided_velocity
-
     device = torch.device(spec.device)
     noise, cond, neg = inputs(spec)
     t = torch.full((1,), 0.5, device=device)
@@ -184,9 +193,6 @@ def kernel_rows(teacher, spec: Spec) -> list[dict[str, Any]]:
 def stage2_step(spec: Spec) -> dict[str, Any]:
     """The generator and the critic turn of TMD stage 2 as ``tmd train`` runs them in one process."""
     import yaml
-
-    from tmd.methods import get_method
-    from tmd.rng import BatchRandom
 
     device = torch.device(spec.device)
     method_cfg = (yaml.safe_load(STAGE2_CONFIG.read_text()) or {})["method"]
@@ -250,8 +256,6 @@ def write_prepared(folder: Path, spec: Spec, samples: int = 2) -> None:
     """A random dataset in ``tmd prepare``'s layout (``tmd.data.prepare``): latents, trimmed prompt embeddings."""
     from safetensors.torch import save_file
 
-    from tmd.data.prepare import FORMAT_VERSION, INDEX_FILE, NEGATIVE_FILE, shard_name
-
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     dim, length = spec.config["text_dim"], spec.text_len
@@ -288,8 +292,6 @@ def write_prepared(folder: Path, spec: Spec, samples: int = 2) -> None:
 
 def fsdp_smoke(spec: Spec, work: Path, timeout_s: float) -> dict[str, Any]:
     """``torchrun --nproc_per_node=1 -m tmd train`` on the stage-2 config, 2 steps (a generator and a critic turn)."""
-    from tmd.train.logging import read_metrics
-
     shutil.rmtree(work, ignore_errors=True)
     try:
         teacher = build_teacher(spec, torch.bfloat16)  # bf16 on disk: half the bytes; loaded back as fp32
@@ -419,11 +421,6 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> dict[str, Any]:
     import diffusers
-
-    from tmd.eval import flops
-    from tmd.fastpath import compile_blocks
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import parameter_count
 
     began = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
