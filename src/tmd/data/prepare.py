@@ -37,6 +37,8 @@ from torch import Tensor
 from tmd.config import existing_path, register_data_config
 from tmd.errors import PromptError
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.models.linear_attention import check_linearised_teacher
+from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder, check_known_words, clean_prompt
 from tmd.models.vae import latent_shape, normalize_latents
 from tmd.models.vae import load_vae as load_wan_vae
 
@@ -59,9 +61,6 @@ class PreparedDataConfig:
     """A linvideo run's ``student.safetensors`` (made from ``teacher``): distil that linearised model instead."""
 
     def __post_init__(self):
-        # imported here: linear attention pulls in diffusers' transformer, which `tmd prepare` does not need
-        from tmd.models.linear_attention import check_linearised_teacher
-
         check_linearised_teacher(self.linearised_teacher)
 
 
@@ -153,8 +152,6 @@ class _Encoders:
     """The VAE, the text encoder and the checked latent shape of one pipeline root."""
 
     def __init__(self, model: Path, frames: int, height: int, width: int, device, dtype, load_vae: bool):
-        from tmd.models.text import TextEncoder
-
         config_file = model / "transformer" / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no transformer/config.json under {model}: expected a diffusers Wan pipeline root")
@@ -246,8 +243,6 @@ def prepare(
     Shards already in ``out`` are kept (resume); the index is rebuilt from all shards at the end.
     """
     from tqdm.auto import tqdm
-
-    from tmd.models.text import WAN_NEGATIVE_PROMPT, check_known_words, clean_prompt
 
     text_only = prompts is not None
     if text_only == (captions is not None):
