@@ -15,6 +15,7 @@ import torch
 
 from tmd.data.world_data import eval_prompts
 from tmd.demo import Demo
+from tmd.eval.samplers import evaluate_sampler
 from tmd.sampling import sample_few_step
 
 
@@ -26,7 +27,8 @@ def main(name: str, overrides: dict) -> dict:
     start = time.perf_counter()
     run = demo._train(name, "dmd2", cfg)
     steps = cfg["outer_steps"]
-    score = demo.assets.evaluate_sampler(lambda noise, cond, _: sample_few_step(run.generator, noise, cond, steps), eval_prompts(1), seed=0)
+    sample = lambda noise, cond, _: sample_few_step(run.generator, noise, cond, steps)  # noqa: E731
+    score = evaluate_sampler(demo.assets, sample, eval_prompts(1), seed=0)
     result = {"name": name, "cfg": cfg, "train_s": time.perf_counter() - start}
     result.update({k: v for k, v in score.result.as_dict().items() if isinstance(v, float)})
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -2,10 +2,9 @@
 is exact, the sliced Wasserstein distance of a sampler to it, and a minimal training loop."""
 
 import torch
+from mog import AnalyticTeacher, MixtureWorld, MLPVelocity, fit_velocity
 
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
 from tmd.eval.sliced import sliced_wasserstein
-from tmd.models.mlp import MLPVelocity, fit_velocity
 from tmd.rng import BatchRandom
 
 WORLD = MixtureWorld(dim=2, num_classes=4)
@@ -36,7 +35,9 @@ def train(method, steps, lr=1e-3, seed=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(seed))
     overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own settings, as the trainer applies them
     optimizers = {
-        name: torch.optim.Adam(params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999)))
+        name: torch.optim.Adam(
+            params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999))
+        )
         for name, params in method.parameter_groups().items()
     }
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
-from tmd.methods import get_method
-from tmd.train.logging import read_metrics
-from tmd.train.loop import GeneratorDataSource, Trainer, lr_factor
 from test_prepare import pipeline, videos  # noqa: F401  (fixtures)
 from test_trainer import FlowMethod, TwoGroupMethod, gaussian_batch, make_cfg
+
+from tmd.config import RunConfig, TrainConfig, from_dict, register_data_config
+from tmd.data.source import GeneratorDataSource
+from tmd.methods import get_method
+from tmd.train.logging import read_metrics
+from tmd.train.loop import Trainer, lr_factor
 
 
 @dataclass
@@ -35,12 +36,27 @@ def tiny_batch(_, g):
 
 
 def train_method(tmp_path, teacher, name, method, grad_accum, steps=2, **train):
-    cfg = from_dict(RunConfig, {
-        "method_name": name, "data_kind": "accumulation_test", "method": method,
-        "train": {"steps": steps, "batch_size": BATCH, "grad_accum": grad_accum, "lr": 1e-3, "log_every": 1,
-                  "checkpoint_every": 100, "progress": False, "tensorboard": False, "ema_decay": 0.5,
-                  "out_dir": str(tmp_path), **train},
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "method_name": name,
+            "data_kind": "accumulation_test",
+            "method": method,
+            "train": {
+                "steps": steps,
+                "batch_size": BATCH,
+                "grad_accum": grad_accum,
+                "lr": 1e-3,
+                "log_every": 1,
+                "checkpoint_every": 100,
+                "progress": False,
+                "tensorboard": False,
+                "ema_decay": 0.5,
+                "out_dir": str(tmp_path),
+                **train,
+            },
+        },
+    )
     torch.manual_seed(0)
     trained = get_method(name).from_teacher(cfg.method, teacher)
     trainer = Trainer(trained, GeneratorDataSource(tiny_batch, seed=1), cfg)
@@ -48,12 +64,16 @@ def train_method(tmp_path, teacher, name, method, grad_accum, steps=2, **train):
     grads = []  # (group, {name: gradient}) at every optimizer step, after clipping
 
     def record(optimizer, args, kwargs, group):
-        grads.append((group, {names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None}))
+        grads.append(
+            (group, {names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None})
+        )
 
     for group, optimizer in trainer.optimizers.items():
         optimizer.register_step_pre_hook(lambda opt, args, kwargs, group=group: record(opt, args, kwargs, group))
     result = trainer.train()
-    weights = {f"{module}.{k}": v.detach().clone() for module, m in trained.state_modules().items() for k, v in m.state_dict().items()}
+    weights = {
+        f"{module}.{k}": v.detach().clone() for module, m in trained.state_modules().items() for k, v in m.state_dict().items()
+    }
     return {"weights": weights, "ema": result.ema, "grads": grads, "log": read_metrics(tmp_path)}
 
 
@@ -81,11 +101,14 @@ def assert_same_run(a, b, lr=1e-3):
 STAGE2 = {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03}
 
 
-@pytest.mark.parametrize("name, method", [
-    ("tmd", STAGE2),  # generator turn (VSD + GAN into the discriminator) then a critic turn (two groups)
-    ("dmd2", {"generator_every": 2, "gan_weight": 0.03, "student_input": "backward"}),
-    ("tm", {"head_blocks": 1}),  # condition dropout, per-sample times and two noises per step
-])
+@pytest.mark.parametrize(
+    "name, method",
+    [
+        ("tmd", STAGE2),  # generator turn (VSD + GAN into the discriminator) then a critic turn (two groups)
+        ("dmd2", {"generator_every": 2, "gan_weight": 0.03, "student_input": "backward"}),
+        ("tm", {"head_blocks": 1}),  # condition dropout, per-sample times and two noises per step
+    ],
+)
 def test_two_micro_batches_equal_one_batch(tmp_path, tiny_teacher, name, method):
     one = train_method(tmp_path / "one", tiny_teacher, name, method, grad_accum=1)
     two = train_method(tmp_path / "two", tiny_teacher, name, method, grad_accum=2)
@@ -140,7 +163,9 @@ def test_resuming_a_run_without_schedule_state_needs_a_constant_schedule(tmp_pat
     del state["lr_schedulers"]
     torch.save(state, state_file)
     with pytest.raises(ValueError, match="written without a learning-rate schedule; resume it with train.lr_schedule=constant"):
-        Trainer(FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path, steps=4, warmup_steps=2), resume=True)
+        Trainer(
+            FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path, steps=4, warmup_steps=2), resume=True
+        )
 
 
 @pytest.mark.slow
@@ -149,6 +174,7 @@ def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pi
     the losses and the exported student of one process with the whole batch of 4 in one pass."""
     from test_distributed import assert_close_records, losses, torchrun
     from test_prepare import run_prepare
+
     from tmd.cli import main
 
     folder, captions = videos

@@ -18,7 +18,9 @@ def blob_videos(n: int, generator: torch.Generator, frames: int = 4, size: int =
     t = torch.arange(frames, dtype=torch.float32)
     centre = start[:, None] + velocity[:, None] * t[None, :, None]  # (n, F, 2)
     grid = torch.arange(size, dtype=torch.float32) + 0.5
-    d2 = (grid[None, None, None, :] - centre[..., 0, None, None]) ** 2 + (grid[None, None, :, None] - centre[..., 1, None, None]) ** 2
+    d2 = (grid[None, None, None, :] - centre[..., 0, None, None]) ** 2 + (
+        grid[None, None, :, None] - centre[..., 1, None, None]
+    ) ** 2
     alpha = torch.exp(-d2 / 8.0)[:, None]  # (n, 1, F, H, W)
     return -1 + alpha * (colour[:, :, None, None, None] + 1)
 
@@ -120,7 +122,9 @@ def test_short_training_reduces_loss_and_normalises_latents():
 
 def test_training_is_deterministic_in_seed():
     def run(seed: int) -> VideoAutoencoder:
-        return train_autoencoder(AutoencoderConfig(**TINY), blob_videos, steps=3, batch_size=4, lr=1e-3, seed=seed, progress=False)
+        return train_autoencoder(
+            AutoencoderConfig(**TINY), blob_videos, steps=3, batch_size=4, lr=1e-3, seed=seed, progress=False
+        )
 
     a, b, c = run(0), run(0), run(1)
     assert a.config == b.config

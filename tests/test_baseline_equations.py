@@ -10,13 +10,14 @@ from torch import nn
 
 from tmd import flow
 from tmd.config import RunConfig, TrainConfig, register_data_config, register_method_config
+from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
 from tmd.methods.mdt_dist import normalised_tangent
 from tmd.methods.meanflow import sample_mean_flow
 from tmd.methods.phased_dmd import PerPhase, interval_noising, interval_target, sample_phased
 from tmd.methods.tdm import tdm_generator_loss
 from tmd.rng import BatchRandom
-from tmd.train.loop import EMA, GeneratorDataSource, Trainer
+from tmd.train.loop import EMA, Trainer
 
 B, D = 6, 3
 
@@ -44,7 +45,11 @@ def x0(model: Linear, x_t, t, cond):
 
 def batch(seed=0, n=B):
     g = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(n, D, generator=g), "cond": torch.randn(n, D, generator=g), "neg_cond": torch.randn(n, D, generator=g)}
+    return {
+        "x": torch.randn(n, D, generator=g),
+        "cond": torch.randn(n, D, generator=g),
+        "neg_cond": torch.randn(n, D, generator=g),
+    }
 
 
 def seeded(method, seed=0):
@@ -79,7 +84,11 @@ def test_trainer_applies_a_methods_own_optimizer_settings(tmp_path):
     data = GeneratorDataSource(lambda i, g: batch(), seed=0)
 
     def optimizers(run, **train):
-        cfg = RunConfig("baseline_equations", "baseline_equations", train=TrainConfig(lr=1e-3, out_dir=str(tmp_path / run), progress=False, tensorboard=False, **train))
+        cfg = RunConfig(
+            "baseline_equations",
+            "baseline_equations",
+            train=TrainConfig(lr=1e-3, out_dir=str(tmp_path / run), progress=False, tensorboard=False, **train),
+        )
         return {name: opt.param_groups[0] for name, opt in Trainer(method, data, cfg).optimizers.items()}
 
     groups = optimizers("a")
@@ -141,6 +150,7 @@ def test_meanflow_sampler_honours_outer_shift():
 def test_meanflow_regresses_u_on_v_minus_t_minus_r_times_its_derivative_along_v():
     """``||u(z, r, t) - sg(v - (t - r) du/dt)||^2`` with du/dt along the teacher's velocity: for the known
     ``u = 0.5 z + t + 2 r`` the derivative is ``0.5 v + 1`` (the finite difference is exact on it)."""
+
     class Known(nn.Module):
         def __init__(self):
             super().__init__()
@@ -171,7 +181,11 @@ def test_decoupled_dmd_is_one_proxy_loss_of_dm_at_any_time_plus_ca_below_the_inp
     """x_hat's gradient is ``-(DM + CA) / N`` (Alg. 1's proxy loss, lambda = 1): DM = x0_c - x0_fake at
     ``tau_DM ~ U(0, 1)``, CA = (w - 1)(x0_c - x0_u) at ``tau_CA`` between the input's time and data."""
     teacher, fake, n, w = Linear(0.5, 1.0), Linear(0.3, 2.0), 4000, 2.5
-    method = seeded(get_method("decoupled_dmd")(get_method("decoupled_dmd").Config(guidance=w, outer_steps=2), teacher, Linear(0.5, 1.0), fake))
+    method = seeded(
+        get_method("decoupled_dmd")(
+            get_method("decoupled_dmd").Config(guidance=w, outer_steps=2), teacher, Linear(0.5, 1.0), fake
+        )
+    )
     data = batch(n=n)
     method._input_time = torch.tensor(0.9)
     x_hat = torch.randn(n, D, requires_grad=True)
@@ -199,6 +213,7 @@ def test_phased_dmd_subinterval_target_is_unbiased_and_eq13_weighted():
     s_, t_ = torch.full((n,), s), torch.full((n,), t)
     x_t = interval_noising(x_s, s_, t_, eps)
     target = interval_target(x_s, s_, t_, eps, 10.0)[0]
+
     def slope(y):  # least squares through 0: E[y | x_t] is linear in x_t for Gaussian data
         return float((y * x_t).mean() / x_t.pow(2).mean())
 
@@ -236,7 +251,9 @@ def test_phased_dmd_freezes_finished_experts_and_keeps_their_weights_in_the_expo
     assert float(experts[0].a.detach()) != 0.5 and float(experts[1].a.detach()) != 0.5  # both phases trained their expert
     assert ema.shadow["0.a"] == experts[0].a and ema.shadow["1.a"] != experts[1].a
     overrides = method.optimizer_overrides()
-    assert overrides["fake_score"] == {"betas": (0.0, 0.999), "lr_scale": 0.008} and overrides["generator"] == {"betas": (0.0, 0.999)}
+    assert overrides["fake_score"] == {"betas": (0.0, 0.999), "lr_scale": 0.008} and overrides["generator"] == {
+        "betas": (0.0, 0.999)
+    }
 
 
 # -- TDM -------------------------------------------------------------------------------------------
@@ -264,7 +281,9 @@ def test_tdm_matches_each_samples_stage_inside_its_interval():
     the student's own next point diffused there, ``(1 - tau) x0 + tau m`` with ``m`` the importance
     weight's noise."""
     student, n = Linear(0.5, 1.0), 64
-    method = seeded(get_method("tdm")(get_method("tdm").Config(guidance=1.0, outer_steps=3), Linear(0.5, 1.0), student, Linear(0.4, 1.0)))
+    method = seeded(
+        get_method("tdm")(get_method("tdm").Config(guidance=1.0, outer_steps=3), Linear(0.5, 1.0), student, Linear(0.4, 1.0))
+    )
     grid = method.outer_grid("cpu")
     noise, cond = torch.randn(n, D), batch(n=n)["cond"]
     x_hat = method.generate(batch(n=n), noise, 0)

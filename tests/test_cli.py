@@ -5,13 +5,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_generate import build_tiny_pipeline
 
 from tmd.cli import _parse, build_parser, main
 from tmd.errors import ConfigError, NonFiniteLossError
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
-from test_generate import build_tiny_pipeline
 
 SIZE = ["--frames", "5", "--height", "32", "--width", "32"]
 
@@ -41,7 +41,13 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, pipeline, capsys):
     save_file({"w": torch.zeros(1000)}, weights, metadata={"method": "tmd", "method_config": "{}"})
     truncate(weights)
     # as init_from
-    args = ["train", "--config", "configs/world_tmd_stage2.yaml", f"method.init_from={weights}", f"train.out_dir={tmp_path / 'r'}"]
+    args = [
+        "train",
+        "--config",
+        "configs/world_tmd_stage2.yaml",
+        f"method.init_from={weights}",
+        f"train.out_dir={tmp_path / 'r'}",
+    ]
     assert main(args) == 2
     err = one_line_error(capsys, "train")
     assert f"method.init_from: {weights} is not a complete safetensors file" in err
@@ -78,7 +84,9 @@ def test_an_impossible_out_fails_before_any_model_is_loaded(tmp_path, pipeline, 
         folder = afile / "out"
         out = folder / "latents.safetensors" if command == "sample" else folder  # sample writes one file
         assert main([command, *args, "--out", str(out)]) == 2
-        assert f"--out: cannot create directory '{folder}': '{afile}' is not a writable directory" in one_line_error(capsys, command)
+        assert f"--out: cannot create directory '{folder}': '{afile}' is not a writable directory" in one_line_error(
+            capsys, command
+        )
         if command != "sample":
             assert main([command, *args, "--out", str(afile)]) == 2
             assert f"--out: '{afile}' exists and is not a directory" in one_line_error(capsys, command)
@@ -87,8 +95,17 @@ def test_an_impossible_out_fails_before_any_model_is_loaded(tmp_path, pipeline, 
 def test_a_nan_loss_is_one_line_with_the_step_metrics_jsonl_counts(tmp_path, capsys):
     # lr 1e30 blows the weights up in the first update: the second step's loss is NaN
     out = tmp_path / "run"
-    args = ["train", "--config", "configs/world_tmd_stage1.yaml", "train.steps=3", "train.batch_size=2", "train.lr=1e30",
-            "train.log_every=1", "train.progress=false", f"train.out_dir={out}"]
+    args = [
+        "train",
+        "--config",
+        "configs/world_tmd_stage1.yaml",
+        "train.steps=3",
+        "train.batch_size=2",
+        "train.lr=1e30",
+        "train.log_every=1",
+        "train.progress=false",
+        f"train.out_dir={out}",
+    ]
     assert main(args) == 2
     err = one_line_error(capsys, "train")
     assert "non-finite loss at step 2 in group 'student'" in err and "no checkpoint was written yet" in err
@@ -130,7 +147,10 @@ def test_every_command_takes_threads_and_debug_and_documents_every_option(capsys
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "video width in pixels (default: 832)" in text and "--seed SEED video i starts from noise seeded by seed + i (default: 0)" in text
+    assert (
+        "video width in pixels (default: 832)" in text
+        and "--seed SEED video i starts from noise seeded by seed + i (default: 0)" in text
+    )
 
 
 def test_sample_runs_on_the_threads_it_is_given(tmp_path, capsys):

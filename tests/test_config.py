@@ -55,8 +55,18 @@ BASE = {"method_name": "cfg_toy", "data_kind": "cfg_toy_data"}
 
 def test_load_with_sections_overrides_and_coercion(tmp_path):
     path = write(tmp_path, {**BASE, "method": {"head_blocks": 3}, "train": {"lr": "2e-4", "betas": [0.8, 0.9]}})
-    cfg = load_config(RunConfig, path, ["train.steps=7", "method.guidance=5", "method.fusion=concat",
-                                        "data.weights=[1, 2]", "train.grad_clip=null", f"train.out_dir={tmp_path}/o"])
+    cfg = load_config(
+        RunConfig,
+        path,
+        [
+            "train.steps=7",
+            "method.guidance=5",
+            "method.fusion=concat",
+            "data.weights=[1, 2]",
+            "train.grad_clip=null",
+            f"train.out_dir={tmp_path}/o",
+        ],
+    )
     assert isinstance(cfg.method, ToyMethodConfig) and isinstance(cfg.data, ToyDataConfig)
     assert cfg.method.head_blocks == 3 and cfg.method.guidance == 5.0 and isinstance(cfg.method.guidance, float)
     assert cfg.method.fusion == "concat" and cfg.method.steps == (2, 4)

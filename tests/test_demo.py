@@ -10,9 +10,20 @@ from tmd.demo import PRESETS, Preset, run_demo
 from tmd.eval.report import findings
 
 TINY = [
-    "train.steps=2", "train.batch_size=2", "train.progress=false", "autoencoder.steps=1", "autoencoder.batch_size=2",
-    "autoencoder.base_channels=8", "text.dim=16", "text.ff=32", "model.num_layers=3", "model.num_attention_heads=1",
-    "model.attention_head_dim=8", "model.ffn_dim=16", "model.freq_dim=16", "sampling.guidance=3.0",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.progress=false",
+    "autoencoder.steps=1",
+    "autoencoder.batch_size=2",
+    "autoencoder.base_channels=8",
+    "text.dim=16",
+    "text.ff=32",
+    "model.num_layers=3",
+    "model.num_attention_heads=1",
+    "model.attention_head_dim=8",
+    "model.ffn_dim=16",
+    "model.freq_dim=16",
+    "sampling.guidance=3.0",
 ]
 
 
@@ -20,7 +31,19 @@ TINY = [
 def tiny_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     out = root / "assets"
-    assert main(["train-teacher", "--config", "configs/world_teacher.yaml", f"data.assets={out}", f"train.out_dir={root / 'run'}", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train-teacher",
+                "--config",
+                "configs/world_teacher.yaml",
+                f"data.assets={out}",
+                f"train.out_dir={root / 'run'}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -42,8 +65,16 @@ def test_train_stage1_then_stage2_from_its_export(tiny_assets, tmp_path):
 def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
     stage1 = tmp_path / "stage1"
     common = [f"data.assets={tiny_assets}", "train.steps=1", "train.batch_size=2", "train.progress=false"]
-    assert main(["train", "--config", "configs/world_tmd_stage1.yaml", *common, "method.head_blocks=1", f"train.out_dir={stage1}"]) == 0
-    args = [*common, "method.head_blocks=2", f"method.init_from={stage1 / 'student.safetensors'}", f"train.out_dir={tmp_path / 's2'}"]
+    assert (
+        main(["train", "--config", "configs/world_tmd_stage1.yaml", *common, "method.head_blocks=1", f"train.out_dir={stage1}"])
+        == 0
+    )
+    args = [
+        *common,
+        "method.head_blocks=2",
+        f"method.init_from={stage1 / 'student.safetensors'}",
+        f"train.out_dir={tmp_path / 's2'}",
+    ]
     # parameter names are the same for every H: the export's metadata is what tells the splits apart
     assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *args]) == 2
     assert "was trained with head_blocks=1, this student has head_blocks=2" in capsys.readouterr().err
@@ -53,7 +84,13 @@ def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("methods", ["default", pytest.param("all", marks=pytest.mark.slow)])
 def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
-    monkeypatch.setitem(PRESETS, "micro", Preset(stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=2))
+    monkeypatch.setitem(
+        PRESETS,
+        "micro",
+        Preset(
+            stage1_steps=2, stage2_steps=2, batch_size=2, head_blocks=1, teacher_steps=(3, 1), eval_seeds=1, generator_every=2
+        ),
+    )
     report = run_demo(tmp_path, "micro", str(tiny_assets), progress=False, methods=methods)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["rows"] == report["rows"]
@@ -61,7 +98,9 @@ def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
     # the paper's Table 1 rows: DMD2-v at 1, 2 and 3 steps, TMD-N2 and TMD-N4 at M = 1 and 2, each its own student
     assert {("teacher", 3, None), ("dmd2", 1, None), ("dmd2", 2, None), ("dmd2", 3, None)} <= samplers
     assert {("tmd", m, n) for m in (1, 2) for n in (2, 4)} <= samplers
-    assert {f"tmd_m{m}n{n}_stage{k}" for m in (1, 2) for n in (2, 4) for k in (1, 2)} | {"dmd2_m1", "dmd2_m3"} <= set(report["timings_s"])
+    assert {f"tmd_m{m}n{n}_stage{k}" for m in (1, 2) for n in (2, 4) for k in (1, 2)} | {"dmd2_m1", "dmd2_m3"} <= set(
+        report["timings_s"]
+    )
     if methods == "all":
         assert set(report["methods"]) == {"tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo"}
         assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers and ("linvideo", 8, None) in samplers
@@ -83,8 +122,15 @@ def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
 
 def test_findings_state_the_target_honestly():
     def row(method, outer, inner, total, latency):
-        return {"method": method, "outer_steps": outer, "inner_steps": inner, "effective_nfe": 1.0, "total": total,
-                "latency_ms": latency, "speedup_vs_teacher": 1000 / latency}
+        return {
+            "method": method,
+            "outer_steps": outer,
+            "inner_steps": inner,
+            "effective_nfe": 1.0,
+            "total": total,
+            "latency_ms": latency,
+            "speedup_vs_teacher": 1000 / latency,
+        }
 
     rows = [row("teacher", 50, None, 0.90, 1000), row("dmd2", 2, None, 0.80, 40), row("tmd", 2, 4, 0.89, 45)]
     assert findings(rows)[-1].endswith("met.")

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generate import FRAMES, HEIGHT, WIDTH, read_mp4
+from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
 from tmd.cli import main
 from tmd.rng import BatchRandom
 from tmd.train.distributed import DistContext, check_global_batch, slice_batch
 from tmd.train.logging import read_metrics
-from test_generate import FRAMES, HEIGHT, WIDTH, read_mp4
-from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -62,7 +62,9 @@ def test_prepare_train_on_two_processes_export_generate(tmp_path, videos, pipeli
     assert_close_records(losses(tmp_path / "two"), losses(tmp_path / "one"))
     assert_same_weights(tmp_path / "two" / "student.safetensors", tmp_path / "one" / "student.safetensors")
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_0000004" / "state").iterdir()) == [
-        ".metadata", "__0_0.distcp", "__1_0.distcp"
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
     ]
 
     # stopped after 2 steps on 2 processes, finished on 1: the uninterrupted run's result
@@ -72,10 +74,36 @@ def test_prepare_train_on_two_processes_export_generate(tmp_path, videos, pipeli
     assert_same_weights(tmp_path / "resumed" / "student.safetensors", tmp_path / "one" / "student.safetensors")
 
     student = tmp_path / "student"
-    assert main(["export", "--run", str(tmp_path / "two" / "student.safetensors"), "--teacher", str(pipeline),
-                 "--out", str(student)]) == 0
-    assert main(["generate", "--model", str(student), "--prompt", "a red circle", "--steps", "2", "--inner-steps", "2",
-                 "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--out", str(tmp_path / "videos_out")]) == 0
+    assert (
+        main(
+            ["export", "--run", str(tmp_path / "two" / "student.safetensors"), "--teacher", str(pipeline), "--out", str(student)]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(student),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--inner-steps",
+                "2",
+                "--frames",
+                str(FRAMES),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--out",
+                str(tmp_path / "videos_out"),
+            ]
+        )
+        == 0
+    )
     frames = read_mp4(tmp_path / "videos_out" / "0000-a-red-circle.mp4")
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
     assert json.loads((tmp_path / "two" / "student.json").read_text())["step"] == 4

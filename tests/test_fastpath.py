@@ -1,8 +1,8 @@
 import pytest
 import torch
+from mog import MLPVelocity
 
 from tmd.fastpath import ATTENTION_KERNELS, attention_kernel, compile_blocks
-from tmd.models.mlp import MLPVelocity
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
 
@@ -32,4 +32,6 @@ def test_compiled_student_samples_like_eager(tiny_inputs):
     features = student.backbone(latents, 0.5, text)
     eager = student.head(latents, 0.5, 0.25, features)
     compile_blocks(student)
-    torch.testing.assert_close(student.head(latents, 0.5, 0.25, student.backbone(latents, 0.5, text)), eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        student.head(latents, 0.5, 0.25, student.backbone(latents, 0.5, text)), eager, rtol=1e-4, atol=1e-4
+    )

@@ -42,7 +42,7 @@ def test_grids_start_at_0999_after_the_shift():
 
 
 @pytest.mark.parametrize("m,n,h,l", [(2, 4, 5, 30), (1, 2, 5, 30), (4, 1, 3, 8)])
-def test_effective_nfe(m, n, h, l):
+def test_effective_nfe(m, n, h, l):  # noqa: E741 (the paper's symbols)
     assert flow.tmd_effective_nfe(m, n, h, l) == pytest.approx(m * (1 + (n - 1) * h / l))
 
 
@@ -61,7 +61,9 @@ def test_inner_flow_map_with_the_noise_velocity():
     # a perfect head (head = y) on the straight inner path stays on it: y_s = (1 - s) y + s y1
     y = torch.randn(3, 4)
     y_s = flow.interpolate(y, y1, 0.8)
-    torch.testing.assert_close(flow.inner_flow_step(y_s, flow.average_velocity(y, y_s, y1, 0.8), 0.8, 0.3), flow.interpolate(y, y1, 0.3))
+    torch.testing.assert_close(
+        flow.inner_flow_step(y_s, flow.average_velocity(y, y_s, y1, 0.8), 0.8, 0.3), flow.interpolate(y, y1, 0.3)
+    )
 
 
 def test_inner_flow_map_with_the_implied_velocity():

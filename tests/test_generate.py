@@ -10,11 +10,13 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from safetensors.torch import load_file, save_file
 
 from tmd.cli import main
-from tmd.generate import decode_video, denormalize_latents, generate, load_vae, normalize_latents
-from tmd.models.export import export_run, export_student
+from tmd.generate import generate
+from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.text import build_tiny_text_encoder
+from tmd.models.vae import decode_video, denormalize_latents, load_vae, normalize_latents
 from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
+from tmd.pipelines.export import export_run
 from tmd.sampling import sample_few_step, sample_tmd
 
 VOCABULARY = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
@@ -26,8 +28,12 @@ def build_tiny_pipeline(path):
     """A diffusers Wan pipeline root small enough to run end to end in a second or two."""
     text_encoder = build_tiny_text_encoder(VOCABULARY, dim=TINY_CONFIG["text_dim"])
     vae = AutoencoderKLWan(
-        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0],
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.5, 2.0, 1.0],
     )
     WanPipeline(
         tokenizer=text_encoder.tokenizer,
@@ -61,7 +67,10 @@ def test_tmd_student_round_trip(tmp_path, tiny_teacher, tiny_inputs, fusion):
 
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["kind"] == "tmd_student" and config["head_blocks"] == 1 and config["fusion"] == fusion
-    assert config["teacher"] == str(Path("some/teacher").resolve()) and config["transformer"]["num_layers"] == TINY_CONFIG["num_layers"]
+    assert (
+        config["teacher"] == str(Path("some/teacher").resolve())
+        and config["transformer"]["num_layers"] == TINY_CONFIG["num_layers"]
+    )
     # the backbone + head weights carry the teacher's diffusers key names
     keys = set(load_file(tmp_path / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert keys == set(tiny_teacher.transformer.state_dict())
@@ -97,8 +106,9 @@ def test_export_run(tmp_path, pipeline, capsys):
     metadata = {"method": "dmd2", "method_config": json.dumps({"outer_steps": 2})}
     save_file(generator.state_dict(), tmp_path / "dmd2.safetensors", metadata=metadata)
     export_run(tmp_path / "dmd2.safetensors", pipeline, tmp_path / "few")
-    assert torch.equal(load_teacher(tmp_path / "few" / "transformer").transformer.proj_out.weight,
-                       generator.transformer.proj_out.weight)
+    assert torch.equal(
+        load_teacher(tmp_path / "few" / "transformer").transformer.proj_out.weight, generator.transformer.proj_out.weight
+    )
 
     # a TMD run's weights without the split in the metadata do not fit a plain transformer
     save_file(student.state_dict(), tmp_path / "bad.safetensors", metadata={"method": "x", "method_config": "{}"})
@@ -139,10 +149,27 @@ def test_generate_teacher_and_student(tmp_path, pipeline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\n\na blue square\nred square moving right\n")
     size = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
-    code = main([
-        "generate", "--model", str(pipeline), "--prompts", str(prompts), "--steps", "3", "--guidance", "4",
-        "--negative-prompt", "", "--batch-size", "2", "--out", str(tmp_path / "teacher"), "--save-latents", *size,
-    ])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(pipeline),
+            "--prompts",
+            str(prompts),
+            "--steps",
+            "3",
+            "--guidance",
+            "4",
+            "--negative-prompt",
+            "",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "teacher"),
+            "--save-latents",
+            *size,
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "3 videos written" in out and "6 effective NFE" in out
@@ -155,18 +182,47 @@ def test_generate_teacher_and_student(tmp_path, pipeline, capsys):
     assert latents.shape == (4, 2, 4, 4)
 
     # video i depends on (seed, i) only, not on the batch it was generated in
-    alone = generate(pipeline, ["a blue square"], tmp_path / "alone", steps=3, guidance=4.0, negative_prompt="",
-                     seed=1, frames=FRAMES, height=HEIGHT, width=WIDTH, save_latents=True, progress=False)
-    assert torch.allclose(load_file(tmp_path / "alone" / "0000-a-blue-square.safetensors")["latents"],
-                          load_file(tmp_path / "teacher" / "0001-a-blue-square.safetensors")["latents"], atol=1e-5)
+    alone = generate(
+        pipeline,
+        ["a blue square"],
+        tmp_path / "alone",
+        steps=3,
+        guidance=4.0,
+        negative_prompt="",
+        seed=1,
+        frames=FRAMES,
+        height=HEIGHT,
+        width=WIDTH,
+        save_latents=True,
+        progress=False,
+    )
+    assert torch.allclose(
+        load_file(tmp_path / "alone" / "0000-a-blue-square.safetensors")["latents"],
+        load_file(tmp_path / "teacher" / "0001-a-blue-square.safetensors")["latents"],
+        atol=1e-5,
+    )
     assert alone[0]["effective_nfe"] == 6
 
     student = TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=2)
     export_student(student, tmp_path / "student", teacher_source=str(pipeline))
-    code = main([
-        "generate", "--model", str(tmp_path / "student"), "--prompt", "a red circle", "--steps", "2",
-        "--inner-steps", "3", "--seed", "7", "--out", str(tmp_path / "tmd"), *size,
-    ])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "student"),
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+            "--inner-steps",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            str(tmp_path / "tmd"),
+            *size,
+        ]
+    )
     assert code == 0
     assert "(4 effective NFE" in capsys.readouterr().out  # M (1 + (N - 1) H / L) = 2 (1 + 2 x 2 / 4)
     frames = read_mp4(tmp_path / "tmd" / "0000-a-red-circle.mp4")
@@ -178,12 +234,13 @@ def test_generate_user_errors(tmp_path, pipeline, tiny_teacher, capsys):
     cases = [
         (["--model", str(tmp_path / "nowhere"), "--prompt", "a"], "does not exist"),
         (["--model", str(tmp_path / "orphan"), "--prompt", "a"], "pass --pipeline"),
-        (["--model", str(tmp_path / "orphan"), "--pipeline", str(pipeline), "--prompt", "a", "--guidance", "3"],
-         "without CFG"),
+        (["--model", str(tmp_path / "orphan"), "--pipeline", str(pipeline), "--prompt", "a", "--guidance", "3"], "without CFG"),
         (["--model", str(pipeline), "--prompt", "a", "--inner-steps", "2"], "TMD students only"),
         (["--model", str(pipeline), "--prompt", "a", "--frames", "6"], "4 k + 1"),
-        (["--model", str(pipeline), "--prompt", "a green circle", "--frames", "5", "--height", "32", "--width", "32"],
-         "unknown word"),
+        (
+            ["--model", str(pipeline), "--prompt", "a green circle", "--frames", "5", "--height", "32", "--width", "32"],
+            "unknown word",
+        ),
     ]
     for args, match in cases:
         assert main(["generate", *args, "--out", str(tmp_path / "out")]) == 2
@@ -205,7 +262,10 @@ def test_an_exported_student_generates_from_any_working_directory(tmp_path, pipe
     generator = load_teacher(pipeline)
     save_file(generator.state_dict(), tmp_path / "run.safetensors", metadata={"method": "dmd2", "method_config": "{}"})
     monkeypatch.chdir(pipeline.parent)
-    assert main(["export", "--run", str(tmp_path / "run.safetensors"), "--teacher", pipeline.name, "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(["export", "--run", str(tmp_path / "run.safetensors"), "--teacher", pipeline.name, "--out", str(tmp_path / "s")])
+        == 0
+    )
     assert json.loads((tmp_path / "s" / "config.json").read_text())["teacher"] == str(pipeline.resolve())
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--model", "s", "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
@@ -213,7 +273,9 @@ def test_an_exported_student_generates_from_any_working_directory(tmp_path, pipe
     # a student folder from before, holding a relative path, says what to do
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     (tmp_path / "s" / "config.json").write_text(json.dumps({**config, "teacher": "wan"}))
-    with pytest.raises(FileNotFoundError, match="records its teacher pipeline as wan, which does not exist here; pass --pipeline"):
+    with pytest.raises(
+        FileNotFoundError, match="records its teacher pipeline as wan, which does not exist here; pass --pipeline"
+    ):
         generate("s", ["a red circle"], "v", frames=FRAMES, height=HEIGHT, width=WIDTH)
     assert main(["generate", "--model", "s", "--pipeline", str(pipeline), "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
 

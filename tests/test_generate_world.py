@@ -5,6 +5,7 @@ import json
 import imageio.v2 as imageio
 import torch
 from safetensors.torch import load_file
+from test_generate import read_mp4
 
 from tmd.cli import main
 from tmd.config import RunConfig, from_dict
@@ -12,19 +13,28 @@ from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR, WorldAssets
 from tmd.generate_world import SCALE
 from tmd.sampling import sample_tmd
 from tmd.train.run import train_run
-from test_generate import read_mp4
 
 PROMPT = "a red circle moving right"
 
 
 def test_world_run_export_and_teacher_to_mp4_and_gif(tmp_path, capsys):
     assets = WorldAssets()
-    cfg = from_dict(RunConfig, {
-        "method_name": "tmd", "data_kind": "world",
-        "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.0},
-        "train": {"steps": 2, "batch_size": 2, "progress": False, "tensorboard": False, "device": "cpu",
-                  "out_dir": str(tmp_path / "run")},
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "method_name": "tmd",
+            "data_kind": "world",
+            "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.0},
+            "train": {
+                "steps": 2,
+                "batch_size": 2,
+                "progress": False,
+                "tensorboard": False,
+                "device": "cpu",
+                "out_dir": str(tmp_path / "run"),
+            },
+        },
+    )
     run = train_run(cfg, assets=assets)
     common = ["--prompt", PROMPT, "--steps", "2", "--inner-steps", "2", "--seed", "5", "--save-latents"]
     assert main(["generate", "--model", str(run.weights), *common, "--out", str(tmp_path / "from_run")]) == 0
@@ -53,7 +63,9 @@ def test_world_run_export_and_teacher_to_mp4_and_gif(tmp_path, capsys):
     torch.testing.assert_close(again, latents, rtol=1e-5, atol=1e-5)
 
     # the world teacher itself, with the world's CFG scale and shift
-    assert main(["generate", "--model", str(teacher), "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path / "teacher")]) == 0
+    assert (
+        main(["generate", "--model", str(teacher), "--prompt", PROMPT, "--steps", "2", "--out", str(tmp_path / "teacher")]) == 0
+    )
     settings = json.loads((tmp_path / "teacher" / "generation.json").read_text())["settings"]
     assert settings["kind"] == "teacher" and settings["guidance"] == assets.guidance and settings["shift"] == assets.shift
     capsys.readouterr()
@@ -74,10 +86,37 @@ def flow_nfe(student):
 def test_a_linvideo_run_generates_like_a_teacher(tmp_path):
     """LinVideo's linearised teacher is a multi-step model: sampled with the world's CFG, as the teacher."""
     run = tmp_path / "linvideo"
-    assert main(["train", "--config", "configs/world_linvideo.yaml", "train.steps=1", "train.batch_size=2",
-                 "method.selection_steps=1", f"train.out_dir={run}", "train.progress=false"]) == 0
-    assert main(["generate", "--model", str(run / "student.safetensors"), "--prompt", PROMPT, "--steps", "2",
-                 "--out", str(tmp_path / "videos")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "configs/world_linvideo.yaml",
+                "train.steps=1",
+                "train.batch_size=2",
+                "method.selection_steps=1",
+                f"train.out_dir={run}",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run / "student.safetensors"),
+                "--prompt",
+                PROMPT,
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "videos"),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
     assert manifest["settings"]["kind"] == "teacher" and manifest["videos"][0]["effective_nfe"] == 4
     assert (tmp_path / "videos" / manifest["videos"][0]["gif"]).is_file()

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_generate import build_tiny_pipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,7 +37,6 @@ from tmd.models.wan import load_teacher
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
 from tmd.train.run import with_linear_attention
-from test_generate import build_tiny_pipeline
 
 LATENT = (4, 2, 8, 8)
 
@@ -202,7 +202,7 @@ def test_selective_transfer_keeps_the_hard_layer_and_rounds_to_the_target():
     train(method, make_batch(), 30, record=terms)
     ratios = softmax_ratios(method.student).detach()
     print(describe_layers(method.student))
-    others = torch.cat([ratios[:hard], ratios[hard + 1:]])
+    others = torch.cat([ratios[:hard], ratios[hard + 1 :]])
     assert float(ratios[hard]) > float(others.max()) + 0.03 and float(others.max()) < 0.5, ratios  # measured 0.33 vs 0.28
     assert terms[-1]["transfer"] < 0.85 * terms[0]["transfer"], (terms[0], terms[-1])
 
@@ -285,18 +285,36 @@ def test_attention_bench_rows(tiny_teacher):
 
 def test_the_demo_report_names_the_linearised_teacher_and_its_tmd_student():
     def row(method, steps, total, latency, inner=None):
-        return {"method": method, "outer_steps": steps, "inner_steps": inner, "effective_nfe": 2.0 * steps, "total": total,
-                "latency_ms": latency, "speedup_vs_teacher": 1000 / latency}
+        return {
+            "method": method,
+            "outer_steps": steps,
+            "inner_steps": inner,
+            "effective_nfe": 2.0 * steps,
+            "total": total,
+            "latency_ms": latency,
+            "speedup_vs_teacher": 1000 / latency,
+        }
 
-    rows = [row("teacher", 50, 0.70, 1000), row("linvideo", 50, 0.66, 800), row("linvideo", 8, 0.60, 130),
-            row("tmd", 2, 0.5, 40, 2), row("tmd", 2, 0.6, 50, 4), row("linvideo_tmd", 2, 0.45, 30, 2),
-            row("linvideo_tmd", 2, 0.57, 38, 4), row("linvideo_tmd", 1, 0.59, 20, 4)]
+    rows = [
+        row("teacher", 50, 0.70, 1000),
+        row("linvideo", 50, 0.66, 800),
+        row("linvideo", 8, 0.60, 130),
+        row("tmd", 2, 0.5, 40, 2),
+        row("tmd", 2, 0.6, 50, 4),
+        row("linvideo_tmd", 2, 0.45, 30, 2),
+        row("linvideo_tmd", 2, 0.57, 38, 4),
+        row("linvideo_tmd", 1, 0.59, 20, 4),
+    ]
     lines = findings(rows)
     line = next(line for line in lines if line.startswith("Linearised teacher (LinVideo"))
     assert "50 steps: total 0.660 at 800 ms" in line and "the teacher at 50 steps: 0.700" in line
     # the best N at M=2 (even where M=1 scores higher), against plain TMD at that same M x N
     line = next(line for line in lines if line.startswith("Linearised teacher + TMD"))
-    assert "M=2 x N=4" in line and "total 0.570 at 38 ms" in line and "plain TMD at the same M x N: 0.600 at 50 ms (-5.0% total)" in line
+    assert (
+        "M=2 x N=4" in line
+        and "total 0.570 at 38 ms" in line
+        and "plain TMD at the same M x N: 0.600 at 50 ms (-5.0% total)" in line
+    )
     assert lines[-1].startswith("Target (TMD M=2")
     assert not any("+ TMD" in line for line in findings(rows[:5]))
 
@@ -357,7 +375,9 @@ def test_tmd_distils_a_linearised_teacher(tiny_teacher, tiny_inputs, linearised_
     assert torch.equal(stage2.student.state_dict()[processor.format(0, "feature_q")], after[processor.format(0, "feature_q")])
     before = {k: v.clone() for k, v in stage2.student.state_dict().items()}
     train(stage2, {"x": x, "cond": text, "neg_cond": negative}, 1, lr=1e-3)
-    assert not torch.equal(before[processor.format(3, "feature_k")], stage2.student.state_dict()[processor.format(3, "feature_k")])
+    assert not torch.equal(
+        before[processor.format(3, "feature_k")], stage2.student.state_dict()[processor.format(3, "feature_k")]
+    )
 
     with torch.no_grad():
         sample = sample_tmd(stage2.student, x, text, 2, 2, torch.Generator().manual_seed(0))
@@ -372,7 +392,9 @@ def test_the_linearised_teacher_path_is_checked(tiny_teacher, linearised_export,
     with pytest.raises(ConfigError, match=r"key 'data.linearised_teacher': path '.*nowhere.safetensors' does not exist"):
         load(tmp_path / "nowhere.safetensors")
     stage1 = export(tiny_teacher, tmp_path / "tm.safetensors", "tm")
-    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*tm.safetensors was written by method 'tm', not by a linvideo run"):
+    with pytest.raises(
+        ConfigError, match=r"data.linearised_teacher: .*tm.safetensors was written by method 'tm', not by a linvideo run"
+    ):
         load(stage1)
     # the prepared-data section has the same key and check
     with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*was written by method 'tm'"):
@@ -388,7 +410,9 @@ def test_the_linearised_teacher_path_is_checked(tiny_teacher, linearised_export,
     other = linearise(tiny_teacher, feature_dim=8, copy_model=True)
     round_selection(other, 2)
     wrong = export(other, tmp_path / "other.safetensors")  # its metadata says feature_dim None: the head dimension, not 8
-    with pytest.raises(ConfigError, match=r"data.linearised_teacher: .*other.safetensors does not fit this student: shapes differ"):
+    with pytest.raises(
+        ConfigError, match=r"data.linearised_teacher: .*other.safetensors does not fit this student: shapes differ"
+    ):
         with_linear_attention(tiny_teacher, str(wrong), copy_model=True)
 
 
@@ -396,16 +420,37 @@ def test_a_prepared_run_distils_a_linvideo_run(tmp_path):
     """Text-only prepared data: linvideo, then DMD2 of its export through ``tmd train`` (the Wan route)."""
     pipeline = build_tiny_pipeline(tmp_path / "wan")
     data = tmp_path / "data"
-    prepare(data, pipeline, prompts=["a red circle", "a blue square"], frames=5, height=32, width=32, negative_prompt="", progress=False)
+    prepare(
+        data,
+        pipeline,
+        prompts=["a red circle", "a blue square"],
+        frames=5,
+        height=32,
+        width=32,
+        negative_prompt="",
+        progress=False,
+    )
     config = tmp_path / "run.yaml"
-    config.write_text(f"data_kind: prepared\ndata: {{path: {data}}}\n"
-                      "train: {steps: 2, batch_size: 2, progress: false, tensorboard: false}\n")
-    linvideo = ["method_name=linvideo", "method.softmax_layers=1", "method.selection_steps=1", "method.trajectory_steps=2",
-                f"train.out_dir={tmp_path / 'linvideo'}"]
+    config.write_text(
+        f"data_kind: prepared\ndata: {{path: {data}}}\ntrain: {{steps: 2, batch_size: 2, progress: false, tensorboard: false}}\n"
+    )
+    linvideo = [
+        "method_name=linvideo",
+        "method.softmax_layers=1",
+        "method.selection_steps=1",
+        "method.trajectory_steps=2",
+        f"train.out_dir={tmp_path / 'linvideo'}",
+    ]
     assert main(["train", "--config", str(config), *linvideo]) == 0
     weights = tmp_path / "linvideo" / "student.safetensors"
     # text-only data: nothing to noise, so the student starts from simulated noise
-    dmd2 = ["method_name=dmd2", "method.gan_weight=0.0", "method.student_input=backward", f"data.linearised_teacher={weights}", f"train.out_dir={tmp_path / 'dmd2'}"]
+    dmd2 = [
+        "method_name=dmd2",
+        "method.gan_weight=0.0",
+        "method.student_input=backward",
+        f"data.linearised_teacher={weights}",
+        f"train.out_dir={tmp_path / 'dmd2'}",
+    ]
     assert main(["train", "--config", str(config), *dmd2]) == 0
     # the generator is a copy of the linearised teacher: its export carries the linear layers
     exported = load_file(str(tmp_path / "dmd2" / "student.safetensors"))

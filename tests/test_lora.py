@@ -6,28 +6,42 @@ import copy
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_accumulation import STAGE2, tiny_batch
 
 from tmd.config import ConfigError, LoRAConfig, RunConfig, from_dict
+from tmd.data.source import GeneratorDataSource
 from tmd.methods import get_method
-from tmd.methods.common import load_student_weights
+from tmd.models.export import load_student_weights
 from tmd.models.lora import add_lora, lora_layers, merged_state_dict
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
-from tmd.train.loop import GeneratorDataSource, Trainer
+from tmd.train.loop import Trainer
 from tmd.train.memory import estimate_for_config, estimate_state_memory
-from test_accumulation import STAGE2, tiny_batch
 
 LORA = {"rank": 4, "alpha": 8.0}
 
 
 def test_only_adapters_new_parts_and_discriminator_train(tmp_path):
     teacher = load_teacher("tiny")
-    cfg = from_dict(RunConfig, {
-        "method_name": "tmd", "data_kind": "accumulation_test", "method": STAGE2,
-        "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "progress": False, "tensorboard": False,
-                  "checkpoint_every": 100, "out_dir": str(tmp_path), "lora": LORA},
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "method_name": "tmd",
+            "data_kind": "accumulation_test",
+            "method": STAGE2,
+            "train": {
+                "steps": 2,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "progress": False,
+                "tensorboard": False,
+                "checkpoint_every": 100,
+                "out_dir": str(tmp_path),
+                "lora": LORA,
+            },
+        },
+    )
     torch.manual_seed(0)
     method = get_method("tmd").from_teacher(cfg.method, teacher)
     assert add_lora(method.state_modules(), cfg.train.lora) == 2  # the student's and the fake score's transformers
@@ -58,13 +72,26 @@ def test_world_lora_run_exports_the_merged_model(tmp_path):
     from tmd.train.run import train_run
 
     assets = WorldAssets()
-    cfg = from_dict(RunConfig, {
-        "method_name": "tmd", "data_kind": "world",
-        "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03},
-        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "ema_decay": 0.5, "progress": False, "tensorboard": False,
-                  "checkpoint_every": 100, "device": "cpu", "out_dir": str(tmp_path),
-                  "lora": {**LORA, "target_modules": ["to_q", "to_v", "ffn.net.0.proj"]}},
-    })
+    cfg = from_dict(
+        RunConfig,
+        {
+            "method_name": "tmd",
+            "data_kind": "world",
+            "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03},
+            "train": {
+                "steps": 3,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "ema_decay": 0.5,
+                "progress": False,
+                "tensorboard": False,
+                "checkpoint_every": 100,
+                "device": "cpu",
+                "out_dir": str(tmp_path),
+                "lora": {**LORA, "target_modules": ["to_q", "to_v", "ffn.net.0.proj"]},
+            },
+        },
+    )
     run = train_run(cfg, assets=assets)
     exported = load_file(str(run.weights))
     assert not any("lora_" in k or "base_layer" in k for k in exported)
@@ -83,8 +110,9 @@ def test_world_lora_run_exports_the_merged_model(tmp_path):
     cond, _ = assets.encode_prompts(["a red circle moving right", "a blue square moving up"])
     sample = lambda model: sample_tmd(model, noise, cond, 2, 2, torch.Generator().manual_seed(1))  # noqa: E731
     torch.testing.assert_close(sample(plain), sample(run.generator), rtol=1e-5, atol=1e-5)
-    assert lora_layers(run.generator) and any(lora_layers(run.generator)[n].lora_B["default"].weight.abs().sum() > 0
-                                              for n in lora_layers(run.generator))
+    assert lora_layers(run.generator) and any(
+        lora_layers(run.generator)[n].lora_B["default"].weight.abs().sum() > 0 for n in lora_layers(run.generator)
+    )
 
 
 def test_merge_is_exact_on_a_perturbed_adapter():

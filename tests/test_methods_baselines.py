@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-
 from closed_form import TEACHER, distance, fit_teacher_copy, train
+from mog import MLPTransition
+
 from tmd.methods import get_method
 from tmd.methods.meanflow import sample_mean_flow
 from tmd.methods.phased_dmd import PerPhase, sample_phased
-from tmd.models.mlp import MLPTransition
 from tmd.sampling import sample_few_step
 
 

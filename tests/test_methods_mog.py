@@ -4,10 +4,10 @@ teacher velocity is known exactly (a class-conditional Gaussian mixture). Second
 import copy
 
 import pytest
-
 from closed_form import TEACHER, distance, fit_teacher_copy, train
+from mog import MLPTransition
+
 from tmd.methods import get_method
-from tmd.models.mlp import MLPTransition
 from tmd.sampling import sample_few_step, sample_tmd
 
 

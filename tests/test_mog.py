@@ -1,10 +1,9 @@
 import pytest
 import torch
+from mog import AnalyticTeacher, MixtureWorld, MLPTransition, MLPVelocity, fit_velocity
 
 from tmd import flow
-from tmd.data.mog import AnalyticTeacher, MixtureWorld
 from tmd.eval.sliced import sliced_wasserstein
-from tmd.models.mlp import MLPTransition, MLPVelocity, fit_velocity
 from tmd.models.protocol import TransitionModel, VelocityModel
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
 
@@ -160,7 +159,9 @@ def test_samplers_run_on_mlps_with_seeded_determinism(world):
         assert a.shape == (64, 2) and torch.isfinite(a).all()
         assert torch.equal(a, sampler(0)) and not torch.allclose(a, sampler(1))
     # DMD2-v's deterministic sampler (Eq. 18) ignores the seed
-    assert torch.equal(sample_few_step(model, noise, cond, 2, torch.Generator().manual_seed(0)), sample_few_step(model, noise, cond, 2))
+    assert torch.equal(
+        sample_few_step(model, noise, cond, 2, torch.Generator().manual_seed(0)), sample_few_step(model, noise, cond, 2)
+    )
 
 
 def test_fit_velocity_moves_samples_to_the_data(world, teacher, fitted):

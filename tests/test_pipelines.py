@@ -9,6 +9,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import export_to_video
 from safetensors.torch import load_file, save_file
+from test_generate import FRAMES, HEIGHT, VOCABULARY, WIDTH, perturbed, pipeline, read_mp4  # noqa: F401  (fixture)
 
 from tmd import flow
 from tmd.cli import main
@@ -18,7 +19,6 @@ from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
 from tmd.pipelines import TMDPipeline, export_pipeline
 from tmd.pipelines.export import FEW_STEP_FILE, scheduler_grid
 from tmd.sampling import sample_few_step, sample_tmd, sample_with_scheduler
-from test_generate import FRAMES, HEIGHT, WIDTH, VOCABULARY, perturbed, pipeline, read_mp4  # noqa: F401  (fixture)
 
 SIZE = {"height": HEIGHT, "width": WIDTH, "num_frames": FRAMES}
 
@@ -38,9 +38,19 @@ def test_tmd_pipeline_equals_the_tmd_sampler_and_exports_video(tmp_path, pipelin
     noise, cond = inputs(pipeline)
     out = pipe(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE)
     assert isinstance(out, WanPipelineOutput)  # the config's M = 2, N = 3 when the call names none
-    torch.testing.assert_close(out.frames, sample_tmd(student, noise, cond, 2, 3, torch.Generator().manual_seed(1)), rtol=0, atol=0)
-    latents = pipe(prompt_embeds=cond, latents=noise, num_outer_steps=1, num_inner_steps=2, output_type="latent",
-                   generator=torch.Generator().manual_seed(1), return_dict=False, **SIZE)[0]
+    torch.testing.assert_close(
+        out.frames, sample_tmd(student, noise, cond, 2, 3, torch.Generator().manual_seed(1)), rtol=0, atol=0
+    )
+    latents = pipe(
+        prompt_embeds=cond,
+        latents=noise,
+        num_outer_steps=1,
+        num_inner_steps=2,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+        return_dict=False,
+        **SIZE,
+    )[0]
     torch.testing.assert_close(latents, sample_tmd(student, noise, cond, 1, 2, torch.Generator().manual_seed(1)), rtol=0, atol=0)
 
     # a WanPipeline user's script: prompt in, frames out, export_to_video
@@ -51,16 +61,43 @@ def test_tmd_pipeline_equals_the_tmd_sampler_and_exports_video(tmp_path, pipelin
 
     pipe.save_pretrained(tmp_path / "saved")
     again = TMDPipeline.from_pretrained(tmp_path / "saved")
-    assert torch.equal(again(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent",
-                             **SIZE).frames, out.frames)
+    assert torch.equal(
+        again(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE).frames,
+        out.frames,
+    )
     # in bf16 the gap embedder stays fp32 (it reads the fp32 sinusoidal projection), as in TMDStudent
     half = TMDPipeline.from_pretrained(tmp_path / "tmd", torch_dtype=torch.bfloat16)
     assert half.transformer.dtype == torch.bfloat16 and half.tmd_parts.gap_embedder.linear_1.weight.dtype == torch.float32
-    bf16 = half(prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE).frames
+    bf16 = half(
+        prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE
+    ).frames
     torch.testing.assert_close(bf16, out.frames, rtol=0.1, atol=0.1)
-    assert main(["generate", "--model", str(tmp_path / "tmd"), "--prompt", "a red circle", "--steps", "2",
-                 "--inner-steps", "3", "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH),
-                 "--dtype", "bf16", "--out", str(tmp_path / "videos")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "tmd"),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--inner-steps",
+                "3",
+                "--frames",
+                str(FRAMES),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--dtype",
+                "bf16",
+                "--out",
+                str(tmp_path / "videos"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "videos" / "generation.json").read_text())["settings"]["kind"] == "tmd_student"
 
 
@@ -78,16 +115,38 @@ def test_stock_wan_pipeline_runs_a_dmd2_student(tmp_path, pipeline, steps, toler
     else:
         assert float(stock_grid[0]) == 1.0 and torch.allclose(stock_grid[1:], grid[1:], atol=1e-6)
     noise, cond = inputs(pipeline)
-    stock = wan(prompt_embeds=cond, latents=noise, num_inference_steps=steps, guidance_scale=1.0, output_type="latent", **SIZE).frames
+    stock = wan(
+        prompt_embeds=cond, latents=noise, num_inference_steps=steps, guidance_scale=1.0, output_type="latent", **SIZE
+    ).frames
     ours = sample_few_step(generator, noise, cond, steps)
     difference = float((stock - ours).abs().max())
     assert difference <= tolerance, difference
     record = json.loads((tmp_path / "dmd2" / FEW_STEP_FILE).read_text())
     assert record["num_outer_steps"] == steps and record["grid"] == pytest.approx(grid.tolist())
 
-    assert main(["generate", "--model", str(tmp_path / "dmd2"), "--prompt", "a red circle", "--steps", str(steps),
-                 "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--save-latents",
-                 "--out", str(tmp_path / "videos")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "dmd2"),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                str(steps),
+                "--frames",
+                str(FRAMES),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--save-latents",
+                "--out",
+                str(tmp_path / "videos"),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
     assert manifest["settings"]["kind"] == "few_step" and manifest["videos"][0]["effective_nfe"] == steps
 
@@ -95,16 +154,24 @@ def test_stock_wan_pipeline_runs_a_dmd2_student(tmp_path, pipeline, steps, toler
 def test_tmd_export_pipeline_format(tmp_path, pipeline, capsys):  # noqa: F811
     student = perturbed(TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=2))
     config = {"head_blocks": 2, "fusion": "gated", "outer_steps": 2, "inner_steps": 2, "inner_shift": 5.0}
-    save_file(student.state_dict(), tmp_path / "student.safetensors", metadata={"method": "tmd", "method_config": json.dumps(config)})
+    save_file(
+        student.state_dict(), tmp_path / "student.safetensors", metadata={"method": "tmd", "method_config": json.dumps(config)}
+    )
     args = ["export", "--run", str(tmp_path / "student.safetensors"), "--teacher", str(pipeline), "--format", "pipeline"]
     assert main([*args, "--out", str(tmp_path / "pipe")]) == 0
     assert "pipeline folder written" in capsys.readouterr().out
     pipe = TMDPipeline.from_pretrained(tmp_path / "pipe")
-    assert (pipe.tmd_parts.config.num_inner_steps, pipe.tmd_parts.config.inner_shift, pipe.tmd_parts.config.head_blocks) == (2, 5.0, 2)
+    assert (pipe.tmd_parts.config.num_inner_steps, pipe.tmd_parts.config.inner_shift, pipe.tmd_parts.config.head_blocks) == (
+        2,
+        5.0,
+        2,
+    )
     assert all(torch.equal(v, pipe.student().state_dict()[k]) for k, v in student.state_dict().items())
     # the VAE and text encoder are the teacher's files
-    assert load_file(tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors").keys() == \
-        load_file(pipeline / "vae" / "diffusion_pytorch_model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "pipe" / "vae" / "diffusion_pytorch_model.safetensors").keys()
+        == load_file(pipeline / "vae" / "diffusion_pytorch_model.safetensors").keys()
+    )
     assert main([*args, "--out", str(tmp_path / "bad"), "--teacher", str(pipeline / "transformer")]) == 2
     assert "has no model_index.json" in capsys.readouterr().err
 
@@ -115,9 +182,16 @@ def unipc_pipeline(tmp_path_factory):
     path = tmp_path_factory.mktemp("unipc")
     text_encoder = build_tiny_text_encoder(VOCABULARY, dim=TINY_CONFIG["text_dim"])
     WanPipeline(
-        tokenizer=text_encoder.tokenizer, text_encoder=text_encoder.model,
-        vae=AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                             latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]),
+        tokenizer=text_encoder.tokenizer,
+        text_encoder=text_encoder.model,
+        vae=AutoencoderKLWan(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            latents_mean=[0.1, -0.2, 0.3, 0.0],
+            latents_std=[1.5, 0.5, 2.0, 1.0],
+        ),
         transformer=build_transformer(TINY_CONFIG, seed=5),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
     ).save_pretrained(path)
@@ -127,26 +201,99 @@ def unipc_pipeline(tmp_path_factory):
 def test_teacher_samples_with_its_pipelines_unipc_as_wan_pipeline_does(tmp_path, unipc_pipeline, tiny_inputs):
     wan = WanPipeline.from_pretrained(unipc_pipeline)
     latents, text, negative = tiny_inputs
-    reference = wan(prompt_embeds=text, negative_prompt_embeds=negative, latents=latents, num_inference_steps=6,
-                    guidance_scale=4.0, num_frames=5, height=64, width=64, output_type="latent").frames
-    ours = sample_with_scheduler(load_teacher(unipc_pipeline), latents, text, negative,
-                                 UniPCMultistepScheduler.from_pretrained(unipc_pipeline / "scheduler"), 6, 4.0)
+    reference = wan(
+        prompt_embeds=text,
+        negative_prompt_embeds=negative,
+        latents=latents,
+        num_inference_steps=6,
+        guidance_scale=4.0,
+        num_frames=5,
+        height=64,
+        width=64,
+        output_type="latent",
+    ).frames
+    ours = sample_with_scheduler(
+        load_teacher(unipc_pipeline),
+        latents,
+        text,
+        negative,
+        UniPCMultistepScheduler.from_pretrained(unipc_pipeline / "scheduler"),
+        6,
+        4.0,
+    )
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
     # tmd generate from a seed = WanPipeline from the same seed and prompt (the tokenizer's length: 16)
-    assert main(["generate", "--model", str(unipc_pipeline), "--prompt", "a red circle", "--negative-prompt", "",
-                 "--steps", "5", "--seed", "3", "--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH),
-                 "--save-latents", "--out", str(tmp_path / "unipc")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(unipc_pipeline),
+                "--prompt",
+                "a red circle",
+                "--negative-prompt",
+                "",
+                "--steps",
+                "5",
+                "--seed",
+                "3",
+                "--frames",
+                str(FRAMES),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--save-latents",
+                "--out",
+                str(tmp_path / "unipc"),
+            ]
+        )
+        == 0
+    )
     generated = load_file(tmp_path / "unipc" / "0000-a-red-circle.safetensors")["latents"]
-    stock = wan(prompt="a red circle", negative_prompt="", generator=torch.Generator().manual_seed(3), num_inference_steps=5,
-                max_sequence_length=16, output_type="latent", **SIZE).frames[0]
+    stock = wan(
+        prompt="a red circle",
+        negative_prompt="",
+        generator=torch.Generator().manual_seed(3),
+        num_inference_steps=5,
+        max_sequence_length=16,
+        output_type="latent",
+        **SIZE,
+    ).frames[0]
     torch.testing.assert_close(generated, stock, rtol=1e-5, atol=1e-5)
     assert json.loads((tmp_path / "unipc" / "generation.json").read_text())["settings"]["scheduler"] == "UniPCMultistepScheduler"
 
     # the Euler sampler stays an option (and differs from UniPC)
-    assert main(["generate", "--model", str(unipc_pipeline), "--prompt", "a red circle", "--negative-prompt", "",
-                 "--steps", "5", "--seed", "3", "--scheduler", "euler", "--frames", str(FRAMES), "--height", str(HEIGHT),
-                 "--width", str(WIDTH), "--save-latents", "--out", str(tmp_path / "euler")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(unipc_pipeline),
+                "--prompt",
+                "a red circle",
+                "--negative-prompt",
+                "",
+                "--steps",
+                "5",
+                "--seed",
+                "3",
+                "--scheduler",
+                "euler",
+                "--frames",
+                str(FRAMES),
+                "--height",
+                str(HEIGHT),
+                "--width",
+                str(WIDTH),
+                "--save-latents",
+                "--out",
+                str(tmp_path / "euler"),
+            ]
+        )
+        == 0
+    )
     euler = load_file(tmp_path / "euler" / "0000-a-red-circle.safetensors")["latents"]
     assert not torch.allclose(euler, generated, atol=1e-3)
     assert json.loads((tmp_path / "euler" / "generation.json").read_text())["settings"]["scheduler"] == "euler"

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_generate import build_tiny_pipeline
 
 from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, load_config
 from tmd.data import prepare as prep
 from tmd.data.prepare import PreparedDataset, load_clip, prepare
-from tmd.generate import load_vae, normalize_latents
-from test_generate import build_tiny_pipeline
+from tmd.models.vae import load_vae, normalize_latents
 
 FRAMES, SIZE = 5, 32
 
@@ -35,18 +35,34 @@ def videos(tmp_path):
     (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
     write_video(folder / "slow.mp4", 4, height=48, width=40, fps=8, seed=1)  # 8 fps: each frame is used twice
     captions = tmp_path / "captions.json"
-    captions.write_text(json.dumps({
-        "good.mp4": "a red circle moving left",
-        "short.mp4": "a blue square",
-        "corrupt.mp4": "a red square",
-        "slow.mp4": "a blue circle moving right",
-    }))
+    captions.write_text(
+        json.dumps(
+            {
+                "good.mp4": "a red circle moving left",
+                "short.mp4": "a blue square",
+                "corrupt.mp4": "a red square",
+                "slow.mp4": "a blue circle moving right",
+            }
+        )
+    )
     return folder, captions
 
 
 def run_prepare(folder, captions, pipeline, out, **kwargs):
-    return prepare(out, pipeline, videos=folder, captions=captions, frames=FRAMES, height=SIZE, width=SIZE,
-                   shard_size=2, workers=2, negative_prompt="", progress=False, **kwargs)
+    return prepare(
+        out,
+        pipeline,
+        videos=folder,
+        captions=captions,
+        frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+        shard_size=2,
+        workers=2,
+        negative_prompt="",
+        progress=False,
+        **kwargs,
+    )
 
 
 def test_prepare_videos(tmp_path, videos, pipeline, monkeypatch, caplog):
@@ -84,8 +100,18 @@ def test_prepare_videos(tmp_path, videos, pipeline, monkeypatch, caplog):
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == stamps["shard-00000.safetensors"]
 
     with pytest.raises(ValueError, match="other settings"):
-        prepare(out, pipeline, videos=folder, captions=captions, frames=9, height=SIZE, width=SIZE, shard_size=2,
-                negative_prompt="", progress=False)
+        prepare(
+            out,
+            pipeline,
+            videos=folder,
+            captions=captions,
+            frames=9,
+            height=SIZE,
+            width=SIZE,
+            shard_size=2,
+            negative_prompt="",
+            progress=False,
+        )
 
 
 def test_prepared_dataset(tmp_path, videos, pipeline):
@@ -120,8 +146,26 @@ def test_prepare_text_only_cli(tmp_path, pipeline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square moving left\na circle\n")
     out = tmp_path / "text"
-    args = ["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(out),
-            "--frames", "5", "--height", "32", "--width", "32", "--shard-size", "2", "--negative-prompt", ""]
+    args = [
+        "prepare",
+        "--text-only",
+        "--prompts",
+        str(prompts),
+        "--model",
+        str(pipeline),
+        "--out",
+        str(out),
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--shard-size",
+        "2",
+        "--negative-prompt",
+        "",
+    ]
     assert main(args) == 0
     assert "3 samples in 2 shards" in capsys.readouterr().out
     batch = PreparedDataset(out, batch_size=2).next_batch()
@@ -155,11 +199,36 @@ def test_train_on_prepared_data(tmp_path, videos, pipeline):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square moving left\n")
     text = tmp_path / "text"
-    assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
-                 "--frames", "5", "--height", "32", "--width", "32", "--negative-prompt", ""]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--text-only",
+                "--prompts",
+                str(prompts),
+                "--model",
+                str(pipeline),
+                "--out",
+                str(text),
+                "--frames",
+                "5",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--negative-prompt",
+                "",
+            ]
+        )
+        == 0
+    )
     # data-free: the DMD2 generator learns from prompts alone, from simulated noise (no data to noise, and
     # no GAN: it would need real latents)
-    config = _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0, student_input: backward").read_text().replace("head_blocks: 1, ", "")
+    config = (
+        _run_config(tmp_path, "dmd2", text, ", gan_weight: 0.0, student_input: backward")
+        .read_text()
+        .replace("head_blocks: 1, ", "")
+    )
     (tmp_path / "dmd2.yaml").write_text(config)
     assert main(["train", "--config", str(tmp_path / "dmd2.yaml")]) == 0
     assert (tmp_path / "dmd2" / "student.safetensors").is_file()
@@ -172,8 +241,23 @@ def test_prepare_with_the_default_negative_prompt_and_a_failed_first_try(tmp_pat
     out = tmp_path / "data"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"good.mp4": "a red circle", "slow.mp4": "a green circle"}))
-    args = ["prepare", "--videos", str(folder), "--model", str(pipeline), "--out", str(out), "--frames", "5",
-            "--height", "32", "--width", "32", "--shard-size", "2"]
+    args = [
+        "prepare",
+        "--videos",
+        str(folder),
+        "--model",
+        str(pipeline),
+        "--out",
+        str(out),
+        "--frames",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--shard-size",
+        "2",
+    ]
     assert main([*args, "--captions", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: prompt 'a green circle' has unknown word(s) ['green']" in err and "bright" not in err
@@ -195,6 +279,25 @@ def test_prepare_with_the_default_negative_prompt_and_a_failed_first_try(tmp_pat
     text = tmp_path / "text"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    assert main(["prepare", "--text-only", "--prompts", str(prompts), "--model", str(pipeline), "--out", str(text),
-                 "--frames", "5", "--height", "32", "--width", "32"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--text-only",
+                "--prompts",
+                str(prompts),
+                "--model",
+                str(pipeline),
+                "--out",
+                str(text),
+                "--frames",
+                "5",
+                "--height",
+                "32",
+                "--width",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert load_file(text / "negative.safetensors")["cond"].shape == (1, 16, 32)  # cut to the encoder's 16 tokens

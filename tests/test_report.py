@@ -7,9 +7,19 @@ from tmd.eval.report import FRAME_MS, write_report
 
 
 def row(method, outer, inner, total, latency):
-    return {"method": method, "outer_steps": outer, "inner_steps": inner, "effective_nfe": 1.0, "latency_ms": latency,
-            "speedup_vs_teacher": 100 / latency, "total": total, "quality": total, "semantic": total, "frechet": total,
-            "diversity": total}
+    return {
+        "method": method,
+        "outer_steps": outer,
+        "inner_steps": inner,
+        "effective_nfe": 1.0,
+        "latency_ms": latency,
+        "speedup_vs_teacher": 100 / latency,
+        "total": total,
+        "quality": total,
+        "semantic": total,
+        "frechet": total,
+        "diversity": total,
+    }
 
 
 def test_report_describes_the_rows_it_has_and_the_gif_has_a_frame_delay(tmp_path):

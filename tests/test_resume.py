@@ -4,11 +4,11 @@ import json
 
 import pytest
 import yaml
+from test_trainer import run
 
 from tmd.cli import main
 from tmd.errors import ResumeError
 from tmd.train.resume import CONFIG_FILE, HISTORY_FILE
-from test_trainer import run
 
 
 def snapshot(folder):
@@ -56,8 +56,14 @@ def test_a_run_folder_without_its_config_is_not_resumed_blindly(tmp_path):
 def test_tmd_train_refuses_another_head_split(tmp_path, capsys):
     """The case a user hit: an H = 2 checkpoint resumed with method.head_blocks=3 trained an H = 3 student
     on H = 2 weights (the parameter names are the same for every split). The config's H is 1 now."""
-    args = ["--config", "configs/world_tmd_stage1.yaml", "train.steps=1", "train.batch_size=2",
-            "train.progress=false", f"train.out_dir={tmp_path}"]
+    args = [
+        "--config",
+        "configs/world_tmd_stage1.yaml",
+        "train.steps=1",
+        "train.batch_size=2",
+        "train.progress=false",
+        f"train.out_dir={tmp_path}",
+    ]
     assert main(["train", *args]) == 0
     before = snapshot(tmp_path)
     capsys.readouterr()

@@ -19,8 +19,19 @@ def test_estimate_counts_teacher_trainable_and_ema():
     assert "activations come on top" in describe(estimate)
 
 
-@pytest.mark.parametrize("name", ["wan1.3b_tmd_stage1", "wan1.3b_tmd_stage2", "wan14b_tmd_stage1", "wan14b_tmd_stage2",
-                                  "world_tmd_stage1", "world_tmd_stage2", "world_dmd2", "world_linvideo"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "wan1.3b_tmd_stage1",
+        "wan1.3b_tmd_stage2",
+        "wan14b_tmd_stage1",
+        "wan14b_tmd_stage2",
+        "world_tmd_stage1",
+        "world_tmd_stage2",
+        "world_dmd2",
+        "world_linvideo",
+    ],
+)
 def test_shipped_run_configs_load(name, tmp_path):
     from tmd.config import RunConfig, load_config
 

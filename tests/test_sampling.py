@@ -74,7 +74,9 @@ def test_rollout_is_eq14s_weighted_sum():
     expected_y = (1 - grid[0]) * y1 + sum((grid[j] - grid[j + 1]) * heads[j] for j in range(3))
     torch.testing.assert_close(x, x1 - 0.999 * expected_y)
     torch.testing.assert_close(student.calls[0][0], y1)  # the rollout starts from the inner noise
-    assert [c[1:] for c in student.calls] == [(pytest.approx(float(grid[j])), pytest.approx(float(grid[j + 1]))) for j in range(3)]
+    assert [c[1:] for c in student.calls] == [
+        (pytest.approx(float(grid[j])), pytest.approx(float(grid[j + 1]))) for j in range(3)
+    ]
 
 
 def test_rollout_with_the_implied_velocity_lands_on_the_last_head():
@@ -136,7 +138,9 @@ def test_samplers_are_seeded(tiny_teacher, tiny_inputs):
     assert torch.equal(tmd(0), tmd(0)) and not torch.equal(tmd(0), tmd(1))
     one = sample_few_step(tiny_teacher, noise, text, 1)
     assert torch.isfinite(one).all()
-    assert torch.equal(sample_teacher(tiny_teacher, noise, text, negative, 3), sample_teacher(tiny_teacher, noise, text, negative, 3))
+    assert torch.equal(
+        sample_teacher(tiny_teacher, noise, text, negative, 3), sample_teacher(tiny_teacher, noise, text, negative, 3)
+    )
 
 
 def test_tmd_one_outer_one_inner_step_starts_at_the_teacher(tiny_teacher, tiny_inputs):

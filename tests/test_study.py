@@ -16,33 +16,65 @@ from tmd.eval.stats import paired_difference, t_interval, variance_components
 from tmd.study import StudyConfig, load_study, plan, tasks
 
 TINY_WORLD = [
-    "train.steps=2", "train.batch_size=2", "train.progress=false", "autoencoder.steps=1", "autoencoder.batch_size=2",
-    "autoencoder.base_channels=8", "autoencoder.decoder_steps=0", "text.dim=16", "text.ff=32", "model.num_layers=3",
-    "model.num_attention_heads=1", "model.attention_head_dim=8", "model.ffn_dim=16", "model.freq_dim=16", "sampling.guidance=3.0",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.progress=false",
+    "autoencoder.steps=1",
+    "autoencoder.batch_size=2",
+    "autoencoder.base_channels=8",
+    "autoencoder.decoder_steps=0",
+    "text.dim=16",
+    "text.ff=32",
+    "model.num_layers=3",
+    "model.num_attention_heads=1",
+    "model.attention_head_dim=8",
+    "model.ffn_dim=16",
+    "model.freq_dim=16",
+    "sampling.guidance=3.0",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    assert main(["train-teacher", "--config", "configs/world_teacher.yaml", f"data.assets={root / 'assets'}",
-                 f"train.out_dir={root / 'run'}", *TINY_WORLD]) == 0
+    assert (
+        main(
+            [
+                "train-teacher",
+                "--config",
+                "configs/world_teacher.yaml",
+                f"data.assets={root / 'assets'}",
+                f"train.out_dir={root / 'run'}",
+                *TINY_WORLD,
+            ]
+        )
+        == 0
+    )
     return root / "assets"
 
 
 def tiny_study(assets, report_dir, **changes) -> dict:
     train = {"steps": 2, "batch_size": 2, "log_every": 1, "device": "cpu", "tensorboard": False}
     data = {
-        "name": "tiny", "seeds": [0, 1], "eval": {"noise_seeds": [0, 1]}, "report_dir": str(report_dir),
+        "name": "tiny",
+        "seeds": [0, 1],
+        "eval": {"noise_seeds": [0, 1]},
+        "report_dir": str(report_dir),
         "base": {"data_kind": "world", "data": {"assets": str(assets)}, "method": {"guidance": 3.0}, "train": train},
         "runs": {
             "teacher": {"method": "teacher", "score": [[2, None], [1, None]]},
             "dmd2": {"method": "dmd2", "config": {"method": {"outer_steps": 1, "generator_every": 2}}, "score": [[1, None]]},
             "stage1": {"method": "tm", "config": {"method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2}}},
-            "tmd": {"method": "tmd", "parent": "stage1", "label": "TMD 1x2",
-                    "config": {"method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2, "generator_every": 2},
-                               "train": {"eval_every": 1, "eval_videos": 4}},
-                    "score": [[1, 2]]},
+            "tmd": {
+                "method": "tmd",
+                "parent": "stage1",
+                "label": "TMD 1x2",
+                "config": {
+                    "method": {"head_blocks": 1, "outer_steps": 1, "inner_steps": 2, "generator_every": 2},
+                    "train": {"eval_every": 1, "eval_videos": 4},
+                },
+                "score": [[1, 2]],
+            },
         },
         "paired": [{"a": "tmd", "b": "dmd2"}],
     }
@@ -117,26 +149,33 @@ def test_keys_are_stable_and_sensitive_to_what_the_record_depends_on(tiny_assets
     assert same == base
     # a stage-1 setting changes stage 1 and, through the parent's key, every stage 2 built on it
     lr = changed(lambda d: d["runs"]["stage1"]["config"].setdefault("train", {}).update(lr=3e-4))
-    assert lr[("stage1", 0)] != base[("stage1", 0)] and lr[("tmd", 0)] != base[("tmd", 0)] and lr[("dmd2", 0)] == base[("dmd2", 0)]
+    assert (
+        lr[("stage1", 0)] != base[("stage1", 0)] and lr[("tmd", 0)] != base[("tmd", 0)] and lr[("dmd2", 0)] == base[("dmd2", 0)]
+    )
     noise = changed(lambda d: d["eval"].update(noise_seeds=[0, 1, 2]))
     assert all(noise[k] != base[k] for k in base)
     assert changed(lambda d: d.update(version=2))[("dmd2", 0)] != base[("dmd2", 0)]
+
     # two declared stage-1 runs with one config are one run: their stage 2s share it
     def twin(d):
         d["runs"]["stage1_again"] = copy.deepcopy(d["runs"]["stage1"])
         d["runs"]["tmd_again"] = {**copy.deepcopy(d["runs"]["tmd"]), "parent": "stage1_again", "score": [[1, 2]]}
+
     twins = changed(twin)
     assert twins[("stage1_again", 0)] == twins[("stage1", 0)] and twins[("tmd_again", 0)] == twins[("tmd", 0)]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["runs"]["dmd2"]["config"]["method"].update(outer_stpes=2), "did you mean 'method.outer_steps'"),
-    (lambda d: d["runs"]["dmd2"].update(scores=[[1, None]]), "did you mean 'runs.dmd2.score'"),
-    (lambda d: d["runs"]["tmd"].update(parent="nope"), "parent 'nope' is not a run"),
-    (lambda d: d["runs"]["dmd2"]["config"].update(train={"seed": 3}), "may not set train.seed"),
-    (lambda d: d.update(paired=[{"a": "teacher@2", "b": "dmd2"}]), "teacher row"),
-    (lambda d: d["runs"]["dmd2"].update(method="dmd3"), "'dmd3' is not registered"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["runs"]["dmd2"]["config"]["method"].update(outer_stpes=2), "did you mean 'method.outer_steps'"),
+        (lambda d: d["runs"]["dmd2"].update(scores=[[1, None]]), "did you mean 'runs.dmd2.score'"),
+        (lambda d: d["runs"]["tmd"].update(parent="nope"), "parent 'nope' is not a run"),
+        (lambda d: d["runs"]["dmd2"]["config"].update(train={"seed": 3}), "may not set train.seed"),
+        (lambda d: d.update(paired=[{"a": "teacher@2", "b": "dmd2"}]), "teacher row"),
+        (lambda d: d["runs"]["dmd2"].update(method="dmd3"), "'dmd3' is not registered"),
+    ],
+)
 def test_study_file_errors_name_the_key(tiny_assets, tmp_path, edit, message):
     data = tiny_study(tiny_assets, tmp_path)
     edit(data)
@@ -191,7 +230,13 @@ def test_study_trains_once_resumes_after_an_interruption_and_reports_from_record
     rows = {r["name"]: r for r in results["rows"]}
     assert set(rows) == {"teacher@2", "teacher@1", "dmd2", "tmd"}
     tmd = rows["tmd"]
-    assert (tmd["method"], tmd["outer_steps"], tmd["inner_steps"], tmd["seeds"], tmd["videos"]) == ("tmd", 1, 2, [0, 1], 2 * 2 * 72)
+    assert (tmd["method"], tmd["outer_steps"], tmd["inner_steps"], tmd["seeds"], tmd["videos"]) == (
+        "tmd",
+        1,
+        2,
+        [0, 1],
+        2 * 2 * 72,
+    )
     assert tmd["effective_nfe"] == pytest.approx(1 + 1 / 3) and len(tmd["total_ci95"]) == 2
     assert rows["teacher@2"]["seeds"] == [] and rows["teacher@2"]["effective_nfe"] == 4.0 and rows["teacher@2"]["videos"] == 144
     (pair,) = results["paired"]
@@ -217,14 +262,24 @@ def test_study_trains_once_resumes_after_an_interruption_and_reports_from_record
     readme.write_text("intro\n<!-- tmd study tiny: begin -->\nold\n<!-- tmd study tiny: end -->\noutro\n")
     assert main(study_args(tmp_path, path, "--report", "--readme", str(readme))) == 0
     lines = readme.read_text().splitlines()
-    assert lines[0] == "intro" and lines[-1] == "outro" and "old" not in lines and any(line.startswith("| TMD 1x2 | tmd |") for line in lines)
+    assert (
+        lines[0] == "intro"
+        and lines[-1] == "outro"
+        and "old" not in lines
+        and any(line.startswith("| TMD 1x2 | tmd |") for line in lines)
+    )
 
     # a fresh machine that must train a new stage 2 on a recorded stage 1 retrains that stage 1 for its weights only
     data = tiny_study(tiny_assets, report)
     data["runs"]["tmd"]["config"]["train"]["lr"] = 2e-4
     path = write_study(tmp_path, data)
     todo = tasks(plan(load_study(path)[0]), tmp_path / "records", tmp_path / "work", lambda task: 1.0)
-    assert sorted((t.run.name, t.kind) for t in todo) == [("stage1", "weights"), ("stage1", "weights"), ("tmd", "train"), ("tmd", "train")]
+    assert sorted((t.run.name, t.kind) for t in todo) == [
+        ("stage1", "weights"),
+        ("stage1", "weights"),
+        ("tmd", "train"),
+        ("tmd", "train"),
+    ]
     stage1 = next(t.run.key for t in todo if t.kind == "weights")
     record_bytes = (tmp_path / "records" / f"{stage1}.json").read_bytes()
     monkeypatch.setattr(study_module, "execute", real)
@@ -268,7 +323,9 @@ def test_two_jobs_train_in_worker_processes(tiny_assets, tmp_path):
     assert main(study_args(tmp_path, path, "--jobs", "2")) == 0
     assert len(list((tmp_path / "records").glob("*.json"))) == 6
     for run in plan(load_study(path)[0]):
-        assert (tmp_path / "work" / f"{run.key}.log").is_file() and (tmp_path / "work" / run.key / "student.safetensors").is_file()
+        assert (tmp_path / "work" / f"{run.key}.log").is_file() and (
+            tmp_path / "work" / run.key / "student.safetensors"
+        ).is_file()
 
 
 # ---- evaluation during training
@@ -279,11 +336,27 @@ def test_eval_every_logs_curve_points_without_changing_the_run(tiny_assets, tmp_
     from tmd.train.run import train_run
 
     def run(out, **train):
-        return train_run(from_dict(RunConfig, {
-            "method_name": "dmd2", "data_kind": "world", "data": {"assets": str(tiny_assets)},
-            "method": {"outer_steps": 2, "generator_every": 2, "guidance": 3.0},
-            "train": {"steps": 3, "batch_size": 2, "log_every": 1, "progress": False, "tensorboard": False,
-                      "device": "cpu", "out_dir": str(tmp_path / out), **train}}))
+        return train_run(
+            from_dict(
+                RunConfig,
+                {
+                    "method_name": "dmd2",
+                    "data_kind": "world",
+                    "data": {"assets": str(tiny_assets)},
+                    "method": {"outer_steps": 2, "generator_every": 2, "guidance": 3.0},
+                    "train": {
+                        "steps": 3,
+                        "batch_size": 2,
+                        "log_every": 1,
+                        "progress": False,
+                        "tensorboard": False,
+                        "device": "cpu",
+                        "out_dir": str(tmp_path / out),
+                        **train,
+                    },
+                },
+            )
+        )
 
     with_eval = run("eval", eval_every=2, eval_videos=5)
     points = [m for m in read_metrics(tmp_path / "eval") if "eval/total" in m]

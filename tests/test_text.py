@@ -68,8 +68,9 @@ def test_not_strict_maps_unknown_words_to_unk_as_diffusers_does(encoder):
     """A negative prompt the user never typed must encode with any vocabulary."""
     ids, mask = encoder.tokenize([WAN_NEGATIVE_PROMPT], max_length=100, strict=False)
     assert ids[0, :2].tolist() == [encoder.tokenizer.unk_token_id] * 2 and mask.sum() == 78  # 77 words and commas, </s>
-    assert torch.equal(ids, encoder.tokenizer([WAN_NEGATIVE_PROMPT], padding="max_length", max_length=100,
-                                              return_tensors="pt").input_ids)
+    assert torch.equal(
+        ids, encoder.tokenizer([WAN_NEGATIVE_PROMPT], padding="max_length", max_length=100, return_tensors="pt").input_ids
+    )
 
 
 def test_a_prompt_longer_than_the_encoder_reads_is_cut_with_a_warning(encoder):
@@ -141,7 +142,9 @@ def test_from_pretrained_errors(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="no .safetensors weights in .*text_encoder"):
         TextEncoder.from_pretrained(no_weights)
     # pickled weights are never loaded, even where transformers would
-    torch.save(UMT5EncoderModel.from_pretrained(saved / "text_encoder").state_dict(), no_weights / "text_encoder" / "pytorch_model.bin")
+    torch.save(
+        UMT5EncoderModel.from_pretrained(saved / "text_encoder").state_dict(), no_weights / "text_encoder" / "pytorch_model.bin"
+    )
     with pytest.raises(FileNotFoundError, match=r"tmd never loads pickled weights \(found pytorch_model.bin"):
         TextEncoder.from_pretrained(no_weights)
 
@@ -164,9 +167,7 @@ def test_matches_diffusers_wan_prompt_embeds(encoder):
     """Call diffusers' own method unbound on a stand-in object holding just what it reads."""
     from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 
-    pipe = SimpleNamespace(
-        tokenizer=encoder.tokenizer, text_encoder=encoder.model, _execution_device=torch.device("cpu")
-    )
+    pipe = SimpleNamespace(tokenizer=encoder.tokenizer, text_encoder=encoder.model, _execution_device=torch.device("cpu"))
     prompts = PROMPTS + ["a red circle moves left right left right a blue square moves"]  # truncated
     expected = WanPipeline._get_t5_prompt_embeds(pipe, prompt=prompts, max_sequence_length=encoder.max_length)
     with pytest.warns(TmdWarning, match="is 13 tokens long"):

@@ -10,9 +10,9 @@ from tmd import flow
 from tmd.methods import get_method
 from tmd.methods.common import adaptive_l2
 from tmd.models.discriminator import default_feature_blocks
-from tmd.rng import BatchRandom
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
+from tmd.rng import BatchRandom
 from tmd.sampling import sample_teacher, sample_tmd
 
 B, D = 3, 4
@@ -173,6 +173,7 @@ def test_gan_losses_average_over_the_heads():
     def known_logits(x_tau, tau, cond):
         seen.append((x_tau.clone(), tau.clone()))
         return logits
+
     method._logits = known_logits
     losses = {}
     data = batch()
@@ -280,7 +281,9 @@ def test_sample_target_needs_the_implied_velocity():
 
 
 def test_stage1_with_the_sample_target_regresses_y_equal_x():
-    cfg = get_method("tm").Config(guidance=1.0, cond_dropout=0.0, mean_flow_fraction=0.0, transition_target="sample", inner_velocity="implied")
+    cfg = get_method("tm").Config(
+        guidance=1.0, cond_dropout=0.0, mean_flow_fraction=0.0, transition_target="sample", inner_velocity="implied"
+    )
     student = KnownStudent()
     student.transition_target, student.inner_velocity = "sample", "implied"
     loss, data, (x_t, t), (y_s, s, r) = stage1_step(cfg, student)

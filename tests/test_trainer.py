@@ -7,9 +7,10 @@ from torch import nn
 
 from tmd import flow
 from tmd.config import RunConfig, TrainConfig, load_config, register_data_config, register_method_config
+from tmd.data.source import GeneratorDataSource
 from tmd.train import checkpoint as ckpt
 from tmd.train.logging import read_metrics
-from tmd.train.loop import GeneratorDataSource, NonFiniteLossError, Trainer
+from tmd.train.loop import NonFiniteLossError, Trainer
 from tmd.train.loop import train as run_training
 
 
@@ -72,8 +73,17 @@ class FlowMethod:
 
 
 def make_cfg(run_dir, **train):
-    train = {"steps": 10, "lr": 1e-2, "log_every": 1, "checkpoint_every": 5, "progress": False,
-             "tensorboard": False, "ema_decay": 0.9, "out_dir": str(run_dir), **train}
+    train = {
+        "steps": 10,
+        "lr": 1e-2,
+        "log_every": 1,
+        "checkpoint_every": 5,
+        "progress": False,
+        "tensorboard": False,
+        "ema_decay": 0.9,
+        "out_dir": str(run_dir),
+        **train,
+    }
     return RunConfig("trainer_test", "trainer_test_gauss", train=TrainConfig(**train))
 
 
@@ -108,7 +118,9 @@ def test_learns_and_writes_run_folder(tmp_path):
     root = tmp_path / "checkpoints"
     assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["step_0000120", "step_0000150"]
     assert (root / "latest").read_text() == "step_0000150" and result.checkpoint == root / "step_0000150"
-    stored = read_checkpoint(result.checkpoint, {"modules": {"model": method.model.state_dict()}, "ema": {"model": result.ema["model"]}})
+    stored = read_checkpoint(
+        result.checkpoint, {"modules": {"model": method.model.state_dict()}, "ema": {"model": result.ema["model"]}}
+    )
     assert_same(stored["modules"]["model"], method.model.state_dict())
     assert_same(stored["ema"]["model"], result.ema["model"])
     state = torch.load(result.checkpoint / "trainer_state.pt", weights_only=True)
@@ -119,8 +131,10 @@ def read_checkpoint(path, template):
     """The tensors a checkpoint holds under the names and shapes of ``template``."""
     import torch.distributed.checkpoint as dcp
 
-    empty = {group: {name: {k: torch.zeros_like(v) for k, v in sd.items()} for name, sd in named.items()}
-             for group, named in template.items()}
+    empty = {
+        group: {name: {k: torch.zeros_like(v) for k, v in sd.items()} for name, sd in named.items()}
+        for group, named in template.items()
+    }
     dcp.load(empty, checkpoint_id=str(path / ckpt.STATE_DIR))
     return empty
 
@@ -216,9 +230,7 @@ def test_ttur_groups_update_at_their_own_frequency(tmp_path):
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records if "loss/generator" in r] == [1, 4, 7]
     assert all("loss/critic" in r for r in records)
-    assert {p.name for p in (tmp_path / "checkpoints" / "step_0000009").iterdir()} == {
-        "state", "trainer_state.pt"
-    }
+    assert {p.name for p in (tmp_path / "checkpoints" / "step_0000009").iterdir()} == {"state", "trainer_state.pt"}
 
 
 class ScalarMethod:

@@ -7,6 +7,7 @@ from tmd.cli import main
 from tmd.config import ConfigError, load_config
 from tmd.data.world import all_prompts, world_vocabulary
 from tmd.data.world_data import DEFAULT_ASSETS, PromptEmbeddings, WorldAssets, world_data_source
+from tmd.eval.samplers import evaluate_sampler
 from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
 from tmd.models.text import build_tiny_text_encoder
 from tmd.sampling import sample_teacher
@@ -53,10 +54,22 @@ def test_config_rejects_bad_keys_and_wrong_method():
 def test_train_teacher_end_to_end_builds_loadable_assets(tmp_path, capsys):
     out = tmp_path / "assets"
     overrides = [
-        f"data.assets={out}", f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.batch_size=2",
-        "train.progress=false", "autoencoder.steps=1", "autoencoder.batch_size=2", "autoencoder.base_channels=8",
-        "text.dim=16", "text.ff=32", "model.num_layers=2", "model.num_attention_heads=1",
-        "model.attention_head_dim=8", "model.ffn_dim=16", "model.freq_dim=16", "sampling.guidance=3.0",
+        f"data.assets={out}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.progress=false",
+        "autoencoder.steps=1",
+        "autoencoder.batch_size=2",
+        "autoencoder.base_channels=8",
+        "text.dim=16",
+        "text.ff=32",
+        "model.num_layers=2",
+        "model.num_attention_heads=1",
+        "model.attention_head_dim=8",
+        "model.ffn_dim=16",
+        "model.freq_dim=16",
+        "sampling.guidance=3.0",
     ]
     assert main(["train-teacher", "--config", CONFIG, *overrides]) == 0
     metadata = json.loads((out / "world.json").read_text())
@@ -66,7 +79,8 @@ def test_train_teacher_end_to_end_builds_loadable_assets(tmp_path, capsys):
     assets = WorldAssets(out)
     assert assets.guidance == 3.0
     prompts = all_prompts()[:2]
-    score = assets.evaluate_sampler(
+    score = evaluate_sampler(
+        assets,
         lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, 1, assets.guidance, assets.shift),
         prompts=prompts,
     )

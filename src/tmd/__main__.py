@@ -1,3 +1,5 @@
-from tmd.cli import main
 import sys
+
+from tmd.cli import main
+
 sys.exit(main())

@@ -23,28 +23,28 @@ import torch
 from torch import Tensor
 
 from tmd import flow
+from tmd.config import load_config
+from tmd.data.world import WorldConfig
+from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
 from tmd.eval import flops
+from tmd.eval.benchmark import format_table
+from tmd.fastpath import attention_kernel, compile_blocks
+from tmd.methods import get_method
+from tmd.models.autoencoder import AutoencoderConfig
+from tmd.models.linear_attention import linearise, round_selection
+from tmd.models.split import TMDStudent
+from tmd.models.wan import (
+    WAN_1_3B_CONFIG,
+    WAN_1_3B_LATENT,
+    WAN_TEXT_LEN,
+    WanTeacher,
+    cast_transformer,
+    load_teacher,
+    parameter_count,
+)
 from tmd.rng import BatchRandom
-
-WAN_1_3B_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-}
-"""Wan2.1 T2V 1.3B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
-WAN_1_3B_LATENT = (16, 21, 60, 104)
-"""Latents of an 81 x 480 x 832 video (VAE: 4x temporal, 8x spatial)."""
-WAN_TEXT_LEN = 512
-"""UMT5 prompt length Wan pads to."""
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
 
 TEACHER_STEPS = 50
 TEACHER_GUIDANCE = 5.0
@@ -67,12 +67,6 @@ class BenchModel:
 
 def world_model() -> BenchModel:
     """The synthetic world's teacher: the shipped one's config if built, else ``configs/world_teacher.yaml``."""
-    from tmd.config import load_config
-    from tmd.data.world import WorldConfig
-    from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
-    from tmd.models.autoencoder import AutoencoderConfig
-    from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
-
     cfg = load_config(WorldTeacherConfig, WORLD_CONFIG_FILE if WORLD_CONFIG_FILE.is_file() else None)
     shipped = DEFAULT_ASSETS / TEACHER_DIR / "config.json"
     if shipped.is_file():
@@ -157,8 +151,6 @@ def attention_scaling(
 ) -> list[dict[str, Any]]:
     """Latency of one transformer block per pass (batch 1) with softmax self-attention and with LinVideo's
     linear attention, at growing sequence lengths: softmax grows as n^2, linear as n."""
-    from tmd.models.linear_attention import linearise, round_selection
-
     linear = linearise(teacher, copy_model=True)
     round_selection(linear, 0)
     blocks = {"softmax": teacher.transformer.blocks[0], "linear": linear.transformer.blocks[0]}
@@ -170,7 +162,9 @@ def attention_scaling(
         grid = token_grid(n)
         if max(grid) > config.rope_max_seq_len:
             raise ValueError(f"{n} tokens need a {grid} grid, beyond the model's rope_max_seq_len {config.rope_max_seq_len}")
-        latent = torch.zeros(1, config.in_channels, *(size * patch for size, patch in zip(grid, config.patch_size)), device=device)
+        latent = torch.zeros(
+            1, config.in_channels, *(size * patch for size, patch in zip(grid, config.patch_size)), device=device
+        )
         rotary = teacher.transformer.rope(latent)
         hidden = torch.randn(1, n, dim, generator=g, device=device, dtype=teacher.dtype)
         text = torch.randn(1, text_len, dim, generator=g, device=device, dtype=teacher.dtype)
@@ -179,8 +173,14 @@ def attention_scaling(
             s = time_round_robin(
                 {name: lambda b=block: b(hidden, text, temb, rotary) for name, block in blocks.items()}, repeats, warmup, device
             )
-        rows.append({"tokens": n, "softmax_block_ms": 1000 * s["softmax"], "linear_block_ms": 1000 * s["linear"],
-                     "linear_speedup": s["softmax"] / s["linear"]})
+        rows.append(
+            {
+                "tokens": n,
+                "softmax_block_ms": 1000 * s["softmax"],
+                "linear_block_ms": 1000 * s["linear"],
+                "linear_speedup": s["softmax"] / s["linear"],
+            }
+        )
     for row in rows:
         row["softmax_growth"] = row["softmax_block_ms"] / rows[0]["softmax_block_ms"]
         row["linear_growth"] = row["linear_block_ms"] / rows[0]["linear_block_ms"]
@@ -195,17 +195,19 @@ FAST_PATH_KERNELS = {"cpu": ("math",), "cuda": ("math", "efficient", "flash", "c
 
 
 def fast_path_table(
-    teacher, head_blocks: int, noise: Tensor, cond: Tensor, t: Tensor, repeats: int, warmup: int,
-    device: torch.device, compile: bool,
+    teacher,
+    head_blocks: int,
+    noise: Tensor,
+    cond: Tensor,
+    t: Tensor,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    compile: bool,
 ) -> list[dict[str, Any]]:
     """The same two calls under each fast-path switch, timed round-robin in one run: SDPA's own kernel
     choice against forced kernels, bf16 weights (when the bench runs fp32), and compiled blocks."""
     import copy
-
-    from tmd.fastpath import attention_kernel, compile_blocks
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import WanTeacher, cast_transformer
-    from tmd.sampling import sample_tmd
 
     def variant(model, kernel: str = "sdpa"):
         student = TMDStudent.from_teacher(model, head_blocks=head_blocks).eval()
@@ -242,13 +244,29 @@ def fast_path_table(
     rows, base = [], None
     for name in variants:
         if name in unsupported:
-            rows.append({"variant": name, "forward_ms": float("nan"), "tmd2x4_ms": float("nan"),
-                         "forward_speedup": float("nan"), "tmd2x4_speedup": float("nan"), "note": unsupported[name]})
+            rows.append(
+                {
+                    "variant": name,
+                    "forward_ms": float("nan"),
+                    "tmd2x4_ms": float("nan"),
+                    "forward_speedup": float("nan"),
+                    "tmd2x4_speedup": float("nan"),
+                    "note": unsupported[name],
+                }
+            )
             continue
         forward_s, tmd_s = seconds[f"{name}|forward"], seconds[f"{name}|tmd"]
         base = base or (forward_s, tmd_s)
-        rows.append({"variant": name, "forward_ms": 1000 * forward_s, "tmd2x4_ms": 1000 * tmd_s,
-                     "forward_speedup": base[0] / forward_s, "tmd2x4_speedup": base[1] / tmd_s, "note": ""})
+        rows.append(
+            {
+                "variant": name,
+                "forward_ms": 1000 * forward_s,
+                "tmd2x4_ms": 1000 * tmd_s,
+                "forward_speedup": base[0] / forward_s,
+                "tmd2x4_speedup": base[1] / tmd_s,
+                "note": "",
+            }
+        )
     return rows
 
 
@@ -274,19 +292,30 @@ def generator_step_ratio(teacher, batch: dict, repeats: int, warmup: int, inner_
     paper's settings: N = 2 inner steps, a head of H = L / 6 blocks (rounded), 2 outer steps, GAN 0.03.
     Both steps hold everything that differs (student sample with gradients) and everything that does not
     (real and fake scores, the GAN's teacher features, backward, AdamW)."""
-    from tmd.methods import get_method
-
     head_blocks = max(1, round(teacher.num_blocks / 6))
     shared = {"outer_steps": 2, "gan_weight": 0.03}
     steps = {
-        "tmd": training_steps(get_method("tmd"), get_method("tmd").Config(head_blocks=head_blocks, inner_steps=inner_steps, **shared),
-                              teacher, batch, {"generator": 0})["generator"],
-        "dmd2": training_steps(get_method("dmd2"), get_method("dmd2").Config(**shared), teacher, batch, {"generator": 0})["generator"],
+        "tmd": training_steps(
+            get_method("tmd"),
+            get_method("tmd").Config(head_blocks=head_blocks, inner_steps=inner_steps, **shared),
+            teacher,
+            batch,
+            {"generator": 0},
+        )["generator"],
+        "dmd2": training_steps(get_method("dmd2"), get_method("dmd2").Config(**shared), teacher, batch, {"generator": 0})[
+            "generator"
+        ],
     }
     seconds = time_round_robin(steps, repeats, max(warmup, 1), batch["x"].device)
     ratio = seconds["tmd"] / seconds["dmd2"]
-    return {"head_blocks": f"{head_blocks}/{teacher.num_blocks}", "inner_steps": inner_steps, "tmd_ms": 1000 * seconds["tmd"],
-            "dmd2_ms": 1000 * seconds["dmd2"], "ratio": ratio, "extra_%": 100 * (ratio - 1)}
+    return {
+        "head_blocks": f"{head_blocks}/{teacher.num_blocks}",
+        "inner_steps": inner_steps,
+        "tmd_ms": 1000 * seconds["tmd"],
+        "dmd2_ms": 1000 * seconds["dmd2"],
+        "ratio": ratio,
+        "extra_%": 100 * (ratio - 1),
+    }
 
 
 @dataclass
@@ -320,11 +349,6 @@ def _scaling_latents(latent: tuple[int, ...], config: dict[str, Any], sizes: int
 
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """All tables as lists of row dicts, plus the settings they were measured with (``meta``)."""
-    from tmd.methods import get_method
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher, parameter_count
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
-
     device = torch.device(settings.device)
     if device.type == "cpu" and settings.model == "wan1.3b":
         raise ValueError(
@@ -350,12 +374,25 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     train_batch = {"x": torch.randn(batch, *latent, generator=g, device=device), "cond": cond, "neg_cond": neg_cond}
     seeded = lambda: torch.Generator(device).manual_seed(0)  # noqa: E731
     meta = {
-        "model": model.name, "weights": model.weights, "students": "untrained copies of the teacher",
-        "parameters": parameter_count(teacher), "blocks": blocks, "head_blocks": head_blocks, "latent": list(latent),
-        "tokens": flops.tokens(config, latent), "text_len": text_len, "batch": batch, "device": str(device),
+        "model": model.name,
+        "weights": model.weights,
+        "students": "untrained copies of the teacher",
+        "parameters": parameter_count(teacher),
+        "blocks": blocks,
+        "head_blocks": head_blocks,
+        "latent": list(latent),
+        "tokens": flops.tokens(config, latent),
+        "text_len": text_len,
+        "batch": batch,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": settings.dtype, "threads": torch.get_num_threads(), "repeats": repeats, "warmup": warmup,
-        "quick": settings.quick, "torch": torch.__version__, "compile": settings.compile,
+        "dtype": settings.dtype,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "quick": settings.quick,
+        "torch": torch.__version__,
+        "compile": settings.compile,
         "memory": "CUDA max_memory_allocated above the call's start" if device.type == "cuda" else "n/a on CPU",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -378,7 +415,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     }
     for steps in (1, 2) if settings.quick else (1, 2, 4):
         samplers[f"dmd2 {steps} step{'s' if steps > 1 else ''}"] = (
-            float(steps), steps * forward_gflop(latent), lambda s=steps: sample_few_step(teacher, noise, cond, s, seeded())
+            float(steps),
+            steps * forward_gflop(latent),
+            lambda s=steps: sample_few_step(teacher, noise, cond, s, seeded()),
         )
     for outer in (1, 2) if settings.quick else (1, 2, 4):
         for inner in (2, 4):
@@ -395,11 +434,19 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     for name, (nfe, gflop, _) in samplers.items():
         predicted = teacher_nfe / nfe
         measured = teacher_s / seconds[name]
-        sampling.append({
-            "sampler": name, "eff_nfe": nfe, "nfe_speedup": predicted, "flop_speedup": teacher_gflop / gflop,
-            "ms": 1000 * seconds[name], "speedup": measured, "measured/nfe": measured / predicted,
-            "gflop": gflop, "tflop/s": gflop / seconds[name] / 1000,
-        })
+        sampling.append(
+            {
+                "sampler": name,
+                "eff_nfe": nfe,
+                "nfe_speedup": predicted,
+                "flop_speedup": teacher_gflop / gflop,
+                "ms": 1000 * seconds[name],
+                "speedup": measured,
+                "measured/nfe": measured / predicted,
+                "gflop": gflop,
+                "tflop/s": gflop / seconds[name] / 1000,
+            }
+        )
 
     # ---- components: what one call of each part costs against one teacher forward of the same batch
     doubled = lambda x: torch.cat([x, x])  # noqa: E731
@@ -407,23 +454,37 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     with torch.no_grad():
         features = student.backbone(noise, t_mid, cond)
     parts = {
-        "teacher forward, batch 2B (CFG)": (2.0, 2 * forward_gflop(latent),
-                                            lambda: teacher.velocity(doubled(noise), doubled(t_mid), doubled(cond))),
+        "teacher forward, batch 2B (CFG)": (
+            2.0,
+            2 * forward_gflop(latent),
+            lambda: teacher.velocity(doubled(noise), doubled(t_mid), doubled(cond)),
+        ),
         "teacher forward, batch B": (1.0, forward_gflop(latent), lambda: teacher.velocity(noise, t_mid, cond)),
-        "tmd backbone, batch B": ((blocks - head_blocks) / blocks,
-                                  flops.backbone_flops(config, latent, text_len, head_blocks) * batch / 1e9,
-                                  lambda: student.backbone(noise, t_mid, cond)),
-        "tmd head step, batch B": (head_blocks / blocks,
-                                   flops.head_flops(config, latent, text_len, head_blocks) * batch / 1e9,
-                                   lambda: student.head(noise, 0.5, 0.25, features)),
+        "tmd backbone, batch B": (
+            (blocks - head_blocks) / blocks,
+            flops.backbone_flops(config, latent, text_len, head_blocks) * batch / 1e9,
+            lambda: student.backbone(noise, t_mid, cond),
+        ),
+        "tmd head step, batch B": (
+            head_blocks / blocks,
+            flops.head_flops(config, latent, text_len, head_blocks) * batch / 1e9,
+            lambda: student.head(noise, 0.5, 0.25, features),
+        ),
     }
     progress("components")
     with torch.no_grad():
         part_s = time_round_robin({name: fn for name, (_, _, fn) in parts.items()}, repeats, warmup, device)
     forward_s = part_s["teacher forward, batch B"]
     components = [
-        {"part": name, "nfe_cost": nfe, "flop_cost": gflop / forward_gflop(latent), "measured_cost": part_s[name] / forward_s,
-         "ms": 1000 * part_s[name], "gflop": gflop, "tflop/s": gflop / part_s[name] / 1000}
+        {
+            "part": name,
+            "nfe_cost": nfe,
+            "flop_cost": gflop / forward_gflop(latent),
+            "measured_cost": part_s[name] / forward_s,
+            "ms": 1000 * part_s[name],
+            "gflop": gflop,
+            "tflop/s": gflop / part_s[name] / 1000,
+        }
         for name, (nfe, gflop, _) in parts.items()
     ]
 
@@ -433,7 +494,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         method_cls = get_method(name)
         cfg = method_cls.Config(head_blocks=head_blocks) if name in ("tm", "tmd") else method_cls.Config()
         turns = {"": 0} if name == "tm" else {" (generator turn)": 0, " (critic turn)": 1}
-        trainers.update({f"{name}{suffix}": fn for suffix, fn in training_steps(method_cls, cfg, teacher, train_batch, turns).items()})
+        trainers.update(
+            {f"{name}{suffix}": fn for suffix, fn in training_steps(method_cls, cfg, teacher, train_batch, turns).items()}
+        )
     progress(f"training: {len(trainers)} steps x {repeats} repeats")
     train_s = time_round_robin(trainers, repeats, max(warmup, 1), device)
     training = [{"step": name, "ms": 1000 * s} for name, s in train_s.items()]
@@ -450,11 +513,16 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
         with torch.no_grad():
             s = time_round_robin(fns, repeats, warmup, device)
         tmd_gflop = flops.tmd_sample_flops(config, shape, text_len, head_blocks, 2, 4) * batch / 1e9
-        scaling.append({
-            "latent": "x".join(map(str, shape)), "tokens": flops.tokens(config, shape),
-            "forward_ms": 1000 * s["forward"], "forward_tflop/s": forward_gflop(shape) / s["forward"] / 1000,
-            "tmd2x4_ms": 1000 * s["tmd"], "tmd2x4_tflop/s": tmd_gflop / s["tmd"] / 1000,
-        })
+        scaling.append(
+            {
+                "latent": "x".join(map(str, shape)),
+                "tokens": flops.tokens(config, shape),
+                "forward_ms": 1000 * s["forward"],
+                "forward_tflop/s": forward_gflop(shape) / s["forward"] / 1000,
+                "tmd2x4_ms": 1000 * s["tmd"],
+                "tmd2x4_tflop/s": tmd_gflop / s["tmd"] / 1000,
+            }
+        )
     base = scaling[0]
     for row in scaling:
         row["forward_growth"] = row["forward_ms"] / base["forward_ms"]
@@ -477,13 +545,19 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     for row in training:
         row["peak_mib"] = peak_mib(trainers[row["step"]], device)
 
-    return {"meta": meta, "sampling": sampling, "components": components, "training": training,
-            "generator_step": generator_step, "scaling": scaling, "attention": attention, "fast_path": fast_path}
+    return {
+        "meta": meta,
+        "sampling": sampling,
+        "components": components,
+        "training": training,
+        "generator_step": generator_step,
+        "scaling": scaling,
+        "attention": attention,
+        "fast_path": fast_path,
+    }
 
 
 def format_report(result: dict[str, Any]) -> str:
-    from tmd.eval.benchmark import format_table
-
     meta = result["meta"]
     header = (
         f"model {meta['model']} ({meta['parameters']:,} parameters, {meta['blocks']} blocks, head H={meta['head_blocks']}), "

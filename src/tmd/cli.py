@@ -31,7 +31,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     config = teacher.config
     student = TMDStudent.from_teacher(teacher, head_blocks=args.head_blocks)
     patch = config.patch_size
-    shape = (args.batch, config.in_channels, patch[0] * args.latent_grid[0], patch[1] * args.latent_grid[1], patch[2] * args.latent_grid[2])
+    shape = (
+        args.batch,
+        config.in_channels,
+        patch[0] * args.latent_grid[0],
+        patch[1] * args.latent_grid[1],
+        patch[2] * args.latent_grid[2],
+    )
     generator = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(shape, generator=generator)
     text = torch.randn(args.batch, 8, config.text_dim, generator=generator)
@@ -46,7 +52,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         ),
         (
             f"tmd {args.outer_steps}x{args.inner_steps}",
-            lambda: sample_tmd(student, noise, text, args.outer_steps, args.inner_steps, torch.Generator().manual_seed(args.seed)),
+            lambda: sample_tmd(
+                student, noise, text, args.outer_steps, args.inner_steps, torch.Generator().manual_seed(args.seed)
+            ),
             flow.tmd_effective_nfe(args.outer_steps, args.inner_steps, args.head_blocks, teacher.num_blocks),
         ),
     ):
@@ -101,7 +109,9 @@ def _add_train_teacher(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue the teacher run from its latest checkpoint")
     p.add_argument(
-        "--stage", choices=("autoencoder", "decoder", "text", "teacher", "all"), default="all",
+        "--stage",
+        choices=("autoencoder", "decoder", "text", "teacher", "all"),
+        default="all",
         help="rebuild one part ('decoder': fine-tune the autoencoder's decoder only); "
         "'all' builds the autoencoder and text encoder only where missing, then the teacher",
     )
@@ -118,6 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from tmd import flow
     from tmd.data.world_data import WorldAssets, eval_prompts
     from tmd.eval.benchmark import format_table
+    from tmd.eval.samplers import evaluate_sampler, reconstruction_score
     from tmd.sampling import sample_teacher
 
     assets = WorldAssets(args.assets)
@@ -126,21 +137,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     rows = []
     for guidance in args.guidance or [assets.guidance]:
         for steps in args.steps:
-            score = assets.evaluate_sampler(
+            score = evaluate_sampler(
+                assets,
                 lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, steps, guidance, shift),
                 prompts=prompts,
                 seed=args.seed,
             )
             result = score.result
-            rows.append({
-                "method": f"teacher w={guidance:g}",
-                "steps": steps,
-                "nfe": flow.teacher_effective_nfe(steps, guidance),
-                "s/video": score.seconds_per_video,
-                **{k: getattr(result, k) for k in _TABLE_SCORES},
-            })
+            rows.append(
+                {
+                    "method": f"teacher w={guidance:g}",
+                    "steps": steps,
+                    "nfe": flow.teacher_effective_nfe(steps, guidance),
+                    "s/video": score.seconds_per_video,
+                    **{k: getattr(result, k) for k in _TABLE_SCORES},
+                }
+            )
             print(f"{rows[-1]['method']} {steps} steps: total {result.total:.4f}", file=sys.stderr, flush=True)
-    ceiling = assets.reconstruction_score(prompts, seed=args.seed)
+    ceiling = reconstruction_score(assets, prompts, seed=args.seed)
     rows.append({"method": "autoencoded world (ceiling)", **{k: getattr(ceiling, k) for k in _TABLE_SCORES}})
     print(f"{len(prompts)} videos ({args.per_prompt} per prompt), noise seed {args.seed}, shift {shift:g}")
     print(format_table(rows))
@@ -174,7 +188,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a distillation method (tm, tmd, dmd2, ...) from a YAML config")
     p.add_argument("--config", type=Path, required=True, help="run config (configs/world_tmd_stage1.yaml, ...)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100 method.head_blocks=1")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100 method.head_blocks=1"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     _add_threads(p)
     p.set_defaults(func=_cmd_train)
@@ -214,11 +230,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     records = generate(
-        args.model, prompts, args.out, pipeline=args.pipeline, steps=args.steps, inner_steps=args.inner_steps,
-        guidance=args.guidance, shift=args.shift, seed=args.seed, frames=args.frames, height=args.height,
-        width=args.width, batch_size=args.batch_size, fps=args.fps, negative_prompt=args.negative_prompt,
-        save_latents=args.save_latents, dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
-        attention=args.attention, compile=args.compile, scheduler=args.scheduler,
+        args.model,
+        prompts,
+        args.out,
+        pipeline=args.pipeline,
+        steps=args.steps,
+        inner_steps=args.inner_steps,
+        guidance=args.guidance,
+        shift=args.shift,
+        seed=args.seed,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        fps=args.fps,
+        negative_prompt=args.negative_prompt,
+        save_latents=args.save_latents,
+        dtype=getattr(torch, _DTYPES[args.dtype]),
+        device=args.device,
+        attention=args.attention,
+        compile=args.compile,
+        scheduler=args.scheduler,
     )
     mean = sum(r["seconds"] for r in records) / len(records)
     nfe = records[0]["effective_nfe"]
@@ -228,9 +260,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="text-to-video with a Wan teacher pipeline or an exported student, to mp4")
-    p.add_argument("--model", type=Path, required=True,
-                   help="a diffusers Wan pipeline root (teacher), a student or pipeline folder from tmd export, or a world "
-                   "run's student.safetensors (mp4 and GIF with the world's decoder)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="a diffusers Wan pipeline root (teacher), a student or pipeline folder from tmd export, or a world "
+        "run's student.safetensors (mp4 and GIF with the world's decoder)",
+    )
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
     prompts.add_argument("--prompts", type=Path, help="a text file, one prompt per line")
@@ -241,9 +277,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, help="teacher CFG scale (default 5; 1 = none; teachers only)")
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
     p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
-    p.add_argument("--scheduler", choices=("pipeline", "euler"), default="pipeline",
-                   help="teacher sampler: the scheduler the pipeline ships (UniPC for the published Wan2.1; Euler where "
-                   "it ships none), or tmd's Euler sampler")
+    p.add_argument(
+        "--scheduler",
+        choices=("pipeline", "euler"),
+        default="pipeline",
+        help="teacher sampler: the scheduler the pipeline ships (UniPC for the published Wan2.1; Euler where "
+        "it ships none), or tmd's Euler sampler",
+    )
     p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (Wan; world videos have the world's size)")
     p.add_argument("--height", type=int, default=480, help="video height in pixels")
     p.add_argument("--width", type=int, default=832, help="video width in pixels")
@@ -252,8 +292,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by seed + i")
     p.add_argument("--save-latents", action="store_true", help="also write each video's latents (.safetensors)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="transformer and text encoder precision")
-    p.add_argument("--attention", choices=list(ATTENTION_KERNELS), default="sdpa",
-                   help="SDPA attention kernel (default: PyTorch's choice; flash/cudnn on a GPU)")
+    p.add_argument(
+        "--attention",
+        choices=list(ATTENTION_KERNELS),
+        default="sdpa",
+        help="SDPA attention kernel (default: PyTorch's choice; flash/cudnn on a GPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first batch)")
     p.add_argument("--device", help="torch device (default: cuda if available)")
     _add_threads(p)
@@ -279,9 +323,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             raise ValueError("give --videos DIR and --captions FILE (or --text-only --prompts FILE)")
         sources = {"videos": args.videos, "captions": args.captions}
     index = prepare(
-        args.out, args.model, **sources, frames=args.frames, height=args.height, width=args.width, fps=args.fps,
-        shard_size=args.shard_size, workers=args.workers, negative_prompt=args.negative_prompt,
-        dtype=getattr(torch, _DTYPES[args.dtype]), device=args.device,
+        args.out,
+        args.model,
+        **sources,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        negative_prompt=args.negative_prompt,
+        dtype=getattr(torch, _DTYPES[args.dtype]),
+        device=args.device,
     )
     print(f"{index['samples']} samples in {len(index['shards'])} shards written to {args.out} ({index['skipped']} skipped)")
     return 0
@@ -310,7 +363,7 @@ def _add_prepare(sub) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Turn a run's student.safetensors into a self-describing student folder for tmd generate."""
-    from tmd.models.export import export_run
+    from tmd.pipelines.export import export_run
 
     path = export_run(args.run, args.teacher, args.out, args.format)
     print(f"{'pipeline' if args.format == 'pipeline' else 'student'} folder written to {path}")
@@ -322,9 +375,13 @@ def _add_export(sub) -> None:
     p.add_argument("--run", type=Path, required=True, help="the run's student.safetensors")
     p.add_argument("--teacher", type=Path, required=True, help="the teacher's diffusers Wan pipeline root")
     p.add_argument("--out", type=Path, required=True, help="the student folder to write")
-    p.add_argument("--format", choices=("student", "pipeline"), default="student",
-                   help="student: tmd's student folder; pipeline: a diffusers pipeline folder (TMDPipeline for TMD "
-                   "students, stock WanPipeline for DMD2-v), with the teacher's VAE and text encoder")
+    p.add_argument(
+        "--format",
+        choices=("student", "pipeline"),
+        default="student",
+        help="student: tmd's student folder; pipeline: a diffusers pipeline folder (TMDPipeline for TMD "
+        "students, stock WanPipeline for DMD2-v), with the teacher's VAE and text encoder",
+    )
     p.set_defaults(func=_cmd_export)
 
 
@@ -337,10 +394,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quick = {"repeats": 3, "warmup": 1} if args.quick else {"repeats": 5, "warmup": 2}
     settings = BenchSettings(
-        model=args.model, latent=tuple(args.latent) if args.latent else None, batch=args.batch,
-        repeats=args.repeats or quick["repeats"], warmup=quick["warmup"] if args.warmup is None else args.warmup,
-        device=device, dtype=args.dtype, head_blocks=args.head_blocks, quick=args.quick,
-        fast_path=args.fast_path or args.compile, compile=args.compile, generator_step_only=args.generator_step,
+        model=args.model,
+        latent=tuple(args.latent) if args.latent else None,
+        batch=args.batch,
+        repeats=args.repeats or quick["repeats"],
+        warmup=quick["warmup"] if args.warmup is None else args.warmup,
+        device=device,
+        dtype=args.dtype,
+        head_blocks=args.head_blocks,
+        quick=args.quick,
+        fast_path=args.fast_path or args.compile,
+        compile=args.compile,
+        generator_step_only=args.generator_step,
     )
     result = run_bench(settings, progress=lambda message: print(f"bench: {message}", file=sys.stderr, flush=True))
     result["meta"]["command"] = " ".join(["tmd", *args.argv])
@@ -353,8 +418,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="latency / memory / throughput tables of samplers and training steps")
-    p.add_argument("--model", default="world", help='"world" (CPU default), "wan1.3b" (GPU), a diffusers Wan folder, '
-                   'a .json/.yaml transformer config, or "tiny"')
+    p.add_argument(
+        "--model",
+        default="world",
+        help='"world" (CPU default), "wan1.3b" (GPU), a diffusers Wan folder, a .json/.yaml transformer config, or "tiny"',
+    )
     p.add_argument("--latent", type=int, nargs=4, metavar=("C", "F", "H", "W"), help="latent shape (default: the model's)")
     p.add_argument("--batch", type=int, help="samples per call (default 4; 1 for wan1.3b)")
     p.add_argument("--repeats", type=int, help="timed repeats per row, median reported (default 5; 3 with --quick)")
@@ -365,26 +433,37 @@ def _add_bench(sub) -> None:
     _add_threads(p)
     p.add_argument("--json", type=Path, help="also write the tables to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer rows and repeats (a couple of minutes on CPU)")
-    p.add_argument("--fast-path", action="store_true",
-                   help="add the fast-path table: attention kernels and bf16 against the default, in one run")
+    p.add_argument(
+        "--fast-path",
+        action="store_true",
+        help="add the fast-path table: attention kernels and bf16 against the default, in one run",
+    )
     p.add_argument("--compile", action="store_true", help="add torch.compile to the fast-path table (slow to compile)")
-    p.add_argument("--generator-step", action="store_true",
-                   help="only the TMD stage-2 generator step against DMD2-v's (N = 2, H = L / 6; the paper: under 17%% extra)")
+    p.add_argument(
+        "--generator-step",
+        action="store_true",
+        help="only the TMD stage-2 generator step against DMD2-v's (N = 2, H = L / 6; the paper: under 17%% extra)",
+    )
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
     """Train the study's missing runs (resumable, --jobs at a time), score them alike, report with intervals."""
     from tmd.study import main as study
+    from tmd.study_report import write_report
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    return study(args)
+    return study(args, write_report)
 
 
 def _add_study(sub) -> None:
-    p = sub.add_parser("study", help="a declared table of runs x training seeds: train what is missing, score, report with intervals")
-    p.add_argument("--config", required=True, help="a study file, or the name of a shipped one (study_main.yaml, study_ablations.yaml)")
+    p = sub.add_parser(
+        "study", help="a declared table of runs x training seeds: train what is missing, score, report with intervals"
+    )
+    p.add_argument(
+        "--config", required=True, help="a study file, or the name of a shipped one (study_main.yaml, study_ablations.yaml)"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (1: in this process)")
     p.add_argument("--report", action="store_true", help="only write the report (report_dir) from the committed run records")
     p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs (and their parents)")
@@ -397,8 +476,12 @@ def _add_study(sub) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1 without a GPU: on a shared 2-core machine "
-                   "one thread measured up to 10x faster than two for these small models; 0 = torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default 1 without a GPU: on a shared 2-core machine "
+        "one thread measured up to 10x faster than two for these small models; 0 = torch's default)",
+    )
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -427,8 +510,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     if "--threads" not in p._option_string_actions:
         _add_threads(p)
     # SUPPRESS: an unset subcommand flag must not override ``tmd --debug COMMAND``
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of an error instead of one line")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error instead of one line"
+    )
     p.formatter_class = _HelpFormatter
     p.set_defaults(parser=p)
 

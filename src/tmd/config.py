@@ -177,14 +177,18 @@ class TrainConfig:
         _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
-        _check(self.batch_size % self.grad_accum == 0,
-               f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}",
+        )
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         for group, lr in self.lr_groups.items():
             _check(lr > 0, f"lr_groups.{group} must be > 0, got {lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}"
+        )
         _check(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0 or null, got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
@@ -283,7 +287,9 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         source = str(path)
         if path.is_dir():
             found = sorted(str(p) for p in path.glob("*.y*ml"))
-            hint = f": one of {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else " (it holds no .yaml files)"
+            hint = (
+                f": one of {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else " (it holds no .yaml files)"
+            )
             raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file{hint}")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -363,9 +369,7 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Context) -> Any:
         key = _join(prefix, str(unknown[0]))
         close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
         hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""
-        raise ConfigError(
-            f"{ctx.origin(key)}: unknown key '{key}'{hint}; allowed keys in {where}: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{ctx.origin(key)}: unknown key '{key}'{hint}; allowed keys in {where}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     # Registry-typed sections last: their type depends on the selector field parsed before them.
@@ -398,9 +402,7 @@ def _build(cls: type, data: Any, prefix: str, ctx: _Context) -> Any:
 
 
 def _fail(value: Any, tp: Any, key: str, ctx: _Context, hint: str = "") -> typing.NoReturn:
-    raise ConfigError(
-        f"{ctx.origin(key)}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}"
-    )
+    raise ConfigError(f"{ctx.origin(key)}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
 
 
 def _coerce(value: Any, tp: Any, key: str, ctx: _Context) -> Any:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,6 +23,8 @@ from tmd import flow
 from tmd.config import RunConfig, from_dict
 from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import format_table
+from tmd.eval.report import write_report
+from tmd.eval.samplers import evaluate_sampler
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.run import TrainedRun, train_run
@@ -46,8 +49,18 @@ class Preset:
 
 PRESETS = {
     # stage 1 : stage 2 = 3 : 4 as Table 7; M = 1 at the M = 2 budget to stay within ~15 minutes
-    "quick": Preset(stage1_steps=225, stage2_steps=300, batch_size=8, head_blocks=1, teacher_steps=(50, 8, 4, 2, 1), eval_seeds=1, one_step_factor=1),
-    "full": Preset(stage1_steps=1500, stage2_steps=2000, batch_size=32, head_blocks=1, teacher_steps=(50, 16, 8, 4, 2, 1), eval_seeds=4),
+    "quick": Preset(
+        stage1_steps=225,
+        stage2_steps=300,
+        batch_size=8,
+        head_blocks=1,
+        teacher_steps=(50, 8, 4, 2, 1),
+        eval_seeds=1,
+        one_step_factor=1,
+    ),
+    "full": Preset(
+        stage1_steps=1500, stage2_steps=2000, batch_size=32, head_blocks=1, teacher_steps=(50, 16, 8, 4, 2, 1), eval_seeds=4
+    ),
 }
 """``full`` is for a GPU (or a patient CPU)."""
 
@@ -59,11 +72,22 @@ TMD_STUDENTS = ((1, 2), (1, 4), (2, 2), (2, 4))
 """(M, N) of the TMD students: TMD-N2 and TMD-N4 at one and two outer steps, as the paper's Table 1."""
 DMD2_STEPS = (1, 2, 3)
 LINVIDEO_TMD = (2, 2)
-GRID_PROMPTS = ("a red circle moving right", "a green square moving up", "a blue triangle moving left", "a yellow circle moving down")
+GRID_PROMPTS = (
+    "a red circle moving right",
+    "a green square moving up",
+    "a blue triangle moving left",
+    "a yellow circle moving down",
+)
 
 
 def _run_config(
-    method: str, method_cfg: dict, preset: Preset, out: Path, assets: str | None, seed: int, linearised_teacher: Path | None = None
+    method: str,
+    method_cfg: dict,
+    preset: Preset,
+    out: Path,
+    assets: str | None,
+    seed: int,
+    linearised_teacher: Path | None = None,
 ) -> RunConfig:
     return from_dict(
         RunConfig,
@@ -125,7 +149,9 @@ class Demo:
     # -- training ------------------------------------------------------------------------------
 
     def _train(self, name: str, method: str, method_cfg: dict, linearised_teacher: Path | None = None) -> TrainedRun:
-        cfg = _run_config(method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed, linearised_teacher)
+        cfg = _run_config(
+            method, method_cfg, self.preset, self.out / "runs" / name, self.assets_path, self.seed, linearised_teacher
+        )
         cfg.train.progress = self.progress
         start = time.perf_counter()
         run = train_run(cfg, assets=self.assets)
@@ -144,14 +170,24 @@ class Demo:
 
     def _distill_config(self, outer_steps: int) -> dict:
         p = self.preset
-        return {"guidance": self.guidance, "generator_every": p.generator_every, "gan_weight": p.gan_weight, "outer_steps": outer_steps}
+        return {
+            "guidance": self.guidance,
+            "generator_every": p.generator_every,
+            "gan_weight": p.gan_weight,
+            "outer_steps": outer_steps,
+        }
 
-    def _train_tmd(self, name: str, outer: int, inner: int, linearised_teacher: Path | None = None) -> tuple[TrainedRun, TrainedRun]:
+    def _train_tmd(
+        self, name: str, outer: int, inner: int, linearised_teacher: Path | None = None
+    ) -> tuple[TrainedRun, TrainedRun]:
         """TMD stage 1 then stage 2 of the M = ``outer``, N = ``inner`` student (runs ``{name}_stage1``, ``{name}_stage2``)."""
         student = {"head_blocks": self.preset.head_blocks, "outer_steps": outer, "inner_steps": inner}
         stage1 = self._train(f"{name}_stage1", "tm", student, linearised_teacher)
         stage2 = self._train(
-            f"{name}_stage2", "tmd", {**self._distill_config(outer), **student, "init_from": str(stage1.weights)}, linearised_teacher
+            f"{name}_stage2",
+            "tmd",
+            {**self._distill_config(outer), **student, "init_from": str(stage1.weights)},
+            linearised_teacher,
         )
         return stage1, stage2
 
@@ -178,25 +214,36 @@ class Demo:
 
     def _add_tmd_row(self, name: str, student, outer: int, inner: int) -> None:
         nfe = flow.tmd_effective_nfe(outer, inner, self.preset.head_blocks, self.teacher.num_blocks)
-        self.students.append((
-            {"method": name, "outer_steps": outer, "inner_steps": inner, "effective_nfe": nfe},
-            lambda n, c, u: sample_tmd(student, n, c, outer, inner, torch.Generator().manual_seed(self.seed)),
-        ))
+        self.students.append(
+            (
+                {"method": name, "outer_steps": outer, "inner_steps": inner, "effective_nfe": nfe},
+                lambda n, c, u: sample_tmd(student, n, c, outer, inner, torch.Generator().manual_seed(self.seed)),
+            )
+        )
 
     def _add_few_step_row(self, name: str, module, steps: int, sample: Callable) -> None:
-        self.students.append((
-            {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
-            lambda n, c, u: sample(module, n, c, steps, torch.Generator().manual_seed(self.seed)),
-        ))
+        self.students.append(
+            (
+                {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": float(steps)},
+                lambda n, c, u: sample(module, n, c, steps, torch.Generator().manual_seed(self.seed)),
+            )
+        )
 
     def _add_baseline_rows(self, name: str, module) -> None:
         method = get_method(name)
         for steps in method.sample_steps:
             if hasattr(method, "sample_guided"):  # a multi-step model (LinVideo's linearised teacher): CFG like the teacher
-                self.students.append((
-                    {"method": name, "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
-                    lambda n, c, u, steps=steps: method.sample_guided(module, n, c, u, steps, self.guidance, self.shift),
-                ))
+                self.students.append(
+                    (
+                        {
+                            "method": name,
+                            "outer_steps": steps,
+                            "inner_steps": None,
+                            "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance),
+                        },
+                        lambda n, c, u, steps=steps: method.sample_guided(module, n, c, u, steps, self.guidance, self.shift),
+                    )
+                )
             else:
                 self._add_few_step_row(name, module, steps, method.sample)
 
@@ -206,10 +253,17 @@ class Demo:
         teacher = self.teacher
         specs = []
         for steps in self.preset.teacher_steps:
-            specs.append((
-                {"method": "teacher", "outer_steps": steps, "inner_steps": None, "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance)},
-                lambda n, c, u, steps=steps: sample_teacher(teacher, n, c, u, steps, self.guidance, self.shift),
-            ))
+            specs.append(
+                (
+                    {
+                        "method": "teacher",
+                        "outer_steps": steps,
+                        "inner_steps": None,
+                        "effective_nfe": flow.teacher_effective_nfe(steps, self.guidance),
+                    },
+                    lambda n, c, u, steps=steps: sample_teacher(teacher, n, c, u, steps, self.guidance, self.shift),
+                )
+            )
         return specs + self.students
 
     def evaluate(self) -> list[dict]:
@@ -218,14 +272,18 @@ class Demo:
         one_cond, one_neg = self.assets.encode_prompts([GRID_PROMPTS[0]])
         self.grid_samples = {}
         for spec, fn in self._rows_spec():
-            score = self.assets.evaluate_sampler(fn, eval_prompts(self.preset.eval_seeds), seed=self.seed)
+            score = evaluate_sampler(self.assets, fn, eval_prompts(self.preset.eval_seeds), seed=self.seed)
             latency = _latency_ms(lambda: fn(one_noise, one_cond, one_neg))
             row = {**spec, "latency_ms": latency, "ms_per_video_batched": 1000 * score.seconds_per_video}
-            row.update({k: score.result.as_dict()[k] for k in ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")})
+            row.update(
+                {k: score.result.as_dict()[k] for k in ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")}
+            )
             rows.append(row)
             print(format_table([row]).splitlines()[-1] if rows[1:] else format_table([row]), flush=True)
             self.grid_samples[self._label(row)] = self._grid_videos(fn)
-        teacher_ms = next(r["latency_ms"] for r in rows if r["method"] == "teacher" and r["outer_steps"] == max(self.preset.teacher_steps))
+        teacher_ms = next(
+            r["latency_ms"] for r in rows if r["method"] == "teacher" and r["outer_steps"] == max(self.preset.teacher_steps)
+        )
         for row in rows:
             row["speedup_vs_teacher"] = teacher_ms / row["latency_ms"]
         return rows
@@ -237,7 +295,9 @@ class Demo:
 
     def _grid_videos(self, fn) -> torch.Tensor:
         cond, neg = self.assets.encode_prompts(list(GRID_PROMPTS))
-        noise = torch.randn(len(GRID_PROMPTS), *self.assets.latent_shape(), generator=torch.Generator().manual_seed(self.seed + 1))
+        noise = torch.randn(
+            len(GRID_PROMPTS), *self.assets.latent_shape(), generator=torch.Generator().manual_seed(self.seed + 1)
+        )
         with torch.no_grad():
             return self.assets.decode(fn(noise, cond, neg)).cpu()
 
@@ -247,15 +307,27 @@ class Demo:
         self.train_all(methods)
         rows = self.evaluate()
         self.timings["total"] = time.perf_counter() - start
-        from tmd.eval.report import write_report
 
-        report = {"preset": self.preset_name, "methods": list(methods), "videos_scored": len(eval_prompts(self.preset.eval_seeds)), "guidance": self.guidance, "shift": self.shift, "rows": rows, "timings_s": self.timings}
+        report = {
+            "preset": self.preset_name,
+            "methods": list(methods),
+            "videos_scored": len(eval_prompts(self.preset.eval_seeds)),
+            "guidance": self.guidance,
+            "shift": self.shift,
+            "rows": rows,
+            "timings_s": self.timings,
+        }
         write_report(self.out, report, self.grid_samples, list(GRID_PROMPTS))
         return report
 
 
 def run_demo(
-    out: str | Path, preset: str = "quick", assets: str | None = None, seed: int = 0, progress: bool = True, methods: str = "default"
+    out: str | Path,
+    preset: str = "quick",
+    assets: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    methods: str = "default",
 ) -> dict:
     if methods not in METHOD_SETS:
         raise ValueError(f"unknown method set {methods!r}; choose one of {sorted(METHOD_SETS)}")

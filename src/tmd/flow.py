@@ -7,8 +7,9 @@ x0-prediction ``x_t - t v``. Only the Wan wrapper converts to diffusers' ``times
 from __future__ import annotations
 
 import torch
-from tmd.rng import Random, as_batch_random
 from torch import Tensor
+
+from tmd.rng import Random, as_batch_random
 
 T_MAX = 0.999
 """The first time of every grid: t = 1 exactly makes x0 = x_t - v ill-conditioned for some solvers."""

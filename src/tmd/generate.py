@@ -12,95 +12,31 @@ world teacher) go to ``tmd.generate_world``, which decodes with the world's auto
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tmd import flow
-from tmd.files import check_output_dir, check_safetensors_folder, make_output_dir, save_safetensors
+from tmd.fastpath import attention_kernel, compile_blocks
+from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.generate_world import generate_world, load_world_model
+from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
+from tmd.models.split import TMDStudent
+from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
+from tmd.models.vae import decode_video, latent_shape, load_vae
+from tmd.models.wan import load_teacher
+from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
+from tmd.pipelines.tmd_pipeline import load_student
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
+from tmd.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, WAN_FPS, slug, write_mp4
 
-DEFAULT_TEACHER_STEPS = 50
-DEFAULT_STUDENT_STEPS = 2
-DEFAULT_INNER_STEPS = 4
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SHIFT = 5.0
 """Teacher time shift when the pipeline's scheduler config names none."""
-WAN_FPS = 16
-MANIFEST_FILE = "generation.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# The Wan VAE: latent normalisation and layout, shared with data preparation.
-
-
-def load_vae(pipeline: str | Path, device: str | torch.device = "cpu"):
-    """``AutoencoderKLWan`` from ``pipeline/vae``, in float32 (Wan's VAE is not run in bf16)."""
-    from diffusers import AutoencoderKLWan
-
-    folder = Path(pipeline) / "vae"
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"no vae/config.json under {pipeline}: expected a diffusers Wan pipeline root")
-    check_safetensors_folder(folder)
-    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, use_safetensors=True)
-    return vae.to(device).eval()
-
-
-def _latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor]:
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean).view(shape).to(like.device, like.dtype)
-    std = torch.tensor(vae.config.latents_std).view(shape).to(like.device, like.dtype)
-    return mean, std
-
-
-def normalize_latents(vae, z: Tensor) -> Tensor:
-    """VAE latents -> what the transformer sees: ``(z - mean) / std`` per channel, as WanPipeline inverts."""
-    mean, std = _latent_stats(vae, z)
-    return (z - mean) / std
-
-
-def denormalize_latents(vae, latents: Tensor) -> Tensor:
-    """The inverse, exactly ``latents / (1 / std) + mean`` as in diffusers' ``WanPipeline`` before decoding."""
-    mean, std = _latent_stats(vae, latents)
-    return latents / (1.0 / std) + mean
-
-
-def latent_shape(vae, transformer_config, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, F', H', W') of the latents of a ``frames x height x width`` video, with the sizes checked."""
-    temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-    if frames < 1 or (frames - 1) % temporal:
-        raise ValueError(f"frames must be {temporal} k + 1 for the Wan VAE (e.g. 81), got {frames}")
-    _, patch_h, patch_w = transformer_config.patch_size
-    for name, size, patch in (("height", height, patch_h), ("width", width, patch_w)):
-        if size < 1 or size % (spatial * patch):
-            raise ValueError(f"{name} must be a positive multiple of {spatial * patch} (VAE x patch size), got {size}")
-    if vae.config.z_dim != transformer_config.in_channels:
-        raise ValueError(
-            f"the VAE has {vae.config.z_dim} latent channels but the transformer expects {transformer_config.in_channels}"
-        )
-    return (vae.config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-
-
-@torch.no_grad()
-def decode_video(vae, latents: Tensor) -> Tensor:
-    """Normalised latents (B, C, F', H', W') -> uint8 frames (B, F, H, W, 3)."""
-    z = denormalize_latents(vae, latents.to(next(vae.parameters()).device, torch.float32))
-    video = vae.decode(z).sample  # (B, 3, F, H, W) in [-1, 1]
-    video = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(0, 2, 3, 4, 1).cpu()
-
-
-def write_mp4(path: str | Path, frames: Tensor, fps: int = WAN_FPS) -> None:
-    """uint8 (F, H, W, 3) frames -> H.264 mp4 through imageio-ffmpeg."""
-    import imageio.v2 as imageio
-
-    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8) as writer:
-        for frame in frames.numpy():
-            writer.append_data(frame)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,18 +65,10 @@ def load_generation_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> GenerationModel:
-    from tmd.models.export import TRANSFORMER_DIR, is_student_folder, read_student_config
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher
-
-    from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if is_tmd_pipeline(path):
-        from tmd.pipelines.tmd_pipeline import load_student
-
         return GenerationModel("tmd_student", load_student(path, dtype, device), Path(pipeline or path))
     if is_few_step_pipeline(path):
         return GenerationModel("few_step", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
@@ -209,10 +137,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def _slug(prompt: str, length: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "video"
-
-
 def generate(
     model_path: str | Path,
     prompts: list[str],
@@ -246,21 +170,26 @@ def generate(
     transformer blocks (``tmd.fastpath``; the first batch then includes compilation). ``scheduler``
     (teachers) is ``pipeline`` (the pipeline's own scheduler; Euler where it ships none) or ``euler``.
     """
-    from tmd.generate_world import generate_world, load_world_model
-
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     world = load_world_model(model_path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if world is not None:
         return generate_world(
-            world, prompts, out, steps=steps, inner_steps=inner_steps, guidance=guidance, shift=shift, seed=seed,
-            batch_size=batch_size, fps=fps, save_latents=save_latents, progress=progress, attention=attention,
+            world,
+            prompts,
+            out,
+            steps=steps,
+            inner_steps=inner_steps,
+            guidance=guidance,
+            shift=shift,
+            seed=seed,
+            batch_size=batch_size,
+            fps=fps,
+            save_latents=save_latents,
+            progress=progress,
+            attention=attention,
         )
     from tqdm.auto import tqdm
-
-    from tmd.fastpath import attention_kernel, compile_blocks
-    from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
 
     if not prompts:
         raise ValueError("no prompts to generate")
@@ -318,22 +247,29 @@ def generate(
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
-            name = f"{start + i:04d}-{_slug(prompt)}"
+            name = f"{start + i:04d}-{slug(prompt)}"
             write_mp4(out / f"{name}.mp4", videos[i], fps)
             if save_latents:
                 tensors = {"latents": latents[i].contiguous().cpu()}
                 save_safetensors(tensors, out / f"{name}.safetensors", metadata={"prompt": prompt})
-            records.append(
-                {"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds}
-            )
+            records.append({"file": f"{name}.mp4", "prompt": prompt, "seed": seeds[i], "effective_nfe": nfe, "seconds": seconds})
             bar.write(f"{name}.mp4: {nfe:g} effective NFE, {seconds:.2f} s")
         bar.update(len(batch))
     bar.close()
     settings = {
-        "model": str(model_path), "kind": loaded.kind, "pipeline": str(loaded.pipeline), "steps": steps,
-        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
+        "model": str(model_path),
+        "kind": loaded.kind,
+        "pipeline": str(loaded.pipeline),
+        "steps": steps,
+        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None,
+        "guidance": guidance,
+        "shift": shift,
         "scheduler": type(sampler).__name__ if sampler is not None else ("euler" if teacher else None),
-        "frames": frames, "height": height, "width": width, "fps": fps, "dtype": str(dtype).removeprefix("torch."),
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "fps": fps,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")
     return records

@@ -20,6 +20,17 @@ import yaml
 from torch import nn
 
 from tmd import flow
+from tmd.data.world_data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR, WorldAssets
+from tmd.fastpath import attention_kernel
+from tmd.methods.linvideo import load_linearised
+from tmd.models.export import run_metadata, student_from_run
+from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
+from tmd.models.split import TMDStudent
+from tmd.models.wan import load_teacher
+from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.train.resume import CONFIG_FILE
+from tmd.train.run import with_linear_attention
+from tmd.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, slug, write_mp4
 
 SCALE = 4
 """World videos are 32 x 32: nearest-neighbour enlarged for viewing."""
@@ -36,8 +47,6 @@ class WorldModel:
 
 def _world_assets_of(teacher: Path) -> Path | None:
     """The world assets folder a teacher folder sits in (it holds ``world.json`` and the autoencoder)."""
-    from tmd.data.world_data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR
-
     root = teacher.parent
     if teacher.name == TEACHER_DIR and (root / METADATA_FILE).is_file() and (root / AUTOENCODER_DIR).is_dir():
         return root
@@ -46,8 +55,6 @@ def _world_assets_of(teacher: Path) -> Path | None:
 
 def load_world_model(path: str | Path, device: torch.device) -> WorldModel | None:
     """The world model at ``path``, or None when ``path`` is not one (a Wan pipeline or its students)."""
-    from tmd.models.export import is_student_folder, read_student_config
-
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return _from_run(path, device)
@@ -61,8 +68,6 @@ def load_world_model(path: str | Path, device: torch.device) -> WorldModel | Non
 
 
 def _assets(root: str | Path | None, device: torch.device):
-    from tmd.data.world_data import WorldAssets
-
     return WorldAssets(root, device=device)
 
 
@@ -72,10 +77,6 @@ def _from_teacher_folder(path: Path, device: torch.device) -> WorldModel:
 
 
 def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
-    from tmd.models.export import TRANSFORMER_DIR, read_student_config
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher
-
     assets = _assets(_world_assets_of(teacher), device)
     if read_student_config(path)["kind"] == "tmd_student":
         return WorldModel("tmd_student", TMDStudent.from_pretrained(path, device=device), assets, path)
@@ -83,15 +84,11 @@ def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
 
 
 def _from_run(path: Path, device: torch.device) -> WorldModel:
-    from tmd.methods.linvideo import load_linearised
-    from tmd.models.export import run_metadata, student_from_run
-    from tmd.models.split import TMDStudent
-    from tmd.train.resume import CONFIG_FILE
-    from tmd.train.run import with_linear_attention
-
     config_file = path.parent / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_FILE} next to {path}: tmd generate reads a run's student.safetensors in its run folder")
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} next to {path}: tmd generate reads a run's student.safetensors in its run folder"
+        )
     config = yaml.safe_load(config_file.read_text()) or {}
     if config.get("data_kind") != "world":
         raise ValueError(
@@ -136,10 +133,6 @@ def generate_world(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from tmd.fastpath import attention_kernel
-    from tmd.generate import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, _slug, write_mp4
-    from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
-
     if not prompts:
         raise ValueError("no prompts to generate")
     if batch_size < 1:
@@ -178,28 +171,48 @@ def generate_world(
             if teacher:
                 latents = sample_teacher(model, noise, cond, negative, steps, guidance, shift)
             elif kind == "tmd_student":
-                latents = sample_tmd(model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift)
+                latents = sample_tmd(
+                    model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift
+                )
             else:
                 latents = sample_few_step(model, noise, cond, steps, shift=shift)
         videos = assets.decode(latents).cpu()
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
-            name = f"{start + i:04d}-{_slug(prompt)}"
+            name = f"{start + i:04d}-{slug(prompt)}"
             frames = _frames(videos[i])
             write_mp4(out / f"{name}.mp4", frames, fps)
             imageio.mimsave(out / f"{name}.gif", list(frames.numpy()), duration=GIF_FRAME_SECONDS, loop=0)
             if save_latents:
-                save_file({"latents": latents[i].contiguous().cpu()}, str(out / f"{name}.safetensors"), metadata={"prompt": prompt})
-            records.append({"file": f"{name}.mp4", "gif": f"{name}.gif", "prompt": prompt, "seed": seeds[i],
-                            "effective_nfe": nfe, "seconds": seconds})
+                save_file(
+                    {"latents": latents[i].contiguous().cpu()}, str(out / f"{name}.safetensors"), metadata={"prompt": prompt}
+                )
+            records.append(
+                {
+                    "file": f"{name}.mp4",
+                    "gif": f"{name}.gif",
+                    "prompt": prompt,
+                    "seed": seeds[i],
+                    "effective_nfe": nfe,
+                    "seconds": seconds,
+                }
+            )
             bar.write(f"{name}.mp4 / .gif: {nfe:g} effective NFE, {seconds:.3f} s")
         bar.update(len(batch))
     bar.close()
     _, frames, height, width = (int(s) for s in videos.shape[1:])
     settings = {
-        "model": str(world.source), "kind": kind, "world": str(assets.path), "steps": steps,
-        "inner_steps": inner_steps if kind == "tmd_student" else None, "guidance": guidance, "shift": shift,
-        "scheduler": "euler" if teacher else None, "frames": frames, "height": height * SCALE, "width": width * SCALE,
+        "model": str(world.source),
+        "kind": kind,
+        "world": str(assets.path),
+        "steps": steps,
+        "inner_steps": inner_steps if kind == "tmd_student" else None,
+        "guidance": guidance,
+        "shift": shift,
+        "scheduler": "euler" if teacher else None,
+        "frames": frames,
+        "height": height * SCALE,
+        "width": width * SCALE,
         "fps": fps,
     }
     (out / MANIFEST_FILE).write_text(json.dumps({"settings": settings, "videos": records}, indent=2) + "\n")

@@ -23,7 +23,6 @@ runs all of it on the CPU with the 4-block test model and tiny shapes (compile w
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -32,11 +31,32 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from tmd.bench import FAST_PATH_KERNELS
+from tmd.data.prepare import FORMAT_VERSION, INDEX_FILE, NEGATIVE_FILE, shard_name
+from tmd.eval import flops
+from tmd.fastpath import attention_kernel, compile_blocks
+from tmd.methods import get_method
+from tmd.models.split import TMDStudent
+from tmd.models.wan import (
+    TINY_CONFIG,
+    WAN_1_3B_CONFIG,
+    WAN_1_3B_LATENT,
+    WAN_TEXT_LEN,
+    WanTeacher,
+    build_transformer,
+    cast_transformer,
+    parameter_count,
+)
+from tmd.rng import BatchRandom
+from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
+from tmd.train.logging import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 STAGE2_CONFIG = REPO / "configs" / "wan1.3b_tmd_stage2.yaml"
@@ -47,8 +67,10 @@ MIN_SECONDS = {"latency": 60, "kernels": 30, "stage2_step": 45, "fsdp_smoke": 90
 
 
 CPU_SMOKE_OVERRIDES = ("train.precision=fp32",)
-CPU_SMOKE_WHY = ("torch 2.13.0+cpu (oneDNN) returns non-finite bf16 conv3d weight gradients in about 60% of calls "
-                 "(the discriminator's first conv), so on the CPU the smoke run trains in fp32; a GPU runs the config's bf16")
+CPU_SMOKE_WHY = (
+    "torch 2.13.0+cpu (oneDNN) returns non-finite bf16 conv3d weight gradients in about 60% of calls "
+    "(the discriminator's first conv), so on the CPU the smoke run trains in fp32; a GPU runs the config's bf16"
+)
 
 
 @dataclass
@@ -65,9 +87,6 @@ class Spec:
 
 
 def make_spec(tiny: bool, device: str) -> Spec:
-    from tmd.bench import WAN_1_3B_CONFIG, WAN_1_3B_LATENT, WAN_TEXT_LEN
-    from tmd.models.wan import TINY_CONFIG
-
     if tiny:
         return Spec("tiny", dict(TINY_CONFIG), (4, 2, 8, 8), 8, 1, 50, device, "aot_eager", 2)
     return Spec("wan1.3b", dict(WAN_1_3B_CONFIG), WAN_1_3B_LATENT, WAN_TEXT_LEN, 5, 50, device, "inductor", 3)
@@ -112,8 +131,6 @@ def free(device: torch.device) -> None:
 
 def build_teacher(spec: Spec, dtype: torch.dtype):
     """Random weights built on the device itself (1.3B parameters initialise in seconds there)."""
-    from tmd.models.wan import WanTeacher, build_transformer, cast_transformer
-
     with torch.device(spec.device):
         transformer = build_transformer(spec.config)
     return WanTeacher(cast_transformer(transformer, dtype)).eval()
@@ -131,9 +148,6 @@ def inputs(spec: Spec, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def latency_row(variant: str, teacher, student, spec: Spec, kernel: str, full_teacher: bool = False) -> dict[str, Any]:
     """ms per video of the three samplers under one attention kernel; the teacher as 50 x its CFG step."""
-    from tmd.fastpath import attention_kernel
-    from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
-
     device = torch.device(spec.device)
     noise, cond, neg = inputs(spec)
     t = torch.full((1,), 0.5, device=device)
@@ -158,10 +172,6 @@ def latency_row(variant: str, teacher, student, spec: Spec, kernel: str, full_te
 def kernel_rows(teacher, spec: Spec) -> list[dict[str, Any]]:
     """One CFG step of the teacher under each forced SDPA kernel (math only on the CPU: at 32760 tokens
     it would materialise the attention matrix)."""
-    from tmd.bench import FAST_PATH_KERNELS
-    from tmd.fastpath import attention_kernel
-    from tmd.sampling import guided_velocity
-
     device = torch.device(spec.device)
     noise, cond, neg = inputs(spec)
     t = torch.full((1,), 0.5, device=device)
@@ -184,9 +194,6 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
     """The generator and the critic turn of TMD stage 2 as ``tmd train`` runs them in one process."""
     import yaml
 
-    from tmd.methods import get_method
-    from tmd.rng import BatchRandom
-
     device = torch.device(spec.device)
     method_cfg = (yaml.safe_load(STAGE2_CONFIG.read_text()) or {})["method"]
     method_cfg = {**method_cfg, "init_from": None, "head_blocks": spec.head_blocks}
@@ -197,25 +204,30 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
         method = cls.from_teacher(cls.Config(**method_cfg), teacher, activation_checkpointing=True)
     method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
     fused = True if device.type == "cuda" else None
-    optimizers = {g: torch.optim.AdamW(p, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
-                  for g, p in method.parameter_groups().items()}
+    optimizers = {
+        g: torch.optim.AdamW(p, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
+        for g, p in method.parameter_groups().items()
+    }
 
     grad_norms: dict[str, float] = {}
 
     def update(group, loss, terms=None):  # what Trainer._update does at grad_accum = 1
         with torch.autocast(device.type, enabled=False):
-            for optimizer in optimizers.values():
+            for optimizer in optimizers.values():  # noqa: F821 (deleted after the closure's last call)
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norms[group] = float(torch.nn.utils.clip_grad_norm_(method.parameter_groups()[group], 1.0))
-            optimizers[group].step()
+            grad_norms[group] = float(torch.nn.utils.clip_grad_norm_(method.parameter_groups()[group], 1.0))  # noqa: F821
+            optimizers[group].step()  # noqa: F821
 
     noise, cond, neg = inputs(spec)
     batch = {"x": noise, "cond": cond, "neg_cond": neg}
-    result: dict[str, Any] = {"head_blocks": f"{spec.head_blocks}/{spec.config['num_layers']}",
-                              "inner_steps": method_cfg["inner_steps"], "precision": "fp32 weights, bf16 autocast",
-                              "activation_checkpointing": True,
-                              "weights_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    result: dict[str, Any] = {
+        "head_blocks": f"{spec.head_blocks}/{spec.config['num_layers']}",
+        "inner_steps": method_cfg["inner_steps"],
+        "precision": "fp32 weights, bf16 autocast",
+        "activation_checkpointing": True,
+        "weights_gib": torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
     for turn, step in (("generator", 0), ("critic", 1)):
         for attempt in ("first", "second"):  # the first call also allocates AdamW's state
             reset_peak(device)
@@ -244,8 +256,6 @@ def write_prepared(folder: Path, spec: Spec, samples: int = 2) -> None:
     """A random dataset in ``tmd prepare``'s layout (``tmd.data.prepare``): latents, trimmed prompt embeddings."""
     from safetensors.torch import save_file
 
-    from tmd.data.prepare import FORMAT_VERSION, INDEX_FILE, NEGATIVE_FILE, shard_name
-
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     dim, length = spec.config["text_dim"], spec.text_len
@@ -255,20 +265,33 @@ def write_prepared(folder: Path, spec: Spec, samples: int = 2) -> None:
         "cond_lengths": torch.full((samples,), length, dtype=torch.int64),
     }
     captions = [f"random sample {i}" for i in range(samples)]
-    save_file(tensors, str(folder / shard_name(0)), metadata={"captions": json.dumps(captions), "videos": json.dumps(captions),
-                                                              "skipped": "[]"})
+    save_file(
+        tensors,
+        str(folder / shard_name(0)),
+        metadata={"captions": json.dumps(captions), "videos": json.dumps(captions), "skipped": "[]"},
+    )
     save_file({"cond": torch.zeros(1, 1, dim, dtype=torch.bfloat16)}, str(folder / NEGATIVE_FILE), metadata={"prompt": ""})
-    index = {"format": FORMAT_VERSION, "mode": "videos", "latent_shape": list(spec.latent), "text_max_length": length,
-             "samples": samples, "skipped": 0, "skipped_videos": [], "negative": NEGATIVE_FILE,
-             "shards": [{"file": shard_name(0), "samples": samples}], "model": "random", "frames": None, "height": None,
-             "width": None, "fps": None}
+    index = {
+        "format": FORMAT_VERSION,
+        "mode": "videos",
+        "latent_shape": list(spec.latent),
+        "text_max_length": length,
+        "samples": samples,
+        "skipped": 0,
+        "skipped_videos": [],
+        "negative": NEGATIVE_FILE,
+        "shards": [{"file": shard_name(0), "samples": samples}],
+        "model": "random",
+        "frames": None,
+        "height": None,
+        "width": None,
+        "fps": None,
+    }
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def fsdp_smoke(spec: Spec, work: Path, timeout_s: float) -> dict[str, Any]:
     """``torchrun --nproc_per_node=1 -m tmd train`` on the stage-2 config, 2 steps (a generator and a critic turn)."""
-    from tmd.train.logging import read_metrics
-
     shutil.rmtree(work, ignore_errors=True)
     try:
         teacher = build_teacher(spec, torch.bfloat16)  # bf16 on disk: half the bytes; loaded back as fp32
@@ -278,11 +301,29 @@ def fsdp_smoke(spec: Spec, work: Path, timeout_s: float) -> dict[str, Any]:
         write_prepared(work / "data", spec)
         run_dir = work / "run"
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "tmd", "train",
-            "--config", str(STAGE2_CONFIG), f"data.path={work / 'data'}", f"data.teacher={work / 'teacher'}",
-            "method.init_from=null", f"method.head_blocks={spec.head_blocks}", "train.steps=2", "train.batch_size=1",
-            "train.log_every=1", "train.checkpoint_every=1000", "train.keep_checkpoints=1", "train.progress=false",
-            "train.tensorboard=false", f"train.out_dir={run_dir}", *CPU_SMOKE_OVERRIDES * (spec.device == "cpu"),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "tmd",
+            "train",
+            "--config",
+            str(STAGE2_CONFIG),
+            f"data.path={work / 'data'}",
+            f"data.teacher={work / 'teacher'}",
+            "method.init_from=null",
+            f"method.head_blocks={spec.head_blocks}",
+            "train.steps=2",
+            "train.batch_size=1",
+            "train.log_every=1",
+            "train.checkpoint_every=1000",
+            "train.keep_checkpoints=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            f"train.out_dir={run_dir}",
+            *CPU_SMOKE_OVERRIDES * (spec.device == "cpu"),
         ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         start = time.perf_counter()
@@ -321,35 +362,53 @@ def format_table(result: dict[str, Any]) -> str:
         "",
     ]
     if result.get("latency"):
-        lines += ["## Latency per video (ms)", "",
-                  "| variant | teacher 50x2 | TMD 2x2 | DMD2-v 2 steps | teacher / TMD | teacher / DMD2-v |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Latency per video (ms)",
+            "",
+            "| variant | teacher 50x2 | TMD 2x2 | DMD2-v 2 steps | teacher / TMD | teacher / DMD2-v |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in result["latency"]:
             measured = f" (whole sampler: {row['teacher_50x2_measured_ms']:.0f})" if "teacher_50x2_measured_ms" in row else ""
-            lines.append(f"| {row['variant']} | {row['teacher_50x2_ms']:.0f}{measured} | {row['tmd_2x2_ms']:.1f} | "
-                         f"{row['dmd2_2step_ms']:.1f} | {row['speedup_tmd']:.1f}x | {row['speedup_dmd2']:.1f}x |")
+            lines.append(
+                f"| {row['variant']} | {row['teacher_50x2_ms']:.0f}{measured} | {row['tmd_2x2_ms']:.1f} | "
+                f"{row['dmd2_2step_ms']:.1f} | {row['speedup_tmd']:.1f}x | {row['speedup_dmd2']:.1f}x |"
+            )
         lines.append("")
     if result.get("kernels"):
         lines += ["## SDPA kernels: one teacher CFG step (ms)", ""]
-        lines += [f"- {r['kernel']}: " + (f"{r['teacher_step_ms']:.1f}" if r["teacher_step_ms"] is not None else f"n/a ({r['note']})")
-                  for r in result["kernels"]]
+        lines += [
+            f"- {r['kernel']}: " + (f"{r['teacher_step_ms']:.1f}" if r["teacher_step_ms"] is not None else f"n/a ({r['note']})")
+            for r in result["kernels"]
+        ]
         lines.append("")
     step = result.get("stage2_step")
     if step:
+
         def turn(name: str) -> str:
             if f"{name}_second_s" not in step:
                 return f"out of memory ({step.get(f'{name}_second_oom') or step.get(f'{name}_first_oom')})"
             peak = step[f"{name}_first_peak_gib"]
             return f"{step[f'{name}_second_s']:.2f} s, peak {'n/a' if peak is None else f'{peak:.1f} GiB'} (first call, AdamW state allocated)"
 
-        lines += [f"## TMD stage-2 step (H = {step['head_blocks']}, N = {step['inner_steps']}, {step['precision']}, "
-                  "activation checkpointing)", "", f"- generator turn: {turn('generator')}", f"- critic turn: {turn('critic')}",
-                  "- gradient norms: " + ", ".join(f"{k} {v:.3g}" for k, v in step["grad_norms"].items()), ""]
+        lines += [
+            f"## TMD stage-2 step (H = {step['head_blocks']}, N = {step['inner_steps']}, {step['precision']}, "
+            "activation checkpointing)",
+            "",
+            f"- generator turn: {turn('generator')}",
+            f"- critic turn: {turn('critic')}",
+            "- gradient norms: " + ", ".join(f"{k} {v:.3g}" for k, v in step["grad_norms"].items()),
+            "",
+        ]
     smoke = result.get("fsdp_smoke")
     if smoke:
-        lines += ["## 1-GPU torchrun FSDP2 smoke run of configs/wan1.3b_tmd_stage2.yaml (2 steps)", "",
-                  f"- {'ok' if smoke['ok'] else 'FAILED'}: return code {smoke['returncode']}, {smoke['wall_s']:.0f} s, "
-                  f"{len(smoke['losses'])} logged steps, checkpoint shards {smoke['checkpoint_shards']}", ""]
+        lines += [
+            "## 1-GPU torchrun FSDP2 smoke run of configs/wan1.3b_tmd_stage2.yaml (2 steps)",
+            "",
+            f"- {'ok' if smoke['ok'] else 'FAILED'}: return code {smoke['returncode']}, {smoke['wall_s']:.0f} s, "
+            f"{len(smoke['losses'])} logged steps, checkpoint shards {smoke['checkpoint_shards']}",
+            "",
+        ]
     if result["skipped"]:
         lines += ["## Skipped", "", *[f"- {s}" for s in result["skipped"]], ""]
     return "\n".join(lines)
@@ -362,11 +421,6 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> dict[str, Any]:
     import diffusers
-
-    from tmd.eval import flops
-    from tmd.fastpath import compile_blocks
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import parameter_count
 
     began = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -388,11 +442,20 @@ def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> di
     teacher = build_teacher(spec, torch.bfloat16)
     student = TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval()
     result["meta"] = {
-        "spec": asdict(spec), "model": spec.name, "parameters": parameter_count(teacher), "dtype": "bfloat16",
-        "latent": list(spec.latent), "tokens": flops.tokens(spec.config, spec.latent), "text_len": spec.text_len,
-        "device": device, "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__, "repeats": spec.repeats,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": budget_s,
+        "spec": asdict(spec),
+        "model": spec.name,
+        "parameters": parameter_count(teacher),
+        "dtype": "bfloat16",
+        "latent": list(spec.latent),
+        "tokens": flops.tokens(spec.config, spec.latent),
+        "text_len": spec.text_len,
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "repeats": spec.repeats,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "budget_s": budget_s,
     }
     result["latency"] = []
     if section("latency"):
@@ -415,7 +478,9 @@ def run(tiny: bool, out: Path, budget_s: float, device: str | None = None) -> di
         write(result, out)
     if section("compile"):
         teacher = build_teacher(spec, torch.bfloat16)
-        student = compile_blocks(TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval(), backend=spec.compile_backend)
+        student = compile_blocks(
+            TMDStudent.from_teacher(teacher, head_blocks=spec.head_blocks).eval(), backend=spec.compile_backend
+        )
         compile_blocks(teacher, backend=spec.compile_backend)
         started = time.perf_counter()
         row = latency_row(f"compiled blocks ({spec.compile_backend}), SDPA's choice", teacher, student, spec, "sdpa")

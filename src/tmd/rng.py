@@ -12,7 +12,8 @@ a plain ``torch.Generator`` (or None) and wrap it with :func:`as_batch_random`.
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import Tensor

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from tmd import flow
 from tmd.models.protocol import TransitionModel, VelocityModel
+from tmd.models.wan import time_of_timestep
 from tmd.rng import Random, as_batch_random
 
 
@@ -93,8 +94,6 @@ def sample_with_scheduler(
     diffusers' Wan predicts the flow ``noise - x0`` at ``timestep = 1000 t``, which is our velocity at ``t``,
     so the velocity goes to ``scheduler.step`` unchanged. ``scheduler`` is reset by ``set_timesteps``.
     """
-    from tmd.models.wan import time_of_timestep
-
     flow.check_steps(steps)
     flow.check_guidance(guidance)
     if guidance != 1.0 and neg_cond is None:
@@ -145,7 +144,13 @@ def _randn_like(x: Tensor, generator: Random) -> Tensor:
 
 
 def tmd_transition(
-    student: TransitionModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, inner: Tensor, generator,
+    student: TransitionModel,
+    x: Tensor,
+    t: Tensor,
+    t_next: Tensor | float,
+    cond: Tensor,
+    inner: Tensor,
+    generator,
     gradients: str = "all",
 ) -> Tensor:
     """One outer TMD step (Alg. 1): backbone once, the head rolled out from fresh inner noise, then the

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -44,8 +45,11 @@ TEACHER = "teacher"
 
 # Left out of a run's key: where it is written and how it shows progress change nothing it records.
 # init_from is replaced by the parent's key, data.assets by the assets' fingerprint.
-_UNKEYED = {"train": ("out_dir", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every", "keep_checkpoints"),
-            "method": ("init_from",), "data": ("assets",)}
+_UNKEYED = {
+    "train": ("out_dir", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every", "keep_checkpoints"),
+    "method": ("init_from",),
+    "data": ("assets",),
+}
 # Set by the study for every run, so a run's ``config`` may not set them.
 _STUDY_SET = ("method_name", "train.seed", "train.out_dir", "method.init_from")
 
@@ -193,7 +197,7 @@ class Run:
     spec: RunSpec
     config: dict[str, Any] | None
     """The resolved run config as plain data, without init_from and out_dir (None for the teacher)."""
-    parent: Optional["Run"] = None
+    parent: Optional[Run] = None
 
     @property
     def display(self) -> str:
@@ -361,10 +365,19 @@ def _task_payload(task: Task, study: StudyConfig, records: Path, work: Path, com
         if run.parent is not None:
             config["method"]["init_from"] = str(_weights(work, run.parent.key))
     return {
-        "kind": task.kind, "key": run.key, "name": run.name, "label": run.spec.label or run.name, "seed": run.seed,
-        "method": run.spec.method, "parent": run.parent.key if run.parent else None, "config": config,
-        "score": [list(s) for s in run.spec.score], "noise_seeds": study.eval.noise_seeds, "study": study.name,
-        "assets": (study.base.get("data") or {}).get("assets"), "record": str(record_path(records, run.key)),
+        "kind": task.kind,
+        "key": run.key,
+        "name": run.name,
+        "label": run.spec.label or run.name,
+        "seed": run.seed,
+        "method": run.spec.method,
+        "parent": run.parent.key if run.parent else None,
+        "config": config,
+        "score": [list(s) for s in run.spec.score],
+        "noise_seeds": study.eval.noise_seeds,
+        "study": study.name,
+        "assets": (study.base.get("data") or {}).get("assets"),
+        "record": str(record_path(records, run.key)),
         "command": command,
     }
 
@@ -378,9 +391,11 @@ def _number(value: float) -> float | str:
     return value if value == value and abs(value) != float("inf") else str(value)
 
 
-def _scores(assets, method_name: str, method_cfg: Any, module, score: list[list[int | None]], noise_seeds: list[int]) -> list[dict[str, Any]]:
+def _scores(
+    assets, method_name: str, method_cfg: Any, module, score: list[list[int | None]], noise_seeds: list[int]
+) -> list[dict[str, Any]]:
     from tmd.data.world_data import eval_prompts
-    from tmd.eval.samplers import effective_nfe, sampler
+    from tmd.eval.samplers import effective_nfe, evaluate_sampler, sampler
 
     prompts, guidance, shift = eval_prompts(1), assets.guidance, assets.shift
     nfe = {(m, n): effective_nfe(method_name, method_cfg, m, n, assets.teacher.num_blocks, guidance) for m, n in score}
@@ -388,10 +403,18 @@ def _scores(assets, method_name: str, method_cfg: Any, module, score: list[list[
     for outer, inner in score:
         for seed in noise_seeds:
             fn = sampler(method_name, method_cfg, module, outer, inner, seed, guidance, shift)
-            result = assets.evaluate_sampler(fn, prompts, seed=seed)
-            rows.append({"outer_steps": outer, "inner_steps": inner, "noise_seed": seed, "videos": len(prompts),
-                         "effective_nfe": nfe[(outer, inner)], "seconds_per_video": result.seconds_per_video,
-                         **{k: _number(v) for k, v in result.result.as_dict().items()}})
+            result = evaluate_sampler(assets, fn, prompts, seed=seed)
+            rows.append(
+                {
+                    "outer_steps": outer,
+                    "inner_steps": inner,
+                    "noise_seed": seed,
+                    "videos": len(prompts),
+                    "effective_nfe": nfe[(outer, inner)],
+                    "seconds_per_video": result.seconds_per_video,
+                    **{k: _number(v) for k, v in result.result.as_dict().items()},
+                }
+            )
     return rows
 
 
@@ -400,12 +423,24 @@ def machine() -> dict[str, Any]:
 
     cpu = platform.processor()
     with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def git_commit() -> dict[str, Any]:
@@ -452,17 +487,24 @@ def execute(payload: dict[str, Any]) -> None:
         if payload["kind"] == "weights":
             return
         metrics = read_metrics(run_dir)
-        record.update(config=payload["config"], weights_sha256=_sha256(trained.weights),
-                      parent_weights_sha256=_sha256(Path(cfg.method.init_from)) if payload["parent"] else None,
-                      final_metrics=next((m for m in reversed(metrics) if "time" in m), {}),
-                      curve=[{k.removeprefix("eval/"): v for k, v in m.items()} for m in metrics if "eval/total" in m])
+        record.update(
+            config=payload["config"],
+            weights_sha256=_sha256(trained.weights),
+            parent_weights_sha256=_sha256(Path(cfg.method.init_from)) if payload["parent"] else None,
+            final_metrics=next((m for m in reversed(metrics) if "time" in m), {}),
+            curve=[{k.removeprefix("eval/"): v for k, v in m.items()} for m in metrics if "eval/total" in m],
+        )
         method_name, method_cfg, module = cfg.method_name, cfg.method, trained.generator
     scoring = time.perf_counter()
     record["scores"] = _scores(assets, method_name, method_cfg, module, payload["score"], payload["noise_seeds"])
     wall["score"] = time.perf_counter() - scoring
-    record.update(wall_seconds=wall, machine={**machine_start, "load_average_end": machine()["load_average"]},
-                  git=code, command=payload["command"],
-                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    record.update(
+        wall_seconds=wall,
+        machine={**machine_start, "load_average_end": machine()["load_average"]},
+        git=code,
+        command=payload["command"],
+        finished=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
     write_json(Path(payload["record"]), record)
 
 
@@ -510,8 +552,10 @@ class Progress:
         scale = self.actual / self.estimated if self.estimated > 0 else 1.0
         eta = scale * sum(self.remaining.values()) / self.jobs
         status = "done  " if ok else "FAILED"
-        self.line(f"[{self.done}/{self.total}] {status} {task.kind:<7} {task.run.display} in {_minutes(seconds)}; "
-                  f"ETA {_minutes(eta)}{note}")
+        self.line(
+            f"[{self.done}/{self.total}] {status} {task.kind:<7} {task.run.display} in {_minutes(seconds)}; "
+            f"ETA {_minutes(eta)}{note}"
+        )
 
 
 def _blocked(run: Run, failed: set[str]) -> bool:
@@ -529,7 +573,9 @@ class _Finished:
         return self.returncode
 
 
-def run_tasks(todo: list[Task], payloads: dict[str, dict[str, Any]], work: Path, jobs: int, threads: int, progress: Progress) -> list[Task]:
+def run_tasks(
+    todo: list[Task], payloads: dict[str, dict[str, Any]], work: Path, jobs: int, threads: int, progress: Progress
+) -> list[Task]:
     """Run every task, ``jobs`` at a time; a task starts once its parent's weights exist. Returns the failed."""
     waiting, running, failed = list(todo), {}, []
     failed_keys: set[str] = set()
@@ -597,7 +643,9 @@ def _start(task: Task, payload: dict[str, Any], work: Path, jobs: int, threads: 
     path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "tmd.study", str(task_file), str(threads)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tmd.study", str(task_file), str(threads)], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,15 +676,19 @@ def dry_run(runs: list[Run], todo: list[Task], records: Path, jobs: int) -> None
         print(f"{run.key}  {status:<7}  {run.name:<28} seed {'-' if run.seed is None else run.seed}{estimate}")
     keys = {r.key for r in runs}
     recorded = len(keys) - sum(t.kind != "weights" for t in todo)
-    print(f"{recorded} of {len(keys)} runs recorded in {records}; {len(todo)} tasks to run ('weights': a recorded "
-          f"stage 1 retrained here for its weights), about {_minutes(sum(t.estimate_s for t in todo) / jobs)} "
-          f"with --jobs {jobs}")
+    print(
+        f"{recorded} of {len(keys)} runs recorded in {records}; {len(todo)} tasks to run ('weights': a recorded "
+        f"stage 1 retrained here for its weights), about {_minutes(sum(t.estimate_s for t in todo) / jobs)} "
+        f"with --jobs {jobs}"
+    )
 
 
-def main(args) -> int:
-    """``tmd study`` (``tmd.cli``): train what is missing, then write the report; ``--report`` only reports."""
-    from tmd.eval.study_report import write_report
+def main(args, write_report: Callable[..., Path]) -> int:
+    """``tmd study`` (``tmd.cli``): train what is missing, then write the report; ``--report`` only reports.
 
+    ``write_report`` is ``tmd.study_report.write_report``, handed in from above: the report reads this
+    module's runs and records, so it sits in the layer above it.
+    """
     study, path = load_study(args.config)
     records, work = Path(args.records), Path(args.work)
     everything = plan(study, str(path))

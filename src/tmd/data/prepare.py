@@ -17,8 +17,6 @@ prompts alone for data-free methods; its batches carry the latent ``shape`` inst
 
 from __future__ import annotations
 
-from typing import Optional
-
 import hashlib
 import json
 import logging
@@ -28,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -39,6 +37,10 @@ from torch import Tensor
 from tmd.config import existing_path, register_data_config
 from tmd.errors import PromptError
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.models.linear_attention import check_linearised_teacher
+from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder, check_known_words, clean_prompt
+from tmd.models.vae import latent_shape, normalize_latents
+from tmd.models.vae import load_vae as load_wan_vae
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,6 @@ class PreparedDataConfig:
     """A linvideo run's ``student.safetensors`` (made from ``teacher``): distil that linearised model instead."""
 
     def __post_init__(self):
-        # imported here: the methods pull in diffusers, which `tmd prepare` itself does not need
-        from tmd.methods.linvideo import check_linearised_teacher
-
         check_linearised_teacher(self.linearised_teacher)
 
 
@@ -141,9 +140,7 @@ def load_clip(path: Path, frames: int, height: int, width: int, fps: float) -> T
         except Exception as e:
             raise VideoSkipped(f"decoding failed after {len(picked)} frames: {type(e).__name__}") from None
     if len(picked) < frames:
-        raise VideoSkipped(
-            f"too short: {frames} frames at {fps:g} fps need {wanted[-1] + 1} source frames at {source_fps:g} fps"
-        )
+        raise VideoSkipped(f"too short: {frames} frames at {fps:g} fps need {wanted[-1] + 1} source frames at {source_fps:g} fps")
     return resize_crop(torch.from_numpy(np.stack(picked)), height, width)
 
 
@@ -155,10 +152,6 @@ class _Encoders:
     """The VAE, the text encoder and the checked latent shape of one pipeline root."""
 
     def __init__(self, model: Path, frames: int, height: int, width: int, device, dtype, load_vae: bool):
-        from tmd.generate import latent_shape
-        from tmd.generate import load_vae as load_wan_vae
-        from tmd.models.text import TextEncoder
-
         config_file = model / "transformer" / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no transformer/config.json under {model}: expected a diffusers Wan pipeline root")
@@ -169,9 +162,7 @@ class _Encoders:
             self.vae = None
         self.text = TextEncoder.from_pretrained(model, device=device, dtype=dtype)
         if self.text.dim != transformer.text_dim:
-            raise ValueError(
-                f"the text encoder's width {self.text.dim} is not the transformer's text_dim {transformer.text_dim}"
-            )
+            raise ValueError(f"the text encoder's width {self.text.dim} is not the transformer's text_dim {transformer.text_dim}")
         self.device = device
 
     def encode_text(self, prompts: list[str], strict: bool = True) -> tuple[Tensor, Tensor]:
@@ -184,8 +175,6 @@ class _Encoders:
 
     @torch.no_grad()
     def encode_video(self, clip: Tensor) -> Tensor:
-        from tmd.generate import normalize_latents
-
         z = self.vae.encode(clip[None].to(self.device)).latent_dist.mode()
         return normalize_latents(self.vae, z)[0].float().cpu()
 
@@ -255,8 +244,6 @@ def prepare(
     """
     from tqdm.auto import tqdm
 
-    from tmd.models.text import WAN_NEGATIVE_PROMPT, check_known_words, clean_prompt
-
     text_only = prompts is not None
     if text_only == (captions is not None):
         raise ValueError("give either videos with captions, or prompts (text-only), not both")
@@ -273,9 +260,16 @@ def prepare(
     out, model = check_output_dir(out), Path(model)
     negative_prompt = WAN_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
     settings = {
-        "format": FORMAT_VERSION, "mode": "text" if text_only else "videos", "model": str(model.resolve()),
-        "frames": frames, "height": height, "width": width, "fps": fps, "shard_size": shard_size,
-        "negative_prompt": negative_prompt, "entries": len(entries),
+        "format": FORMAT_VERSION,
+        "mode": "text" if text_only else "videos",
+        "model": str(model.resolve()),
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "fps": fps,
+        "shard_size": shard_size,
+        "negative_prompt": negative_prompt,
+        "entries": len(entries),
         "entries_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
     }
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -303,8 +297,11 @@ def prepare(
         tensors = {"cond": cond, "cond_lengths": lengths}
         if not text_only:
             tensors["latents"] = torch.stack(latents) if latents else torch.zeros(0, *encoders.shape)
-        metadata = {"captions": json.dumps([c for _, c in kept]), "videos": json.dumps([v for v, _ in kept]),
-                    "skipped": json.dumps(skipped)}
+        metadata = {
+            "captions": json.dumps([c for _, c in kept]),
+            "videos": json.dumps([v for v, _ in kept]),
+            "skipped": json.dumps(skipped),
+        }
         _save_atomic(tensors, out / shard_name(k), metadata)
         if not (out / SETTINGS_FILE).is_file():
             (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

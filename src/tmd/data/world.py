@@ -72,12 +72,7 @@ class Attributes:
 
 def all_prompts() -> list[str]:
     """All 72 prompts, colour-major then shape then direction (a stable order for tables/tests)."""
-    return [
-        GRAMMAR.format(colour=c, shape=s, direction=d)
-        for c in _COLOUR_NAMES
-        for s in SHAPES
-        for d in _DIRECTION_NAMES
-    ]
+    return [GRAMMAR.format(colour=c, shape=s, direction=d) for c in _COLOUR_NAMES for s in SHAPES for d in _DIRECTION_NAMES]
 
 
 def world_vocabulary() -> list[str]:
@@ -97,9 +92,7 @@ def parse_prompt(text: str) -> Attributes:
         ("direction", direction, _DIRECTION_NAMES),
     ):
         if word not in valid:
-            raise ValueError(
-                f"prompt {text!r}: unknown {slot} {word!r}; expected one of {', '.join(valid)}"
-            )
+            raise ValueError(f"prompt {text!r}: unknown {slot} {word!r}; expected one of {', '.join(valid)}")
     return Attributes(colour, shape, direction)
 
 
@@ -126,15 +119,9 @@ class WorldConfig:
         if self.height < 4 or self.width < 4:
             raise ValueError(f"height and width must be >= 4, got {self.height}x{self.width}")
         if not 0 < self.min_size <= self.max_size:
-            raise ValueError(
-                f"need 0 < min_size <= max_size, got min_size={self.min_size}, "
-                f"max_size={self.max_size}"
-            )
+            raise ValueError(f"need 0 < min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
         if not 0 < self.min_speed <= self.max_speed:
-            raise ValueError(
-                f"need 0 < min_speed <= max_speed, got min_speed={self.min_speed}, "
-                f"max_speed={self.max_speed}"
-            )
+            raise ValueError(f"need 0 < min_speed <= max_speed, got min_speed={self.min_speed}, max_speed={self.max_speed}")
         if self.supersample < 1:
             raise ValueError(f"supersample must be >= 1, got {self.supersample}")
         extent = 2 * self.max_size + self.max_speed * (self.frames - 1)
@@ -180,9 +167,7 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
-def sample_videos(
-    prompts: list[str], cfg: WorldConfig, generator: torch.Generator
-) -> WorldBatch:
+def sample_videos(prompts: list[str], cfg: WorldConfig, generator: torch.Generator) -> WorldBatch:
     """One video per prompt; start, size and speed are random; the object never leaves the frame."""
     attrs = [parse_prompt(p) for p in prompts]
     b = len(attrs)
@@ -224,9 +209,7 @@ def sample_videos(
     )
 
 
-def _coverage(
-    centre: torch.Tensor, size: torch.Tensor, shape: torch.Tensor, cfg: WorldConfig
-) -> torch.Tensor:
+def _coverage(centre: torch.Tensor, size: torch.Tensor, shape: torch.Tensor, cfg: WorldConfig) -> torch.Tensor:
     """Fraction of each pixel covered by the object, (N, H, W); pixel j spans [j, j+1].
 
     Work is confined to a KxK window that holds the largest object, which is what makes rendering
@@ -253,9 +236,7 @@ def _coverage(
     rows = (y0[:, None] + torch.arange(k))[:, :, None].float()  # (N, K, 1)
     overlap = torch.minimum(bottom[:, None, :], rows + 1) - torch.maximum(top[:, None, :], rows)
     window = (overlap.clamp_(0, 1) * weight[:, None, :]).view(n, k, k, s).mean(-1)
-    index = (y0[:, None, None] + torch.arange(k)[None, :, None]) * w + (
-        x0[:, None, None] + torch.arange(k)[None, None, :]
-    )
+    index = (y0[:, None, None] + torch.arange(k)[None, :, None]) * w + (x0[:, None, None] + torch.arange(k)[None, None, :])
     frame = torch.zeros(n, h * w)
     frame.scatter_(1, index.view(n, -1), window.view(n, -1))
     return frame.view(n, h, w)

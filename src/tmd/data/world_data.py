@@ -8,8 +8,6 @@ loads them, with the teacher, from one folder so that every run and every table 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,12 +16,12 @@ import torch
 from torch import Tensor
 
 from tmd.config import existing_path, register_data_config
+from tmd.data.source import GeneratorDataSource
 from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_videos
-from tmd.eval.benchmark import BenchmarkResult, score_videos
-from tmd.methods.linvideo import check_linearised_teacher
 from tmd.models.autoencoder import VideoAutoencoder
+from tmd.models.linear_attention import check_linearised_teacher
 from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
-from tmd.train.loop import GeneratorDataSource
+from tmd.models.wan import load_teacher
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
 """The shipped world: ``autoencoder/``, ``text_encoder/`` + ``tokenizer/``, ``teacher/``, ``world.json``."""
@@ -35,10 +33,6 @@ EVAL_SEEDS = 1
 """Videos per prompt in the benchmark's fixed prompt set. One (72 videos) keeps a 50-step CFG teacher
 curve to minutes on 2 shared CPU cores; diversity then falls back to the global variance ratio
 (``score_videos``), so pass 2+ where within-prompt diversity matters."""
-EVAL_BATCH = 72
-
-SampleFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``sample_fn(noise, cond, neg_cond) -> latents``; all (B, ...) tensors, latents like ``noise``."""
 
 
 @dataclass
@@ -109,19 +103,10 @@ def world_data_source(
     return GeneratorDataSource(batch, seed)
 
 
-@dataclass
-class SamplerScore:
-    result: BenchmarkResult
-    seconds_per_video: float
-    """Sampling wall-clock (decoding excluded) divided by the number of videos, at ``EVAL_BATCH``."""
-
-
 class WorldAssets:
     """The shipped autoencoder, text encoder and (optionally) teacher, loaded from one folder."""
 
     def __init__(self, path: str | Path | None = None, teacher: bool = True, device: str | torch.device = "cpu"):
-        from tmd.models.wan import load_teacher
-
         self.path = assets_dir(path)
         self.device = torch.device(device)
         missing = [name for name in self.required(teacher) if not (self.path / name).exists()]
@@ -171,30 +156,3 @@ class WorldAssets:
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> videos (B, 3, F, H, W) in [-1, 1]."""
         return self.autoencoder.decode(latents.to(self.device).float())
-
-    def reconstruction_score(self, prompts: list[str] | None = None, seed: int = 0) -> BenchmarkResult:
-        """The benchmark on autoencoded world videos: the ceiling any latent-space generator can reach."""
-        prompts = eval_prompts() if prompts is None else prompts
-        videos = sample_videos(prompts, WorldConfig(), torch.Generator().manual_seed(seed)).videos
-        with torch.no_grad():
-            recon = self.decode(self.autoencoder.encode(videos.to(self.device)))
-        return score_videos(recon.cpu(), prompts)
-
-    def evaluate_sampler(
-        self, sample_fn: SampleFn, prompts: list[str] | None = None, seed: int = 0, batch_size: int = EVAL_BATCH
-    ) -> SamplerScore:
-        """Sample one video per prompt (default: the fixed ``eval_prompts()`` set) from noise seeded by
-        ``seed``, decode and score it; the same seed gives every sampler the same noise."""
-        prompts = eval_prompts() if prompts is None else prompts
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(len(prompts), *self.latent_shape(), generator=generator)
-        videos, seconds = [], 0.0
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            cond, neg_cond = self.encode_prompts(chunk)
-            began = time.perf_counter()
-            with torch.no_grad():
-                latents = sample_fn(noise[start : start + len(chunk)].to(self.device), cond, neg_cond)
-            seconds += time.perf_counter() - began
-            videos.append(self.decode(latents).cpu())
-        return SamplerScore(score_videos(torch.cat(videos), prompts), seconds / len(prompts))

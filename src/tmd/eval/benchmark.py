@@ -101,10 +101,7 @@ def _as_array(videos: torch.Tensor | np.ndarray) -> np.ndarray:
 def _validate(videos: np.ndarray, n_prompts: int, cfg: WorldConfig, name: str) -> None:
     expected = "(B, " + ", ".join(map(str, cfg.video_shape)) + ")"
     if videos.ndim != 5 or videos.shape[1:] != cfg.video_shape:
-        raise ValueError(
-            f"{name} must have shape (B, 3, F, H, W) = {expected} for this WorldConfig, "
-            f"got {tuple(videos.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (B, 3, F, H, W) = {expected} for this WorldConfig, got {tuple(videos.shape)}")
     if videos.shape[0] != n_prompts or n_prompts == 0:
         raise ValueError(
             f"{name} holds {videos.shape[0]} videos but {n_prompts} prompts were given; "
@@ -183,13 +180,9 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
 
     soft_area = soft_area.reshape(b, f)
     mean_area = over_valid(soft_area)[:, 0]
-    area_cv = np.sqrt(over_valid((soft_area - mean_area[:, None]) ** 2)[:, 0]) / np.maximum(
-        mean_area, 1e-6
-    )
+    area_cv = np.sqrt(over_valid((soft_area - mean_area[:, None]) ** 2)[:, 0]) / np.maximum(mean_area, 1e-6)
     mean_colour = over_valid(colour)
-    colour_std = np.sqrt(over_valid((colour.reshape(b, f, 3) - mean_colour[:, None]) ** 2)).mean(
-        axis=1
-    )
+    colour_std = np.sqrt(over_valid((colour.reshape(b, f, 3) - mean_colour[:, None]) ** 2)).mean(axis=1)
     shape_votes = over_valid(np.eye(len(SHAPES))[frame_shape])
 
     attrs = [parse_prompt(p) for p in prompts]
@@ -207,9 +200,7 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
         "single_object": (n_plausible == 1).reshape(b, f).mean(axis=1),
         "background": _tolerant(background, 0.01, 0.1).reshape(b, f).mean(axis=1),
         "sharpness": (weight * _tolerant(edge_width, 1.5, 0.5).reshape(b, f)).mean(axis=1),
-        "temporal": detected
-        * _tolerant(area_cv, 0.02, 0.05)
-        * _tolerant(colour_std, 0.02, 0.05),
+        "temporal": detected * _tolerant(area_cv, 0.02, 0.05) * _tolerant(colour_std, 0.02, 0.05),
         "smoothness": detected * _tolerant(rms, 0.1, 0.25),
     }
     scores = {k: v.astype(np.float64) for k, v in scores.items()}
@@ -311,9 +302,7 @@ def score_videos(
     ref = _detect(ref_array, prompts, cfg)
     ref_features = ref.features
     if reference is not None and not ref.detected.all():
-        ref_features = np.where(
-            ref.detected[:, None], ref_features, _ground_truth_features(reference)
-        )
+        ref_features = np.where(ref.detected[:, None], ref_features, _ground_truth_features(reference))
 
     ref_ok = ~np.isnan(ref_features).any(axis=1)
     scale = np.maximum(ref_features[ref_ok].std(axis=0), 1e-6)
@@ -335,9 +324,7 @@ def score_videos(
     )
 
 
-def mean_video_baseline(
-    prompts: list[str], cfg: WorldConfig, generator: torch.Generator, n_per_prompt: int
-) -> torch.Tensor:
+def mean_video_baseline(prompts: list[str], cfg: WorldConfig, generator: torch.Generator, n_per_prompt: int) -> torch.Tensor:
     """Per-prompt average of ``n_per_prompt`` world videos: the blur a regression-to-the-mean
     student produces. Returns one video per entry of ``prompts`` (repeats share their average)."""
     unique = list(dict.fromkeys(prompts))
@@ -356,15 +343,11 @@ def format_table(rows: list[dict]) -> str:
         return "" if value is None else str(value)
 
     body = [[cell(row.get(c)) for c in columns] for row in rows]
-    numeric = [
-        all(isinstance(row.get(c), (int, float)) for row in rows if c in row) for c in columns
-    ]
+    numeric = [all(isinstance(row.get(c), (int, float)) for row in rows if c in row) for c in columns]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(
-            s.rjust(wd) if num else s.ljust(wd) for s, wd, num in zip(cells, widths, numeric)
-        ).rstrip()
+        return "  ".join(s.rjust(wd) if num else s.ljust(wd) for s, wd, num in zip(cells, widths, numeric)).rstrip()
 
     rule = "  ".join("-" * wd for wd in widths)
     return "\n".join([line(columns), rule, *(line(r) for r in body)])

@@ -11,7 +11,8 @@ rotary embeddings are left out.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 Config = Mapping[str, Any]
 """A ``WanTransformer3DModel`` config: a plain dict or the model's own ``config``."""

@@ -18,12 +18,23 @@ ROW_NOTES = {
     "tmd_stage1": "`tmd_stage1` rows are the student after stage 1 only.",
     "linvideo": "`linvideo` rows are the LinVideo-linearised teacher, sampled like the teacher with CFG.",
     "linvideo_tmd": "`linvideo_tmd` rows are TMD (both stages, the same budgets) distilled from the `linvideo` model "
-                    "instead of the teacher.",
+    "instead of the teacher.",
 }
 """What a row of the table is, for the methods whose name does not say it; only rows present are described."""
 
-TABLE_KEYS = ("method", "outer_steps", "inner_steps", "effective_nfe", "latency_ms", "speedup_vs_teacher",
-              "total", "quality", "semantic", "frechet", "diversity")
+TABLE_KEYS = (
+    "method",
+    "outer_steps",
+    "inner_steps",
+    "effective_nfe",
+    "latency_ms",
+    "speedup_vs_teacher",
+    "total",
+    "quality",
+    "semantic",
+    "frechet",
+    "diversity",
+)
 
 
 def _best(rows: list[dict], method: str, outer: int | None = None) -> dict | None:
@@ -40,8 +51,10 @@ def findings(rows: list[dict]) -> list[str]:
         if tmd is None:
             continue
         change = 100 * (tmd["total"] - teacher["total"]) / teacher["total"]
-        line = (f"TMD M={outer} (best N={tmd['inner_steps']}, {tmd['effective_nfe']:.2f} NFE): total {tmd['total']:.3f}, "
-                f"{change:+.1f}% relative to the teacher, {tmd['speedup_vs_teacher']:.1f}x faster")
+        line = (
+            f"TMD M={outer} (best N={tmd['inner_steps']}, {tmd['effective_nfe']:.2f} NFE): total {tmd['total']:.3f}, "
+            f"{change:+.1f}% relative to the teacher, {tmd['speedup_vs_teacher']:.1f}x faster"
+        )
         if dmd is not None:
             verdict = "above" if tmd["total"] > dmd["total"] else "below"
             line += f"; {verdict} DMD2 {outer}-step ({dmd['total']:.3f})"
@@ -51,14 +64,22 @@ def findings(rows: list[dict]) -> list[str]:
         steps = linearised["outer_steps"]
         same = next((r for r in rows if r["method"] == "teacher" and r["outer_steps"] == steps), None)
         versus = f"; the teacher at {steps} steps: {same['total']:.3f} at {same['latency_ms']:.0f} ms" if same else ""
-        lines.append(f"Linearised teacher (LinVideo, sampled like the teacher with CFG) at {steps} steps: total "
-                     f"{linearised['total']:.3f} at {linearised['latency_ms']:.0f} ms per video{versus}.")
+        lines.append(
+            f"Linearised teacher (LinVideo, sampled like the teacher with CFG) at {steps} steps: total "
+            f"{linearised['total']:.3f} at {linearised['latency_ms']:.0f} ms per video{versus}."
+        )
     lines.extend(_linearised_tmd(rows))
     target = _best(rows, "tmd", 2)
     if target is not None:
         dmd_best = max((r["total"] for r in rows if r["method"] == "dmd2"), default=float("nan"))
-        met = (teacher["total"] - target["total"]) <= 0.02 * teacher["total"] and target["total"] > dmd_best and target["speedup_vs_teacher"] >= 20
-        lines.append("Target (TMD M=2 within 2% of the teacher, above DMD2, >= 20x faster): " + ("met." if met else "NOT met in this run."))
+        met = (
+            (teacher["total"] - target["total"]) <= 0.02 * teacher["total"]
+            and target["total"] > dmd_best
+            and target["speedup_vs_teacher"] >= 20
+        )
+        lines.append(
+            "Target (TMD M=2 within 2% of the teacher, above DMD2, >= 20x faster): " + ("met." if met else "NOT met in this run.")
+        )
     return lines
 
 
@@ -69,8 +90,10 @@ def _linearised_tmd(rows: list[dict]) -> list[str]:
     if best is None:
         return []
     outer, inner = best["outer_steps"], best["inner_steps"]
-    line = (f"Linearised teacher + TMD, M={outer} x N={inner} (its best N at M={outer}, {best['effective_nfe']:.2f} NFE): "
-            f"total {best['total']:.3f} at {best['latency_ms']:.0f} ms per video")
+    line = (
+        f"Linearised teacher + TMD, M={outer} x N={inner} (its best N at M={outer}, {best['effective_nfe']:.2f} NFE): "
+        f"total {best['total']:.3f} at {best['latency_ms']:.0f} ms per video"
+    )
     plain = next((r for r in rows if r["method"] == "tmd" and (r["outer_steps"], r["inner_steps"]) == (outer, inner)), None)
     if plain is not None:
         change = 100 * (best["total"] - plain["total"]) / plain["total"]
@@ -146,7 +169,8 @@ def write_report(out: Path, report: dict, samples: dict[str, torch.Tensor], prom
         *[f"- {line}" for line in findings(rows)],
         "",
         "Plot: `quality_vs_cost.png`. Samples (rows: samplers, named on the left; columns: "
-        + "; ".join(prompts) + "): `samples.gif`.",
+        + "; ".join(prompts)
+        + "): `samples.gif`.",
         "",
     ]
     (out / "report.md").write_text("\n".join(text))

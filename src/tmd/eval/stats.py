@@ -105,8 +105,13 @@ class VarianceComponents:
         return self.mean_variance + self.noise_shared / self.noise_seeds
 
     def as_dict(self) -> dict[str, float | int | None]:
-        return {**asdict(self), "evaluation": self.evaluation, "training_share": self.training_share,
-                "mean_variance": self.mean_variance, "mean_variance_new_noise": self.mean_variance_new_noise}
+        return {
+            **asdict(self),
+            "evaluation": self.evaluation,
+            "training_share": self.training_share,
+            "mean_variance": self.mean_variance,
+            "mean_variance_new_noise": self.mean_variance_new_noise,
+        }
 
 
 def variance_components(grid: Sequence[Sequence[float]]) -> VarianceComponents:

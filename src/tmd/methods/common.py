@@ -8,10 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
-from tmd.models.export import SPLIT_DEFAULTS_OF_OLD_EXPORTS
 from tmd.models.protocol import VelocityModel
-from tmd.sampling import guided_velocity
 from tmd.rng import BatchRandom
+from tmd.sampling import guided_velocity
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -43,35 +42,6 @@ class StudentMethod(nn.Module):
 def trainable_copy(module: nn.Module) -> nn.Module:
     """A copy that trains (generator or fake score initialised from the teacher); the teacher stays as is."""
     return copy.deepcopy(module).requires_grad_(True).train()
-
-
-def load_student_weights(student: nn.Module, path: str, expect: dict | None = None) -> None:
-    """Initialise from an earlier stage's exported weights (safetensors only), naming what does not fit.
-
-    ``expect`` holds settings the export must have been made with (e.g. head_blocks): they are not
-    visible in parameter names, so the export carries them as metadata.
-    """
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as handle:
-        exported = json.loads((handle.metadata() or {}).get("method_config", "{}"))
-    exported = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **exported} if "head_blocks" in exported else exported
-    for key, value in (expect or {}).items():
-        if key in exported and exported[key] != value:
-            raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")
-    state, own = load_file(path), student.state_dict()
-    # load_state_dict reports these as a RuntimeError listing every tensor; one line that names the file reads better
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"{path} does not fit this student: shapes differ (file vs model) for {wrong[:3]}")
-    result = student.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
 
 
 def latent_shape(batch: dict) -> tuple[int, ...]:

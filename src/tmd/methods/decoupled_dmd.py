@@ -70,7 +70,9 @@ class DecoupledDMD(DMD2):
         x_ca = flow.interpolate(x_hat, self._randn(x_hat.shape, device), tau_ca)
         tau_dm, _, x_dm = self._noised(x_hat)
         with torch.no_grad():
-            v_c, v_u = self.teacher.velocity(torch.cat([x_ca, x_ca]), tau_ca.repeat(2), torch.cat([cond, batch["neg_cond"]])).chunk(2)
+            v_c, v_u = self.teacher.velocity(
+                torch.cat([x_ca, x_ca]), tau_ca.repeat(2), torch.cat([cond, batch["neg_cond"]])
+            ).chunk(2)
             ca = (cfg.guidance - 1) * (flow.x0_from_velocity(x_ca, v_c, tau_ca) - flow.x0_from_velocity(x_ca, v_u, tau_ca))
             real_dm = x0_of(self.teacher, x_dm, tau_dm, cond)
             dm = real_dm - x0_of(self.fake_score, x_dm, tau_dm, cond)

@@ -109,8 +109,13 @@ class DistributionMatching(nn.Module):
 
     @staticmethod
     def sample(
-        generator_module: nn.Module, noise: Tensor, cond: Tensor, steps: int, rng: torch.Generator | None = None,
-        outer_shift: float = flow.OUTER_SHIFT, multistep: str = "deterministic",
+        generator_module: nn.Module,
+        noise: Tensor,
+        cond: Tensor,
+        steps: int,
+        rng: torch.Generator | None = None,
+        outer_shift: float = flow.OUTER_SHIFT,
+        multistep: str = "deterministic",
     ) -> Tensor:
         """How this method's trained generator samples: deterministic Eq. 18 steps (DMD2-v) on the outer grid.
         ``outer_shift`` and ``multistep`` take the values of the run's method-config keys of the same names."""
@@ -131,7 +136,9 @@ class DistributionMatching(nn.Module):
             noise = self._randn(latent_shape(batch), batch["cond"].device)
             return self.generate(batch, noise, self.generator.shared_randint(self.cfg.outer_steps, noise.device))
         if "x" not in batch:
-            raise ValueError("student_input=data noises data latents 'x', which this batch lacks; set method.student_input=backward")
+            raise ValueError(
+                "student_input=data noises data latents 'x', which this batch lacks; set method.student_input=backward"
+            )
         x = batch["x"]
         grid = self.outer_grid(x.device)
         t = grid[self.generator.randint(self.cfg.outer_steps, x.shape[0], x.device)]
@@ -176,14 +183,18 @@ class DistributionMatching(nn.Module):
         if self.cfg.fake_score_target == "x0":
             fake_loss = (x0_of(self.fake_score, fake_t, t, cond).float() - x_fake.float()).pow(2).mean()
         else:
-            fake_loss = (self.fake_score.velocity(fake_t, t, cond).float() - flow.velocity_target(x_fake, eps).float()).pow(2).mean()
+            fake_loss = (
+                (self.fake_score.velocity(fake_t, t, cond).float() - flow.velocity_target(x_fake, eps).float()).pow(2).mean()
+            )
         update("fake_score", fake_loss)
         if self.discriminator is None:
             return {}
         if "x" not in batch:
             raise ValueError("the GAN term needs real data latents 'x' in the batch; set gan_weight=0 for data-free runs")
         real_t = flow.interpolate(batch["x"], eps, t)
-        logits_fake, logits_real = self._logits(torch.cat([fake_t, real_t]), t.repeat(2), cond.repeat(2, *([1] * (cond.ndim - 1)))).chunk(2)
+        logits_fake, logits_real = self._logits(
+            torch.cat([fake_t, real_t]), t.repeat(2), cond.repeat(2, *([1] * (cond.ndim - 1)))
+        ).chunk(2)
         update("discriminator", F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean())
         return {"d_real_acc": (logits_real > 0).float().mean().item(), "d_fake_acc": (logits_fake < 0).float().mean().item()}
 

@@ -52,7 +52,9 @@ class DMD2(DistributionMatching):
         sample from the same noise. The pairs are drawn afresh each step, not a fixed set of 10k as the paper's."""
         noise = self._randn(latent_shape(batch), batch["cond"].device)
         cfg = self.cfg
-        target = sample_teacher(self.teacher, noise, batch["cond"], batch["neg_cond"], cfg.kd_teacher_steps, cfg.guidance, cfg.kd_teacher_shift)
+        target = sample_teacher(
+            self.teacher, noise, batch["cond"], batch["neg_cond"], cfg.kd_teacher_steps, cfg.guidance, cfg.kd_teacher_shift
+        )
         t = self.outer_grid(noise.device)[0]
         return (self.denoise(noise, t.expand(noise.shape[0]), noise, batch["cond"]).float() - target.float()).pow(2).mean()
 

@@ -35,7 +35,7 @@ class FlowMatching(nn.Module):
         self.generator: BatchRandom | None = None
 
     @classmethod
-    def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module) -> "FlowMatching":
+    def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module) -> FlowMatching:
         """Fine-tune a copy of ``teacher``."""
         return cls(cfg, trainable_copy(teacher))
 

@@ -37,7 +37,6 @@ Ambiguities and choices:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,13 +51,13 @@ from tmd.methods.common import (
     dmd_loss,
     freeze,
     latent_shape,
-    load_student_weights,
     trainable_copy,
     x0_of,
 )
+from tmd.models.export import load_student_weights
 from tmd.models.linear_attention import (
-    MIXED,
     check_target,
+    export_config,
     is_rounded,
     linear_layers,
     linearise,
@@ -125,58 +124,6 @@ class LinVideoConfig:
 PAPER_LINEAR_SHARE = 16 / 30
 """The paper's Wan 1.3B default: 16 of its 30 self-attention layers linear."""
 
-MODE_KEY = "attn1.processor.mode"
-"""The end of the state-dict key that holds each layer's mode (softmax, linear or mixed) in an export."""
-
-
-def export_config(weights: str | Path) -> dict:
-    """The method config of a LinVideo run's export (``student.safetensors``), checked to come from one."""
-    from safetensors import SafetensorError, safe_open
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise FileNotFoundError(f"no LinVideo weights at {weights}")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except SafetensorError as e:
-        raise ValueError(f"{weights} is not a safetensors file: {e}") from None
-    if metadata.get("method") != "linvideo":
-        raise ValueError(f"{weights} was written by method {metadata.get('method')!r}, not by a linvideo run")
-    return json.loads(metadata.get("method_config", "{}"))
-
-
-def check_teacher_export(weights: str | Path) -> None:
-    """Raise unless ``weights`` is a LinVideo export whose selection was rounded, fit to be distilled from.
-
-    A run stopped before ``selection_steps`` still computes softmax attention in every (mixed) layer:
-    as a teacher it would cost more than the one it was made from, and it would train its r's without
-    the count constraint.
-    """
-    from safetensors import safe_open
-
-    export_config(weights)
-    with safe_open(str(weights), framework="pt") as handle:
-        modes = {key: int(handle.get_tensor(key)) for key in handle.keys() if key.endswith(MODE_KEY)}
-    if not modes:
-        raise ValueError(f"{weights} holds no attention modes ('*.{MODE_KEY}'): it is not a linearised model")
-    mixed = [key for key, mode in modes.items() if mode == MIXED]
-    if mixed:
-        raise ValueError(
-            f"{weights} was exported before selective transfer was rounded ({len(mixed)} of {len(modes)} layers "
-            "still mixed): train the linvideo run for more than method.selection_steps steps"
-        )
-
-
-def check_linearised_teacher(weights: str | None) -> None:
-    """Validation of ``data.linearised_teacher`` (every data kind has it); None means the plain teacher."""
-    if weights is None:
-        return
-    try:
-        check_teacher_export(weights)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"data.linearised_teacher: {e}") from None
-
 
 def load_linearised(teacher: nn.Module, weights: str | Path, copy_model: bool = True) -> nn.Module:
     """A frozen linearised ``teacher`` (a copy unless ``copy_model`` is False) holding a LinVideo run's export
@@ -197,12 +144,14 @@ class LinVideo(StudentMethod):
 
     def __init__(self, cfg: LinVideoConfig, teacher: nn.Module, student: nn.Module):
         layers = len(selective_layers(student))
-        self.softmax_layers = cfg.softmax_layers if cfg.softmax_layers is not None else layers - round(PAPER_LINEAR_SHARE * layers)
+        self.softmax_layers = (
+            cfg.softmax_layers if cfg.softmax_layers is not None else layers - round(PAPER_LINEAR_SHARE * layers)
+        )
         check_target(student, self.softmax_layers)
         super().__init__(cfg, student, teacher)
 
     @classmethod
-    def from_teacher(cls, cfg: LinVideoConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "LinVideo":
+    def from_teacher(cls, cfg: LinVideoConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> LinVideo:
         student = linearise(
             trainable_copy(teacher), cfg.feature_dim, cfg.init_ratio, cfg.logit_gain, cfg.feature_gain, cfg.transfer_tokens
         )

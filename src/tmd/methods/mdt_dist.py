@@ -71,7 +71,7 @@ class MDTDist(StudentMethod):
         super().__init__(cfg, student, teacher)
 
     @classmethod
-    def from_teacher(cls, cfg: MDTDistConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MDTDist":
+    def from_teacher(cls, cfg: MDTDistConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> MDTDist:
         student = trainable_copy(teacher)
         student.activation_checkpointing = activation_checkpointing
         return cls(cfg, teacher, student)

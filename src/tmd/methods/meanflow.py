@@ -65,7 +65,7 @@ class MeanFlow(StudentMethod):
         super().__init__(cfg, student, teacher)
 
     @classmethod
-    def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "MeanFlow":
+    def from_teacher(cls, cfg: MeanFlowConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> MeanFlow:
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing))
 
     sample_steps = (1, 2)
@@ -84,7 +84,10 @@ class MeanFlow(StudentMethod):
         u = average_velocity(self.student, z, t, r, cond)
         with torch.no_grad():
             v = guided_velocity(self.teacher, z, t, cond, batch["neg_cond"], cfg.guidance)
-            du_dt = (average_velocity(self.student, z + d * v, t + d, r, cond) - average_velocity(self.student, z - d * v, t - d, r, cond)) / (2 * d)
+            du_dt = (
+                average_velocity(self.student, z + d * v, t + d, r, cond)
+                - average_velocity(self.student, z - d * v, t - d, r, cond)
+            ) / (2 * d)
             target = v - (t - r).reshape(-1, *([1] * (z.ndim - 1))) * du_dt
         update("student", adaptive_l2(u - target, cfg.adaptive_c, cfg.adaptive_power))
         return {"mean_flow_share": float((r != t).float().mean())}

@@ -114,8 +114,10 @@ class PhasedDMDConfig(OwnOptimizerConfig):
         if self.gan_weight != 0:
             raise ValueError("phased_dmd has no GAN term (it matches noisy intermediate samples); set gan_weight=0")
         if self.student_input != "backward" or self.fake_score_target != "velocity":
-            raise ValueError("phased_dmd trains each expert on the earlier experts' rollout with Eq. 11's velocity target: "
-                             "student_input must be 'backward' and fake_score_target 'velocity'")
+            raise ValueError(
+                "phased_dmd trains each expert on the earlier experts' rollout with Eq. 11's velocity target: "
+                "student_input must be 'backward' and fake_score_target 'velocity'"
+            )
         if self.weight_clamp <= 0:
             raise ValueError(f"weight_clamp must be > 0, got {self.weight_clamp}")
 
@@ -131,7 +133,7 @@ class PhasedDMD(DistributionMatching):
         self.phase = 0
 
     @classmethod
-    def from_teacher(cls, cfg: PhasedDMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "PhasedDMD":
+    def from_teacher(cls, cfg: PhasedDMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> PhasedDMD:
         experts = nn.ModuleList(trainable_copy(teacher) for _ in range(cfg.outer_steps))
         for expert in experts:
             expert.activation_checkpointing = activation_checkpointing
@@ -149,7 +151,9 @@ class PhasedDMD(DistributionMatching):
     sample_steps = (2,)  # one expert per outer step: the expert count fixes the step count
 
     @staticmethod
-    def sample(generator_module, noise, cond, steps, rng=None, outer_shift: float = flow.OUTER_SHIFT, multistep: str = "deterministic"):
+    def sample(
+        generator_module, noise, cond, steps, rng=None, outer_shift: float = flow.OUTER_SHIFT, multistep: str = "deterministic"
+    ):
         if steps != len(generator_module):
             raise ValueError(f"phased DMD samples with its {len(generator_module)} experts, not {steps} steps")
         return sample_phased(generator_module, noise, cond, rng, outer_shift, multistep)
@@ -184,7 +188,11 @@ class PhasedDMD(DistributionMatching):
 
 @torch.no_grad()
 def sample_phased(
-    experts, noise: Tensor, cond: Tensor, generator: torch.Generator | None = None, shift: float = flow.OUTER_SHIFT,
+    experts,
+    noise: Tensor,
+    cond: Tensor,
+    generator: torch.Generator | None = None,
+    shift: float = flow.OUTER_SHIFT,
     multistep: str = "deterministic",
 ) -> Tensor:
     """Expert k takes the k-th transition of the outer grid: an Euler step of its velocity (the paper's

@@ -56,13 +56,16 @@ class TDMConfig(OwnOptimizerConfig):
         if self.gan_weight != 0:
             raise ValueError("tdm has no GAN term; set gan_weight=0")
         if self.student_input != "backward" or self.multistep != "deterministic":
-            raise ValueError("tdm trains on its own deterministic rollout: student_input must be 'backward' "
-                             "and multistep 'deterministic'")
+            raise ValueError(
+                "tdm trains on its own deterministic rollout: student_input must be 'backward' and multistep 'deterministic'"
+            )
         if self.huber_c < 0 or self.snr_clamp <= 0:
             raise ValueError(f"need huber_c >= 0 and snr_clamp > 0, got {self.huber_c}, {self.snr_clamp}")
 
 
-def tdm_generator_loss(x0: Tensor, x0_real_c: Tensor, x0_real_u: Tensor, x0_fake: Tensor, guidance: float, huber_c: float) -> Tensor:
+def tdm_generator_loss(
+    x0: Tensor, x0_real_c: Tensor, x0_real_u: Tensor, x0_fake: Tensor, guidance: float, huber_c: float
+) -> Tensor:
     """The official code's ``loss_instruct``: the student's x0 towards ``x0 + DM + CA``, normalised per
     sample by ``mean|x0 - x0_real^w|``, pseudo-Huber (or squared) per element."""
     with torch.no_grad():
@@ -94,7 +97,12 @@ class TDM(DistributionMatching):
         v = self.student.velocity(x_in, t_in, cond)
         x0 = flow.x0_from_velocity(x_in, v, t_in)
         # the student's own next point, x0 with its own noise (DDIM), from which both losses diffuse
-        self._stage = (t_next, t_in, flow.deterministic_step(x_in, x0, t_in, t_next).detach(), flow.noise_from_velocity(x_in, v, t_in).detach())
+        self._stage = (
+            t_next,
+            t_in,
+            flow.deterministic_step(x_in, x0, t_in, t_next).detach(),
+            flow.noise_from_velocity(x_in, v, t_in).detach(),
+        )
         return x0
 
     def _diffused(self, x0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -112,7 +120,9 @@ class TDM(DistributionMatching):
         tau, x_tau, _, _ = self._diffused(x_hat.detach())
         cond = batch["cond"]
         with torch.no_grad():
-            v_c, v_u = self.teacher.velocity(torch.cat([x_tau, x_tau]), tau.repeat(2), torch.cat([cond, batch["neg_cond"]])).chunk(2)
+            v_c, v_u = self.teacher.velocity(
+                torch.cat([x_tau, x_tau]), tau.repeat(2), torch.cat([cond, batch["neg_cond"]])
+            ).chunk(2)
             real_c, real_u = flow.x0_from_velocity(x_tau, v_c, tau), flow.x0_from_velocity(x_tau, v_u, tau)
             fake = x0_of(self.fake_score, x_tau, tau, cond)
         loss = tdm_generator_loss(x_hat, real_c, real_u, fake, self.cfg.guidance, self.cfg.huber_c)

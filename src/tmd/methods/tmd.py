@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
-from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, load_student_weights, trainable_copy
+from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
+from tmd.models.export import load_student_weights
 from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import ROLLOUT_GRADIENTS, head_rollout, tmd_transition
 
@@ -212,7 +213,7 @@ class TMD(DistributionMatching):
     Config = TMDConfig
 
     @classmethod
-    def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> "TMD":
+    def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> TMD:
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing), trainable_copy(teacher))
 
     def denoise(self, x_t, t, noise, cond):

@@ -83,8 +83,12 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            _norm(channels), nn.SiLU(), _conv(channels, channels),
-            _norm(channels), nn.SiLU(), _conv(channels, channels),
+            _norm(channels),
+            nn.SiLU(),
+            _conv(channels, channels),
+            _norm(channels),
+            nn.SiLU(),
+            _conv(channels, channels),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,13 +119,22 @@ class VideoAutoencoder(nn.Module):
         self._patch = (td, sd, sd)
         self._shuffle = (td, sd // 2, sd // 2)
         self.encoder = nn.Sequential(
-            _conv(config.in_channels * td * sd * sd, wide), ResBlock(wide),
-            _norm(wide), nn.SiLU(), _conv(wide, zc, temporal=True),
+            _conv(config.in_channels * td * sd * sd, wide),
+            ResBlock(wide),
+            _norm(wide),
+            nn.SiLU(),
+            _conv(wide, zc, temporal=True),
         )
         self.decoder = nn.Sequential(
-            _conv(zc, wide, temporal=True), ResBlock(wide), ResBlock(wide),
-            _norm(wide), nn.SiLU(), nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"), _conv(wide, c),
-            nn.SiLU(), _conv(c, config.in_channels * td * (sd // 2) ** 2),
+            _conv(zc, wide, temporal=True),
+            ResBlock(wide),
+            ResBlock(wide),
+            _norm(wide),
+            nn.SiLU(),
+            nn.Upsample(scale_factor=(1, 2, 2), mode="nearest"),
+            _conv(wide, c),
+            nn.SiLU(),
+            _conv(c, config.in_channels * td * (sd // 2) ** 2),
         )
 
         shape = (1, zc, 1, 1, 1)

@@ -1,10 +1,5 @@
-"""Self-describing student folders: what ``tmd generate`` loads without the training run.
-
-A TMD student folder holds ``config.json`` (kind ``"tmd_student"``, the split, the transformer config
-and the teacher it came from), ``transformer/`` (backbone + head, written by diffusers'
-``save_pretrained`` so the keys are the teacher's diffusers names and any Wan tool can read them) and
-``tmd_parts.safetensors`` (the parameters TMD adds). A plain few-step generator (DMD2, ...) is a
-Wan transformer, so its folder is ``config.json`` (kind ``"few_step"``) plus ``transformer/``.
+"""A student written as a self-describing folder (``tmd.models.folder``), and a training run's weights
+read back into the model they came from.
 """
 
 from __future__ import annotations
@@ -13,19 +8,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tmd.files import check_output_dir, check_safetensors, make_output_dir, save_safetensors, share_like_other_files
-from tmd.models.wan import WanTeacher
+from torch import Tensor, nn
 
-CONFIG_FILE = "config.json"
-TRANSFORMER_DIR = "transformer"
-PARTS_FILE = "tmd_parts.safetensors"
-TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
-"""The TMDStudent submodules that are not part of the teacher's transformer."""
-STUDENT_KINDS = ("tmd_student", "few_step")
-STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity", "transition_target")
-"""TMD student settings a run's method config records and a student must be rebuilt with."""
-SPLIT_DEFAULTS_OF_OLD_EXPORTS = {"inner_velocity": "implied", "transition_target": "difference"}
-"""What runs and folders written before a setting was recorded were trained with."""
+from tmd.files import check_safetensors, make_output_dir, save_safetensors, share_like_other_files
+from tmd.models.folder import (
+    CONFIG_FILE,
+    PARTS_FILE,
+    SPLIT_DEFAULTS_OF_OLD_EXPORTS,
+    STUDENT_SPLIT_KEYS,
+    TMD_PARTS,
+    TRANSFORMER_DIR,
+)
+from tmd.models.split import TMDStudent
+from tmd.models.wan import WanTeacher
 
 
 def export_student(student, path: str | Path, teacher_source: str | Path | None = None) -> Path:
@@ -34,8 +29,6 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
     ``teacher_source`` (the teacher's diffusers pipeline root) is recorded, as an absolute path so that
     generation from any working directory can find the text encoder and VAE the student was distilled with.
     """
-    from tmd.models.split import TMDStudent
-
     path = Path(path)
     if isinstance(student, TMDStudent):
         config: dict[str, Any] = {
@@ -65,27 +58,12 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
     return path
 
 
-EXPORT_FORMATS = ("student", "pipeline")
-SAMPLING_KEYS = {"outer_steps": "num_outer_steps", "inner_steps": "num_inner_steps", "outer_shift": "outer_shift",
-                 "inner_shift": "inner_shift"}
-"""Method config keys a pipeline export records as its sampling defaults (``tmd.pipelines``), by their names there."""
-
-
-def export_run(weights: str | Path, teacher: str | Path, path: str | Path, format: str = "student") -> Path:
-    """Turn a training run's ``student.safetensors`` (``tmd.train.run``) into a student folder, or with
-    ``format="pipeline"`` into a diffusers pipeline folder (``tmd.pipelines.export_pipeline``)."""
-    from tmd.models.wan import load_teacher
-
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
-    check_output_dir(path)
-    model, method_config = student_from_run(weights, load_teacher(teacher))
-    if format == "pipeline":
-        from tmd.pipelines import export_pipeline
-
-        sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}
-        return export_pipeline(model, path, teacher, sampling)
-    return export_student(model, path, teacher_source=str(teacher))
+def save_run_weights(path: str | Path, state: dict[str, Tensor], method: str, method_config: dict[str, Any]) -> None:
+    """Write a run's generator weights as ``tmd train`` exports them, read back by :func:`run_metadata` and
+    :func:`student_from_run`: the split (head_blocks, fusion) is not visible in the parameter names, so
+    it travels as metadata with the method's name and config."""
+    metadata = {"method": method, "method_config": json.dumps(method_config)}
+    save_safetensors({k: v.detach().contiguous() for k, v in state.items()}, path, metadata=metadata)
 
 
 def run_metadata(weights: str | Path) -> dict[str, str]:
@@ -110,9 +88,6 @@ def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeach
     The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student; any
     other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
     """
-    from tmd.methods.common import load_student_weights
-    from tmd.models.split import TMDStudent
-
     metadata = run_metadata(weights)
     method_config = json.loads(metadata["method_config"])
     split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
@@ -126,37 +101,28 @@ def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeach
     return model, method_config
 
 
-def read_student_config(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a student folder, checked; errors say what the folder looks like instead."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"student folder {path} does not exist")
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        pipeline_root = (path / "model_index.json").is_file()
-        hint = " (it looks like a diffusers pipeline root: load it as a teacher)" if pipeline_root else ""
-        raise FileNotFoundError(f"{path} is not a student folder: no {CONFIG_FILE}{hint}")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    kind = config.get("kind") if isinstance(config, dict) else None
-    if kind not in STUDENT_KINDS:
-        raise ValueError(f"{config_file} has kind {kind!r}; a student folder has kind one of {list(STUDENT_KINDS)}")
-    required = [TRANSFORMER_DIR] + ([PARTS_FILE] if kind == "tmd_student" else [])
-    missing = [name for name in required if not (path / name).exists()]
-    if missing:
-        raise FileNotFoundError(f"student folder {path} is incomplete: missing {missing}")
-    if kind == "tmd_student":
-        check_safetensors(path / PARTS_FILE)
-    return config
+def load_student_weights(student: nn.Module, path: str, expect: dict | None = None) -> None:
+    """Initialise from an earlier stage's exported weights (safetensors only), naming what does not fit.
 
+    ``expect`` holds settings the export must have been made with (e.g. head_blocks): they are not
+    visible in parameter names, so the export carries them as metadata.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-def is_student_folder(path: str | Path) -> bool:
-    config_file = Path(path) / CONFIG_FILE
-    if not config_file.is_file():
-        return False
-    try:
-        return json.loads(config_file.read_text()).get("kind") in STUDENT_KINDS
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    with safe_open(path, framework="pt") as handle:
+        exported = json.loads((handle.metadata() or {}).get("method_config", "{}"))
+    exported = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **exported} if "head_blocks" in exported else exported
+    for key, value in (expect or {}).items():
+        if key in exported and exported[key] != value:
+            raise ValueError(f"{path} was trained with {key}={exported[key]!r}, this student has {key}={value!r}")
+    state, own = load_file(path), student.state_dict()
+    # load_state_dict reports these as a RuntimeError listing every tensor; one line that names the file reads better
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not fit this student: shapes differ (file vs model) for {wrong[:3]}")
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not fit this student: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )

@@ -42,7 +42,9 @@ Choices where the paper leaves room:
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -226,8 +228,14 @@ def linearise(
             raise ValueError(f"block {index} is already linearised")
         weight = attn.to_q.weight
         processor = SelectiveAttention(
-            heads, head_dim, feature_dim, init_ratio, logit_gain, torch.Generator().manual_seed(seed + index),
-            feature_gain, transfer_tokens,
+            heads,
+            head_dim,
+            feature_dim,
+            init_ratio,
+            logit_gain,
+            torch.Generator().manual_seed(seed + index),
+            feature_gain,
+            transfer_tokens,
         )
         attn.set_processor(processor.to(device=weight.device, dtype=weight.dtype))
     return model
@@ -311,3 +319,59 @@ def describe_layers(model: WanModule | WanTransformer3DModel) -> str:
         word = MODE_NAMES[layer.kind]
         words.append(f"{word}(r={float(layer.ratio.detach()):.2f})" if layer.kind == MIXED else word)
     return " ".join(words)
+
+
+# ----------------------------------------------------------------------------------------------
+# A LinVideo run's export, read and checked (data configs check ``linearised_teacher`` with it).
+
+MODE_KEY = "attn1.processor.mode"
+"""The end of the state-dict key that holds each layer's mode (softmax, linear or mixed) in an export."""
+
+
+def export_config(weights: str | Path) -> dict:
+    """The method config of a LinVideo run's export (``student.safetensors``), checked to come from one."""
+    from safetensors import SafetensorError, safe_open
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"no LinVideo weights at {weights}")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is not a safetensors file: {e}") from None
+    if metadata.get("method") != "linvideo":
+        raise ValueError(f"{weights} was written by method {metadata.get('method')!r}, not by a linvideo run")
+    return json.loads(metadata.get("method_config", "{}"))
+
+
+def check_teacher_export(weights: str | Path) -> None:
+    """Raise unless ``weights`` is a LinVideo export whose selection was rounded, fit to be distilled from.
+
+    A run stopped before ``selection_steps`` still computes softmax attention in every (mixed) layer:
+    as a teacher it would cost more than the one it was made from, and it would train its r's without
+    the count constraint.
+    """
+    from safetensors import safe_open
+
+    export_config(weights)
+    with safe_open(str(weights), framework="pt") as handle:
+        modes = {key: int(handle.get_tensor(key)) for key in handle.keys() if key.endswith(MODE_KEY)}
+    if not modes:
+        raise ValueError(f"{weights} holds no attention modes ('*.{MODE_KEY}'): it is not a linearised model")
+    mixed = [key for key, mode in modes.items() if mode == MIXED]
+    if mixed:
+        raise ValueError(
+            f"{weights} was exported before selective transfer was rounded ({len(mixed)} of {len(modes)} layers "
+            "still mixed): train the linvideo run for more than method.selection_steps steps"
+        )
+
+
+def check_linearised_teacher(weights: str | None) -> None:
+    """Validation of ``data.linearised_teacher`` (every data kind has it); None means the plain teacher."""
+    if weights is None:
+        return
+    try:
+        check_teacher_export(weights)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.linearised_teacher: {e}") from None

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from tmd.config import ConfigError, LoRAConfig
 
-
 DEFAULT_MODULES = ("student", "fake_score")
 
 
@@ -31,7 +30,9 @@ def lora_config(cfg: LoRAConfig):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.rank if cfg.alpha is None else cfg.alpha, target_modules=list(cfg.target_modules),
+        r=cfg.rank,
+        lora_alpha=cfg.rank if cfg.alpha is None else cfg.alpha,
+        target_modules=list(cfg.target_modules),
         init_lora_weights=True,
     )
 
@@ -43,7 +44,9 @@ def add_lora(modules: Mapping[str, nn.Module], cfg: LoRAConfig) -> int:
     names = cfg.modules if cfg.modules is not None else [n for n in DEFAULT_MODULES if n in modules]
     unknown = [name for name in names if name not in modules]
     if unknown or not names:
-        raise ConfigError(f"train.lora.modules names {unknown or names}, which this method does not train; it has {sorted(modules)}")
+        raise ConfigError(
+            f"train.lora.modules names {unknown or names}, which this method does not train; it has {sorted(modules)}"
+        )
     adapted: set[int] = set()
     for name in names:
         transformers = [m for m in modules[name].modules() if isinstance(m, WanTransformer3DModel)]

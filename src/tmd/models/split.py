@@ -27,16 +27,19 @@ from diffusers.models.embeddings import TimestepEmbedding
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.models.folder import PARTS_FILE, SPLIT_DEFAULTS_OF_OLD_EXPORTS, TMD_PARTS, TRANSFORMER_DIR, read_student_config
 from tmd.models.wan import (
     TIMESTEP_SCALE,
-    WanState,
     WanModule,
+    WanState,
     WanTeacher,
     as_time,
     block_modulation,
+    cast_transformer,
     check_inputs,
     embed,
     embed_tokens,
+    load_teacher,
     project_out,
     run_blocks,
     time_embedding,
@@ -97,7 +100,11 @@ class TMDStudent(WanModule):
     """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
 
     def __init__(
-        self, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        self,
+        teacher: WanTeacher,
+        head_blocks: int = 5,
+        fusion: Fusion = "gated",
+        inner_velocity: str = "noise",
         transition_target: str = "difference",
     ):
         super().__init__()
@@ -130,25 +137,26 @@ class TMDStudent(WanModule):
 
     @classmethod
     def from_teacher(
-        cls, teacher: WanTeacher, head_blocks: int = 5, fusion: Fusion = "gated", inner_velocity: str = "noise",
+        cls,
+        teacher: WanTeacher,
+        head_blocks: int = 5,
+        fusion: Fusion = "gated",
+        inner_velocity: str = "noise",
         transition_target: str = "difference",
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         student = cls(teacher, head_blocks, fusion, inner_velocity, transition_target)
         return student.to(teacher.transformer.device)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         """Load a folder written by ``tmd.models.export.export_student`` (no teacher or run needed).
 
         The split is built around a weightless (meta) copy of the transformer, then the saved one is
         put in its place, so a large model is never held twice in memory.
         """
         from safetensors.torch import load_file
-
-        from tmd.models.export import PARTS_FILE, SPLIT_DEFAULTS_OF_OLD_EXPORTS, TMD_PARTS, TRANSFORMER_DIR, read_student_config
-        from tmd.models.wan import cast_transformer, load_teacher
 
         path = Path(path)
         config = read_student_config(path)
@@ -170,14 +178,16 @@ class TMDStudent(WanModule):
 
     @classmethod
     def from_modules(
-        cls, transformer: WanTransformer3DModel, parts: dict[str, nn.Module], head_blocks: int, fusion: Fusion = "gated",
+        cls,
+        transformer: WanTransformer3DModel,
+        parts: dict[str, nn.Module],
+        head_blocks: int,
+        fusion: Fusion = "gated",
         inner_velocity: str = "noise",
-    ) -> "TMDStudent":
+    ) -> TMDStudent:
         """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
         them as its components): the split is built on a weightless (meta) skeleton, then ``transformer``
         and the ``TMD_PARTS`` modules in ``parts`` are put in its place."""
-        from tmd.models.export import TMD_PARTS
-
         with torch.device("meta"):
             skeleton = WanTeacher(WanTransformer3DModel.from_config(transformer.config))
             student = cls(skeleton, head_blocks, fusion, inner_velocity)
@@ -227,4 +237,3 @@ class TMDStudent(WanModule):
             offset=self.split_index,
         )
         return project_out(self.transformer, hidden, temb, features.grid).float()
-

@@ -175,6 +175,7 @@ class TextEncoder:
                     f"prompt {_quoted(prompt)} is {len(ids)} tokens long; the text encoder reads its first "
                     f"{max_length} and the rest is cut",
                     TmdWarning,
+                    stacklevel=1,
                 )
         batch = self.tokenizer(
             prompts,

@@ -9,9 +9,10 @@ re-assembled pass equal to diffusers' forward.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -27,6 +28,7 @@ TIMESTEP_SCALE = 1000.0
 def time_of_timestep(timestep: Tensor) -> Tensor:
     """tmd's time ``t`` in [0, 1] of a diffusers scheduler's ``timestep`` (what ``WanPipeline`` passes to Wan)."""
     return timestep.float() / TIMESTEP_SCALE
+
 
 TINY_CONFIG: dict[str, Any] = {
     "patch_size": [1, 2, 2],
@@ -44,6 +46,41 @@ TINY_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 64,
 }
 """A random Wan transformer small enough for unit tests (about 60k parameters)."""
+
+WAN_1_3B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 1.3B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+WAN_1_3B_LATENT = (16, 21, 60, 104)
+"""Latents of an 81 x 480 x 832 video (VAE: 4x temporal, 8x spatial)."""
+WAN_TEXT_LEN = 512
+"""UMT5 prompt length Wan pads to."""
+WAN_14B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
+"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
 
 
 @dataclass
@@ -324,4 +361,3 @@ def cast_transformer(transformer: WanTransformer3DModel, dtype: torch.dtype) -> 
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-

@@ -31,6 +31,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tmd import flow
+from tmd.files import check_output_dir
+from tmd.models.export import export_student, student_from_run
+from tmd.models.split import TMDStudent
+from tmd.models.wan import WanTeacher, load_teacher
+from tmd.pipelines.tmd_pipeline import TMDParts, TMDPipeline
 
 FEW_STEP_FILE = "tmd_student.json"
 """Written into a few-step student's ``WanPipeline`` folder: what ``tmd generate`` recognises it by."""
@@ -76,10 +81,6 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
     ``num_outer_steps`` (both kinds), ``num_inner_steps``, ``outer_shift`` and ``inner_shift`` (TMD):
     the TMD pipeline's call defaults, the few-step scheduler's grid.
     """
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import WanTeacher
-    from tmd.pipelines.tmd_pipeline import TMDParts, TMDPipeline
-
     sampling = dict(sampling or {})
     teacher, path = Path(teacher), Path(path)
     index_file = teacher / INDEX_FILE
@@ -103,16 +104,33 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
     transformer = ["diffusers", "WanTransformer3DModel"]
     if isinstance(model, TMDStudent):
         TMDParts.from_student(model, **sampling).save_pretrained(path / "tmd_parts")
-        index = {"_class_name": TMDPipeline.__name__, "_diffusers_version": diffusers.__version__, **shared,
-                 "transformer": transformer, "tmd_parts": [TMDParts.__module__, TMDParts.__name__]}
+        index = {
+            "_class_name": TMDPipeline.__name__,
+            "_diffusers_version": diffusers.__version__,
+            **shared,
+            "transformer": transformer,
+            "tmd_parts": [TMDParts.__module__, TMDParts.__name__],
+        }
     else:
         steps, shift = sampling.get("num_outer_steps", 2), sampling.get("outer_shift", flow.OUTER_SHIFT)
         scheduler = few_step_scheduler(steps, shift)
         scheduler.save_pretrained(path / "scheduler")
-        index = {**teacher_index, **shared, "_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
-                 "transformer": transformer, "scheduler": ["diffusers", type(scheduler).__name__]}
-        record = {"kind": "few_step", "num_outer_steps": steps, "outer_shift": shift, "teacher": str(teacher),
-                  "grid": flow.outer_grid(steps, shift).tolist(), "scheduler_grid": scheduler_grid(scheduler, steps).tolist()}
+        index = {
+            **teacher_index,
+            **shared,
+            "_class_name": "WanPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "transformer": transformer,
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        record = {
+            "kind": "few_step",
+            "num_outer_steps": steps,
+            "outer_shift": shift,
+            "teacher": str(teacher),
+            "grid": flow.outer_grid(steps, shift).tolist(),
+            "scheduler_grid": scheduler_grid(scheduler, steps).tolist(),
+        }
         (path / FEW_STEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return path
@@ -125,3 +143,26 @@ def is_few_step_pipeline(path: str | Path) -> bool:
 def is_tmd_pipeline(path: str | Path) -> bool:
     index = Path(path) / INDEX_FILE
     return index.is_file() and json.loads(index.read_text()).get("_class_name") == "TMDPipeline"
+
+
+EXPORT_FORMATS = ("student", "pipeline")
+SAMPLING_KEYS = {
+    "outer_steps": "num_outer_steps",
+    "inner_steps": "num_inner_steps",
+    "outer_shift": "outer_shift",
+    "inner_shift": "inner_shift",
+}
+"""Method config keys a pipeline export records as its sampling defaults (``TMDPipeline``), by their names there."""
+
+
+def export_run(weights: str | Path, teacher: str | Path, path: str | Path, format: str = "student") -> Path:
+    """Turn a training run's ``student.safetensors`` (``tmd.train.run``) into a student folder, or with
+    ``format="pipeline"`` into a diffusers pipeline folder (``export_pipeline``)."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
+    check_output_dir(path)
+    model, method_config = student_from_run(weights, load_teacher(teacher))
+    if format == "pipeline":
+        sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}
+        return export_pipeline(model, path, teacher, sampling)
+    return export_student(model, path, teacher_source=str(teacher))

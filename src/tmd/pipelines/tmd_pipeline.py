@@ -21,8 +21,10 @@ from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tmd import flow
-from tmd.models.export import TMD_PARTS
+from tmd.models.folder import TMD_PARTS
 from tmd.models.split import FUSIONS, InnerStateBlock, TMDStudent
+from tmd.models.vae import denormalize_latents
+from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
 
 logger = logging.get_logger(__name__)
@@ -57,12 +59,17 @@ class TMDParts(ModelMixin, ConfigMixin):
         self.gap_embedder = TimestepEmbedding(freq_dim, dim)
 
     @classmethod
-    def from_student(cls, student: TMDStudent, **sampling) -> "TMDParts":
+    def from_student(cls, student: TMDStudent, **sampling) -> TMDParts:
         """The parts of ``student`` (copied), with sampling defaults (``num_outer_steps``, ...) in the config."""
         config = student.transformer.config
         parts = cls(
-            dim=config.num_attention_heads * config.attention_head_dim, freq_dim=config.freq_dim, eps=config.eps,
-            head_blocks=student.head_blocks, fusion_type=student.fusion_kind, inner_velocity=student.inner_velocity, **sampling,
+            dim=config.num_attention_heads * config.attention_head_dim,
+            freq_dim=config.freq_dim,
+            eps=config.eps,
+            head_blocks=student.head_blocks,
+            fusion_type=student.fusion_kind,
+            inner_velocity=student.inner_velocity,
+            **sampling,
         )
         for name in TMD_PARTS:
             source = getattr(student, name)
@@ -90,7 +97,9 @@ class TMDPipeline(WanPipeline):
         tmd_parts: TMDParts,
     ):
         DiffusionPipeline.__init__(self)
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, tmd_parts=tmd_parts)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, tmd_parts=tmd_parts
+        )
         self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
@@ -99,7 +108,9 @@ class TMDPipeline(WanPipeline):
         """The TMD student over this pipeline's own transformer and parts (shared, not copied)."""
         config = self.tmd_parts.config
         parts = {name: getattr(self.tmd_parts, name) for name in TMD_PARTS}
-        return TMDStudent.from_modules(self.transformer, parts, config.head_blocks, config.fusion_type, config.inner_velocity).eval()
+        return TMDStudent.from_modules(
+            self.transformer, parts, config.head_blocks, config.fusion_type, config.inner_velocity
+        ).eval()
 
     def _check_sizes(self, height: int, width: int, num_frames: int) -> None:
         temporal, spatial = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
@@ -145,16 +156,33 @@ class TMDPipeline(WanPipeline):
         self._check_sizes(height, width, num_frames)
         device = self._execution_device
         prompt_embeds, _ = self.encode_prompt(
-            prompt, do_classifier_free_guidance=False, num_videos_per_prompt=num_videos_per_prompt,
-            prompt_embeds=prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+            prompt,
+            do_classifier_free_guidance=False,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
         )
         latents = self.prepare_latents(
-            prompt_embeds.shape[0], self.transformer.config.in_channels, height, width, num_frames, torch.float32,
-            device, generator, latents,
+            prompt_embeds.shape[0],
+            self.transformer.config.in_channels,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
         )
         video = sample_tmd(
-            self.student(), latents, prompt_embeds, outer, inner, _on_device(generator, device),
-            outer_shift=config.outer_shift, inner_shift=config.inner_shift,
+            self.student(),
+            latents,
+            prompt_embeds,
+            outer,
+            inner,
+            _on_device(generator, device),
+            outer_shift=config.outer_shift,
+            inner_shift=config.inner_shift,
         )
         if output_type != "latent":
             video = self._decode(video, output_type)
@@ -162,8 +190,6 @@ class TMDPipeline(WanPipeline):
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
-        from tmd.generate import denormalize_latents
-
         video = self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.device, self.vae.dtype)), return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
@@ -182,13 +208,14 @@ def load_student(path, dtype: torch.dtype = torch.float32, device: str | torch.d
     """The TMD student of a ``TMDPipeline`` folder, without loading its VAE and text encoder."""
     from pathlib import Path
 
-    from tmd.models.wan import load_teacher
-
     path = Path(path)
     parts = TMDParts.from_pretrained(path / "tmd_parts", torch_dtype=dtype)
     config = parts.config
     student = TMDStudent.from_modules(
-        load_teacher(path / "transformer", dtype=dtype).transformer, {name: getattr(parts, name) for name in TMD_PARTS},
-        config.head_blocks, config.fusion_type, config.inner_velocity,
+        load_teacher(path / "transformer", dtype=dtype).transformer,
+        {name: getattr(parts, name) for name in TMD_PARTS},
+        config.head_blocks,
+        config.fusion_type,
+        config.inner_velocity,
     )
     return student.to(device).eval()

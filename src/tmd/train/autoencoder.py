@@ -51,7 +51,9 @@ def train_autoencoder(
     # Linear warm-up, then cosine decay to 10% of lr: the late low-lr phase is what sharpens edges.
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))),
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
     )
 
     model.train()

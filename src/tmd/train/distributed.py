@@ -93,7 +93,11 @@ def shard_model(module: nn.Module, mesh, mixed_precision: bool) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     # bf16 weights in compute, fp32 gradient reduction: the recipe of FastVideo and torchtitan
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
     sharded: list[str] = []
     for name, sub in list(module.named_modules()):
         # only the outermost lists: a transformer block holds small ModuleLists of its own (to_out, ffn.net)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tmd.config import ConfigError, RunConfig
 from tmd.data.world_data import WorldAssets, eval_prompts
-from tmd.eval.samplers import run_steps, sampler
+from tmd.eval.samplers import evaluate_sampler, run_steps, sampler
 
 EVAL_NOISE_SEED = 0
 CURVE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")
@@ -39,21 +39,25 @@ class WorldEvalHook:
         # the EMA lives outside the module, and the trained module must not see the EMA weights
         self.model = copy.deepcopy(module).requires_grad_(False).eval().to(assets.device)
         outer, inner = run_steps(cfg.method_name, cfg.method)
-        self.sample = sampler(cfg.method_name, cfg.method, self.model, outer, inner, EVAL_NOISE_SEED, assets.guidance, assets.shift)
+        self.sample = sampler(
+            cfg.method_name, cfg.method, self.model, outer, inner, EVAL_NOISE_SEED, assets.guidance, assets.shift
+        )
         self.assets, self.prompts = assets, curve_prompts(cfg.train.eval_videos)
         self.start, self.eval_seconds = time.perf_counter(), 0.0
 
     def __call__(self, step: int, ema: Mapping[str, dict[str, Tensor]]) -> dict[str, float]:
         began = time.perf_counter()
         self.model.load_state_dict(ema[self.name])
-        result = self.assets.evaluate_sampler(self.sample, self.prompts, seed=EVAL_NOISE_SEED).result.as_dict()
+        result = evaluate_sampler(self.assets, self.sample, self.prompts, seed=EVAL_NOISE_SEED).result.as_dict()
         seconds = time.perf_counter() - began
         train_seconds = began - self.start - self.eval_seconds
         self.eval_seconds += seconds
         return {**{k: result[k] for k in CURVE_KEYS}, "train_seconds": train_seconds, "seconds": seconds}
 
 
-def eval_hook(cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets | None, distributed: bool) -> WorldEvalHook | None:
+def eval_hook(
+    cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets | None, distributed: bool
+) -> WorldEvalHook | None:
     """The run's ``eval_fn``: None unless ``train.eval_every`` is set."""
     if not cfg.train.eval_every:
         return None

@@ -43,8 +43,8 @@ Under ``train.precision=bf16`` the whole ``training_step`` runs in bf16 autocast
 optimizer states stay fp32. The trainer moves state modules to the device before building optimizers
 and batches to the device before each step; methods read ``train.activation_checkpointing`` themselves.
 
-Data comes from a ``DataSource`` (``next_batch`` plus ``state_dict``/``load_state_dict``) so a resumed
-run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
+Data comes from a ``DataSource`` (``tmd.data.source``: ``next_batch`` plus ``state_dict``/``load_state_dict``) so a
+resumed run continues at the exact batch; ``GeneratorDataSource`` builds batch i from (seed, i) alone.
 
 Under ``torchrun`` (``tmd.train.distributed``) the modules arrive sharded with FSDP2; every rank reads the
 global batch and keeps its rows, draws its noise through a ``BatchRandom`` (the rows of global-batch
@@ -71,13 +71,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tmd.config import RunConfig, to_dict
+from tmd.data.source import DataSource
 from tmd.errors import NonFiniteLossError
 from tmd.rng import BatchRandom
 from tmd.train import checkpoint as ckpt
 from tmd.train.distributed import DistContext, check_global_batch, gather_full, slice_batch
 from tmd.train.logging import MetricLogger
 from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fresh
-
 
 EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
 
@@ -96,39 +96,6 @@ class TrainableMethod(Protocol):
     def state_modules(self) -> dict[str, nn.Module]: ...
 
     def training_step(self, batch: Any, step: int, update: Update) -> dict[str, float]: ...
-
-
-class DataSource(Protocol):
-    def next_batch(self) -> Any: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class GeneratorDataSource:
-    """Batch i is ``fn(i, generator seeded from (seed, i))``: resuming only needs the index."""
-
-    def __init__(self, fn: Callable[[int, torch.Generator], Any], seed: int, device: str | torch.device = "cpu"):
-        self.fn = fn
-        self.seed = seed
-        self.device = torch.device(device)
-        self.index = 0
-
-    def next_batch(self) -> Any:
-        # SeedSequence mixes (seed, i) so neighbouring batches get unrelated streams.
-        mixed = int(np.random.SeedSequence([self.seed, self.index]).generate_state(1, np.uint64)[0])
-        batch = self.fn(self.index, torch.Generator(self.device).manual_seed(mixed))
-        self.index += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint was written with data seed {state['seed']}, this source has {self.seed}")
-        self.index = state["index"]
 
 
 class EMA:
@@ -252,8 +219,11 @@ class Trainer:
         fused = True if self.device.type == "cuda" else None
         self.optimizers = {
             name: torch.optim.AdamW(
-                params, lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
-                betas=overrides.get(name, {}).get("betas", tc.betas), weight_decay=tc.weight_decay, fused=fused,
+                params,
+                lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
+                betas=overrides.get(name, {}).get("betas", tc.betas),
+                weight_decay=tc.weight_decay,
+                fused=fused,
             )
             for name, params in self.groups.items()
         }
@@ -433,10 +403,17 @@ class Trainer:
         tc = self.cfg.train
         main = self.dist.is_main
         logger = MetricLogger(
-            self.run_dir, resume_step=self.step, tensorboard=tc.tensorboard and main, wandb=tc.wandb and main,
-            wandb_project=tc.wandb_project, config=to_dict(self.cfg), enabled=main,
+            self.run_dir,
+            resume_step=self.step,
+            tensorboard=tc.tensorboard and main,
+            wandb=tc.wandb and main,
+            wandb_project=tc.wandb_project,
+            config=to_dict(self.cfg),
+            enabled=main,
         )
-        bar = tqdm(total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.steps, initial=self.step, desc=self.cfg.method_name, disable=not (tc.progress and main), dynamic_ncols=True
+        )
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
@@ -473,7 +450,10 @@ class Trainer:
         if path is None or path.name != ckpt.checkpoint_name(self.step):
             path = self.save()
         return TrainResult(
-            step=self.step, metrics=last, checkpoint=path, run_dir=self.run_dir,
+            step=self.step,
+            metrics=last,
+            checkpoint=path,
+            run_dir=self.run_dir,
             ema={name: gather_full(ema.full_state()) for name, ema in self.emas.items()},
         )
 
@@ -518,8 +498,13 @@ class Trainer:
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
         }
         return ckpt.save_checkpoint(
-            self.checkpoint_dir, self.step, self._sharded_state(), trainer_state,
-            keep=self.cfg.train.keep_checkpoints, is_main=self.dist.is_main, barrier=self.dist.barrier,
+            self.checkpoint_dir,
+            self.step,
+            self._sharded_state(),
+            trainer_state,
+            keep=self.cfg.train.keep_checkpoints,
+            is_main=self.dist.is_main,
+            barrier=self.dist.barrier,
         )
 
     def _load(self, path: Path) -> None:
@@ -527,8 +512,9 @@ class Trainer:
 
         state = ckpt.read_trainer_state(path)
         if state["optimizer_groups"] != sorted(self.optimizers):
-            raise ValueError(f"checkpoint {path} has optimizer groups {state['optimizer_groups']}, "
-                             f"the method has {sorted(self.optimizers)}")
+            raise ValueError(
+                f"checkpoint {path} has optimizer groups {state['optimizer_groups']}, the method has {sorted(self.optimizers)}"
+            )
         sharded = self._sharded_state()
         ckpt.load_sharded_state(path, sharded)
         for name, module in self.modules.items():
@@ -540,7 +526,6 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
-
 
     def _load_schedulers(self, path: Path, states: dict[str, Any] | None) -> None:
         tc = self.cfg.train

@@ -15,25 +15,14 @@ from typing import Any
 
 from torch import nn
 
+from tmd.config import RunConfig, load_config
+from tmd.methods import get_method
+from tmd.models.lora import add_lora
+from tmd.models.wan import WAN_1_3B_CONFIG, WAN_14B_CONFIG, WanTeacher, build_transformer
+
 GIB = 1024**3
 TRAINABLE_BYTES = 16  # fp32 master weight + fp32 grad + two fp32 AdamW moments
 EMA_BYTES = 4
-
-WAN_14B_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 40,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 13824,
-    "num_layers": 40,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-}
-"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
 
 
 def _unique(params) -> list[nn.Parameter]:
@@ -62,15 +51,15 @@ def estimate_state_memory(method, teacher: nn.Module, world_size: int = 1) -> di
 
 
 def describe(estimate: dict[str, float]) -> str:
-    return (f"memory estimate per process: {estimate['total']:.2f} GiB of weights and optimizer state "
-            f"(frozen teacher {estimate['teacher']:.2f}, trainable + grads + AdamW {estimate['trainable']:.2f}, "
-            f"frozen trained-module weights {estimate['frozen']:.2f}, EMA {estimate['ema']:.2f}; "
-            f"{estimate['trainable_parameters'] / 1e6:,.1f}M trainable parameters); activations come on top")
+    return (
+        f"memory estimate per process: {estimate['total']:.2f} GiB of weights and optimizer state "
+        f"(frozen teacher {estimate['teacher']:.2f}, trainable + grads + AdamW {estimate['trainable']:.2f}, "
+        f"frozen trained-module weights {estimate['frozen']:.2f}, EMA {estimate['ema']:.2f}; "
+        f"{estimate['trainable_parameters'] / 1e6:,.1f}M trainable parameters); activations come on top"
+    )
 
 
 def model_config(name: str) -> dict[str, Any]:
-    from tmd.bench import WAN_1_3B_CONFIG
-
     configs = {"wan1.3b": WAN_1_3B_CONFIG, "wan14b": WAN_14B_CONFIG}
     if name not in configs:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(configs)}")
@@ -84,11 +73,6 @@ def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (
     """
     import torch
     import yaml
-
-    from tmd.config import RunConfig, load_config
-    from tmd.methods import get_method
-    from tmd.models.lora import add_lora
-    from tmd.models.wan import WanTeacher, build_transformer
 
     raw = yaml.safe_load(Path(config).read_text()) or {}
     placeholders = []

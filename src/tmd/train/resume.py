@@ -28,22 +28,24 @@ CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 
-SAFE_TO_CHANGE = frozenset({
-    "train.steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "train.eval_videos",
-    "train.progress",
-    "train.tensorboard",
-    "train.wandb",
-    "train.wandb_project",
-    # recomputes the same activations (RNG state included) for less memory: the result is unchanged
-    "train.activation_checkpointing",
-    # the folder being resumed, however it is spelled (relative to another working directory, ...)
-    "train.out_dir",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.eval_videos",
+        "train.progress",
+        "train.tensorboard",
+        "train.wandb",
+        "train.wandb_project",
+        # recomputes the same activations (RNG state included) for less memory: the result is unchanged
+        "train.activation_checkpointing",
+        # the folder being resumed, however it is spelled (relative to another working directory, ...)
+        "train.out_dir",
+    }
+)
 """Keys a resume may change. Not ``train.device``: the checkpoint's generator state is a CPU or a CUDA
 generator's and does not load into the other, and the run would not continue the same random streams."""
 
@@ -129,7 +131,7 @@ def start_fresh(cfg: Any, run_dir: Path) -> None:
 def record_resume(run_dir: Path, step: int, plan: ResumePlan) -> None:
     record = {
         "resumed_from_step": step,
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "changes": {key: [None if a is _ABSENT else a, None if b is _ABSENT else b] for key, (a, b) in plan.changes.items()},
     }
     with open(run_dir / HISTORY_FILE, "a") as f:

@@ -18,14 +18,18 @@ from pathlib import Path
 import torch
 
 from tmd.config import ConfigError, RunConfig, to_dict
+from tmd.data.prepare import PreparedDataset
+from tmd.data.source import DataSource
 from tmd.data.world_data import WorldAssets, world_data_source
-from tmd.files import check_safetensors, save_safetensors
+from tmd.files import check_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
+from tmd.models.export import save_run_weights
 from tmd.models.lora import add_lora, merged_state_dict
+from tmd.models.wan import load_teacher
 from tmd.train.distributed import init_distributed, shard_modules
 from tmd.train.hooks import eval_hook
-from tmd.train.loop import DataSource, Trainer, resolve_device, seed_everything
+from tmd.train.loop import Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
 
@@ -47,9 +51,6 @@ def teacher_and_data(
         # linearised on a copy: the assets' teacher may be shared (``tmd demo`` samples it as the teacher row)
         return with_linear_attention(assets.teacher.to(device), cfg.data.linearised_teacher, copy_model=True), data
     if cfg.data_kind == "prepared":
-        from tmd.data.prepare import PreparedDataset
-        from tmd.models.wan import load_teacher
-
         data = PreparedDataset(cfg.data.path, cfg.train.batch_size, cfg.train.seed)
         teacher = load_teacher(cfg.data.teacher or data.index["model"], device=device)
         # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
@@ -119,14 +120,11 @@ def train_run(
         raise ValueError(f"cannot tell which of the EMA modules {sorted(result.ema)} is the generator to export")
     path = result.run_dir / STUDENT_FILE
     if ctx.is_main:
-        # the split (head_blocks, fusion) is not visible in the parameter names, so it travels as metadata
-        metadata = {"method": cfg.method_name, "method_config": json.dumps(to_dict(cfg.method))}
         exported = merged_state_dict(generator, weights) if lora.enabled else weights
-        save_safetensors({k: v.detach().contiguous() for k, v in exported.items()}, path, metadata=metadata)
+        save_run_weights(path, exported, cfg.method_name, to_dict(cfg.method))
         (result.run_dir / "student.json").write_text(
             json.dumps({"method": cfg.method_name, "ema_module": name, "step": result.step, "metrics": result.metrics}, indent=2)
         )
     ctx.barrier()
     set_model_state_dict(generator, weights, options=StateDictOptions(full_state_dict=True))
     return TrainedRun(path, generator.eval().requires_grad_(False))
-

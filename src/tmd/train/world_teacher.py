@@ -26,6 +26,12 @@ from tmd.data.world_data import (
     world_data_source,
 )
 from tmd.files import share_like_other_files
+from tmd.methods.flow_matching import FlowMatching
+from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from tmd.models.text import build_tiny_text_encoder
+from tmd.models.wan import WanTeacher, build_transformer
+from tmd.train.autoencoder import train_autoencoder
+from tmd.train.loop import Trainer
 
 Stage = Literal["autoencoder", "decoder", "text", "teacher", "all"]
 
@@ -73,7 +79,9 @@ class AutoencoderStageConfig:
                 f"got {self.steps}, {self.batch_size}, {self.lr}, {self.decoder_lr}"
             )
         if self.decoder_steps < 0 or self.decoder_latent_noise < 0:
-            raise ValueError(f"decoder_steps and decoder_latent_noise must be >= 0, got {self.decoder_steps}, {self.decoder_latent_noise}")
+            raise ValueError(
+                f"decoder_steps and decoder_latent_noise must be >= 0, got {self.decoder_steps}, {self.decoder_latent_noise}"
+            )
 
 
 @dataclass
@@ -142,13 +150,15 @@ def _world_videos(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def build_autoencoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True) -> None:
-    from tmd.models.autoencoder import AutoencoderConfig
-    from tmd.train.autoencoder import train_autoencoder
-
     a = cfg.autoencoder
     model = train_autoencoder(
         AutoencoderConfig(base_channels=a.base_channels, latent_channels=a.latent_channels),
-        _world_videos, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, progress=progress,
+        _world_videos,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        seed=a.seed,
+        progress=progress,
     )
     model.save_pretrained(out / AUTOENCODER_DIR)
     if a.decoder_steps:
@@ -159,8 +169,6 @@ def finetune_decoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True) 
     """Decoder-only training of the saved autoencoder (encoder and latent statistics frozen)."""
     from torch.nn import functional as F
     from tqdm.auto import tqdm
-
-    from tmd.models.autoencoder import VideoAutoencoder
 
     a = cfg.autoencoder
     model = VideoAutoencoder.from_pretrained(out / AUTOENCODER_DIR)
@@ -187,8 +195,6 @@ def finetune_decoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True) 
 
 
 def build_text_encoder(cfg: WorldTeacherConfig, out: Path) -> None:
-    from tmd.models.text import build_tiny_text_encoder
-
     t = cfg.text
     encoder = build_tiny_text_encoder(
         world_vocabulary(), dim=t.dim, layers=t.layers, heads=t.heads, ff=t.ff, max_length=t.max_length, seed=t.seed
@@ -198,10 +204,6 @@ def build_text_encoder(cfg: WorldTeacherConfig, out: Path) -> None:
 
 def train_teacher(cfg: WorldTeacherConfig, out: Path, resume: bool, command: str) -> dict[str, float]:
     """Train with the shared Trainer in ``train.out_dir``, then export the EMA transformer to ``out/teacher``."""
-    from tmd.methods.flow_matching import FlowMatching
-    from tmd.models.wan import WanTeacher, build_transformer
-    from tmd.train.loop import Trainer
-
     assets = WorldAssets(out, teacher=False)
     config = transformer_config(cfg, assets.autoencoder.config.latent_channels, assets.text_encoder.dim)
     teacher = WanTeacher(build_transformer(config, seed=cfg.train.seed))

@@ -15,7 +15,7 @@ from typing import Any
 
 from tmd.eval.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
 from tmd.eval.stats import LEVEL, paired_difference, t_interval, variance_components
-from tmd.study import TEACHER, Run, StudyConfig, read_records, row_names, write_json
+from tmd.study import CONFIG_DIR, TEACHER, Run, StudyConfig, read_records, row_names, write_json
 
 SCORE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate", *QUALITY_DIMS, *SEMANTIC_DIMS)
 TRAINED_INTERVAL = "Student-t 95% over the per-training-seed means (each the mean over the evaluation noise seeds)"
@@ -70,21 +70,34 @@ def collect(study: StudyConfig, runs: list[Run], records: dict[str, dict[str, An
         seeds = sorted(grid) if trained else []
         interval = t_interval([_mean(grid[s]) for s in seeds]) if trained else t_interval(grid[None])
         row = {
-            "name": row_name, "label": _row_label(spec, run_name, outer, inner), "series": spec.series or spec.label or run_name,
-            "method": spec.method, "outer_steps": outer, "inner_steps": inner,
-            "effective_nfe": all_scores[0]["effective_nfe"], "seeds": seeds,
-            "noise_seeds": noise, "videos": sum(s["videos"] for s in all_scores),
-            "total_mean": interval.mean, "total_ci95": interval.as_list(),
+            "name": row_name,
+            "label": _row_label(spec, run_name, outer, inner),
+            "series": spec.series or spec.label or run_name,
+            "method": spec.method,
+            "outer_steps": outer,
+            "inner_steps": inner,
+            "effective_nfe": all_scores[0]["effective_nfe"],
+            "seeds": seeds,
+            "noise_seeds": noise,
+            "videos": sum(s["videos"] for s in all_scores),
+            "total_mean": interval.mean,
+            "total_ci95": interval.as_list(),
             "interval": TRAINED_INTERVAL if trained else TEACHER_INTERVAL,
             "per_seed_total": {str(s): _mean(grid[s]) for s in seeds},
             "means": {k: _mean([_float(s[k]) for s in all_scores]) for k in SCORE_KEYS},
-            "variance": variance_components([grid[s] for s in seeds] if trained else [grid[None]]).as_dict() if len(noise) > 1 else None,
+            "variance": variance_components([grid[s] for s in seeds] if trained else [grid[None]]).as_dict()
+            if len(noise) > 1
+            else None,
             "complete": len(grid) == len(study.run_seeds(run_name)),
         }
         if trained:
             train = configs[0]["train"]
-            row.update(steps=train["steps"], batch_size=train["batch_size"], lr=train["lr"],
-                       train_minutes=None if None in seconds else _mean(seconds) / 60)
+            row.update(
+                steps=train["steps"],
+                batch_size=train["batch_size"],
+                lr=train["lr"],
+                train_minutes=None if None in seconds else _mean(seconds) / 60,
+            )
         rows.append(row)
     by_row = {r["name"]: r for r in rows}
     paired = []
@@ -92,9 +105,19 @@ def collect(study: StudyConfig, runs: list[Run], records: dict[str, dict[str, An
         a, b = by_row.get(pair.a), by_row.get(pair.b)
         if a is None or b is None or not set(a["seeds"]) & set(b["seeds"]):
             continue
-        diff = paired_difference({int(k): v for k, v in a["per_seed_total"].items()}, {int(k): v for k, v in b["per_seed_total"].items()})
-        paired.append({"a": pair.a, "b": pair.b, "diff_mean": diff.interval.mean, "diff_ci95": diff.interval.as_list(),
-                       "seeds": diff.seeds, "interval": "Student-t 95% over the per-training-seed differences a - b"})
+        diff = paired_difference(
+            {int(k): v for k, v in a["per_seed_total"].items()}, {int(k): v for k, v in b["per_seed_total"].items()}
+        )
+        paired.append(
+            {
+                "a": pair.a,
+                "b": pair.b,
+                "diff_mean": diff.interval.mean,
+                "diff_ci95": diff.interval.as_list(),
+                "seeds": diff.seeds,
+                "interval": "Student-t 95% over the per-training-seed differences a - b",
+            }
+        )
     curves = {}
     for run_name, seeds in by_name.items():
         points = {seed: records[run.key]["curve"] for seed, run in seeds.items() if records.get(run.key, {}).get("curve")}
@@ -136,12 +159,37 @@ def _pipe(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def main_table(rows: list[dict[str, Any]]) -> list[str]:
-    body = [[r["label"], r["method"], str(r["outer_steps"]), "-" if r["inner_steps"] is None else str(r["inner_steps"]),
-             _num(r["effective_nfe"], 2), str(len(r["seeds"])) if r["seeds"] else "-", str(r["videos"]),
-             _ci(r["total_mean"], r["total_ci95"]), *(_num(r["means"][k]) for k in ("quality", "semantic", "frechet", "diversity"))]
-            for r in rows]
-    return _pipe(["row", "method", "M", "N", "eff. NFE", "train seeds", "videos", "total [95% CI]", "quality", "semantic",
-                  "frechet", "diversity"], body)
+    body = [
+        [
+            r["label"],
+            r["method"],
+            str(r["outer_steps"]),
+            "-" if r["inner_steps"] is None else str(r["inner_steps"]),
+            _num(r["effective_nfe"], 2),
+            str(len(r["seeds"])) if r["seeds"] else "-",
+            str(r["videos"]),
+            _ci(r["total_mean"], r["total_ci95"]),
+            *(_num(r["means"][k]) for k in ("quality", "semantic", "frechet", "diversity")),
+        ]
+        for r in rows
+    ]
+    return _pipe(
+        [
+            "row",
+            "method",
+            "M",
+            "N",
+            "eff. NFE",
+            "train seeds",
+            "videos",
+            "total [95% CI]",
+            "quality",
+            "semantic",
+            "frechet",
+            "diversity",
+        ],
+        body,
+    )
 
 
 def _runs(n: int) -> str:
@@ -156,8 +204,11 @@ def _count(values) -> dict[str, int]:
 
 
 def _machines(records: list[dict[str, Any]]) -> list[str]:
-    counts = _count(f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}"
-                    + (f", {m['gpu']}" if m.get("gpu") else "") for m in (r["machine"] for r in records))
+    counts = _count(
+        f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}"
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+        for m in (r["machine"] for r in records)
+    )
     return [f"{text} ({_runs(n)})" for text, n in sorted(counts.items())]
 
 
@@ -171,16 +222,25 @@ def dimension_table(rows: list[dict[str, Any]]) -> list[str]:
     return _pipe(["row", *keys], [[r["label"], *(_num(r["means"][k], 3) for k in keys)] for r in rows])
 
 
-def markdown(study: StudyConfig, study_file: str, records_dir: str, content: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def markdown(
+    study: StudyConfig, study_file: str, records_dir: str, content: dict[str, Any], records: list[dict[str, Any]]
+) -> str:
     rows, paired = content["rows"], content["paired"]
     trained = [r for r in records if r["method"] != TEACHER]
     train_hours = sum(r["wall_seconds"].get("train", 0.0) + r["wall_seconds"]["score"] for r in records) / 3600
-    load = [x for r in records if r["machine"].get("load_average") for x in (r["machine"]["load_average"][0], r["machine"]["load_average_end"][0])]
+    load = [
+        x
+        for r in records
+        if r["machine"].get("load_average")
+        for x in (r["machine"]["load_average"][0], r["machine"]["load_average_end"][0])
+    ]
     lines = [
-        f"# Study `{study.name}`", "",
+        f"# Study `{study.name}`",
+        "",
         *([study.description.strip(), ""] if study.description else []),
         f"Train: `tmd study --config {study_file} --jobs 2` (resumes; `--dry-run` lists the runs and their state). "
-        f"This report: `tmd study --config {study_file} --report`, from the run records in `{records_dir}/` alone.", "",
+        f"This report: `tmd study --config {study_file} --report`, from the run records in `{records_dir}/` alone.",
+        "",
         f"- Evaluation: every row on the same {len(study.eval.noise_seeds)} noise seeds {study.eval.noise_seeds} x the 72 "
         "prompts of the world benchmark (72 videos per noise seed; inner and re-noising noise seeded alike).",
         f"- Records: {_runs(len(records))}, {len(trained)} of them trained; sum of their wall-clock (training + scoring) "
@@ -192,45 +252,92 @@ def markdown(study: StudyConfig, study_file: str, records_dir: str, content: dic
     ]
     if content["missing"]:
         lines.append(f"- **Not yet recorded** ({len(content['missing'])}): {', '.join(content['missing'])}.")
-    lines += ["", "## Results", "", f"Total: mean and {LEVEL:.0%} interval. {TRAINED_INTERVAL} for trained rows; "
-              f"{TEACHER_INTERVAL.lower()} for the teacher. `train seeds`: students trained per row; `videos`: all "
-              "scored videos of the row; quality ... diversity: means over all of them.", "", *main_table(rows), ""]
+    lines += [
+        "",
+        "## Results",
+        "",
+        f"Total: mean and {LEVEL:.0%} interval. {TRAINED_INTERVAL} for trained rows; "
+        f"{TEACHER_INTERVAL.lower()} for the teacher. `train seeds`: students trained per row; `videos`: all "
+        "scored videos of the row; quality ... diversity: means over all of them.",
+        "",
+        *main_table(rows),
+        "",
+    ]
     if rows:
         lines += ["Per dimension (means over the same videos; `tmd.eval.benchmark`):", "", *dimension_table(rows), ""]
     if paired:
-        lines += ["## Paired differences", "",
-                  "a - b, paired by training seed (seed i of a against seed i of b, both on the same evaluation noise): "
-                  "Student-t 95% interval of the per-seed differences.", "",
-                  *_pipe(["a", "b", "pairs (seeds)", "a - b [95% CI]", "interval excludes 0"],
-                         [[p["a"], p["b"], f"{len(p['seeds'])} ({', '.join(map(str, p['seeds']))})", _ci(p["diff_mean"], p["diff_ci95"]),
-                           "-" if p["diff_ci95"][0] is None else ("yes" if p["diff_ci95"][0] > 0 or p["diff_ci95"][1] < 0 else "no")]
-                          for p in paired]), ""]
+        lines += [
+            "## Paired differences",
+            "",
+            "a - b, paired by training seed (seed i of a against seed i of b, both on the same evaluation noise): "
+            "Student-t 95% interval of the per-seed differences.",
+            "",
+            *_pipe(
+                ["a", "b", "pairs (seeds)", "a - b [95% CI]", "interval excludes 0"],
+                [
+                    [
+                        p["a"],
+                        p["b"],
+                        f"{len(p['seeds'])} ({', '.join(map(str, p['seeds']))})",
+                        _ci(p["diff_mean"], p["diff_ci95"]),
+                        "-" if p["diff_ci95"][0] is None else ("yes" if p["diff_ci95"][0] > 0 or p["diff_ci95"][1] < 0 else "no"),
+                    ]
+                    for p in paired
+                ],
+            ),
+            "",
+        ]
     with_variance = [r for r in rows if r["variance"]]
     if with_variance:
-        lines += ["## Where the spread comes from", "",
-                  "Two-way crossed random-effects ANOVA without replication of each row's training seed x noise seed "
-                  "grid of totals (`tmd.eval.stats.variance_components`, method of moments, negative estimates set "
-                  "to 0): sd of the training seed, of the noise draw every student shares, and of the student x noise "
-                  "residual; `training share`: the training seed's part of one 72-video score's variance; `sd of mean`: "
-                  "the standard error the training-seed interval stands for (shared noise excluded: it cancels "
-                  "between rows scored on the same noise); `sd of mean, new noise`: with it, what the row's absolute "
-                  "value would move by on another evaluation draw. The teacher has no training seed: all its "
-                  "variance is evaluation noise.", "",
-                  *_pipe(["row", "sd train", "sd noise shared", "sd residual", "training share", "sd of mean", "sd of mean, new noise"],
-                         [[r["label"], *(_num(math.sqrt(r["variance"][k])) for k in ("training", "noise_shared", "residual")),
-                           "-" if r["variance"]["training_share"] is None else f"{r['variance']['training_share']:.0%}",
-                           *(_num(math.sqrt(r["variance"][k])) for k in ("mean_variance", "mean_variance_new_noise"))]
-                          for r in with_variance]), ""]
+        lines += [
+            "## Where the spread comes from",
+            "",
+            "Two-way crossed random-effects ANOVA without replication of each row's training seed x noise seed "
+            "grid of totals (`tmd.eval.stats.variance_components`, method of moments, negative estimates set "
+            "to 0): sd of the training seed, of the noise draw every student shares, and of the student x noise "
+            "residual; `training share`: the training seed's part of one 72-video score's variance; `sd of mean`: "
+            "the standard error the training-seed interval stands for (shared noise excluded: it cancels "
+            "between rows scored on the same noise); `sd of mean, new noise`: with it, what the row's absolute "
+            "value would move by on another evaluation draw. The teacher has no training seed: all its "
+            "variance is evaluation noise.",
+            "",
+            *_pipe(
+                ["row", "sd train", "sd noise shared", "sd residual", "training share", "sd of mean", "sd of mean, new noise"],
+                [
+                    [
+                        r["label"],
+                        *(_num(math.sqrt(r["variance"][k])) for k in ("training", "noise_shared", "residual")),
+                        "-" if r["variance"]["training_share"] is None else f"{r['variance']['training_share']:.0%}",
+                        *(_num(math.sqrt(r["variance"][k])) for k in ("mean_variance", "mean_variance_new_noise")),
+                    ]
+                    for r in with_variance
+                ],
+            ),
+            "",
+        ]
     budget = [r for r in rows if r["method"] != TEACHER]
     if budget:
-        lines += ["## Budgets", "", "Iterations, batch and learning rate of each row's run; minutes: training wall-clock "
-                  "per training seed, including the parent stage (TMD: stage 1 + stage 2).", "",
-                  *_pipe(["row", "iterations", "batch", "lr", "train minutes"],
-                         [[r["label"], str(r["steps"]), str(r["batch_size"]), f"{r['lr']:g}", _num(r["train_minutes"], 1)] for r in budget]), ""]
+        lines += [
+            "## Budgets",
+            "",
+            "Iterations, batch and learning rate of each row's run; minutes: training wall-clock "
+            "per training seed, including the parent stage (TMD: stage 1 + stage 2).",
+            "",
+            *_pipe(
+                ["row", "iterations", "batch", "lr", "train minutes"],
+                [
+                    [r["label"], str(r["steps"]), str(r["batch_size"]), f"{r['lr']:g}", _num(r["train_minutes"], 1)]
+                    for r in budget
+                ],
+            ),
+            "",
+        ]
     lines += ["## Plots", "", "- `quality_vs_nfe.png`: total against effective NFE, error bars the 95% intervals."]
     if content["curves"]:
-        lines.append("- `curves.png`: the EMA generator's total on the fixed `train.eval_videos` set against iteration and "
-                     "against training wall-clock (stage-2 curves start after their stage 1's time); one line per seed.")
+        lines.append(
+            "- `curves.png`: the EMA generator's total on the fixed `train.eval_videos` set against iteration and "
+            "against training wall-clock (stage-2 curves start after their stage 1's time); one line per seed."
+        )
     if paired:
         lines.append("- `paired.png`: the paired differences with their intervals.")
     return "\n".join(lines) + "\n"
@@ -251,8 +358,10 @@ def _plots(content: dict[str, Any], out: Path) -> None:
     for series in dict.fromkeys(r["series"] for r in rows):
         sub = sorted((r for r in rows if r["series"] == series), key=lambda r: r["effective_nfe"])
         x, y = [r["effective_nfe"] for r in sub], [r["total_mean"] for r in sub]
-        err = [[m - (ci[0] if ci[0] is not None else m) for m, ci in zip(y, (r["total_ci95"] for r in sub))],
-               [(ci[1] if ci[1] is not None else m) - m for m, ci in zip(y, (r["total_ci95"] for r in sub))]]
+        err = [
+            [m - (ci[0] if ci[0] is not None else m) for m, ci in zip(y, (r["total_ci95"] for r in sub))],
+            [(ci[1] if ci[1] is not None else m) - m for m, ci in zip(y, (r["total_ci95"] for r in sub))],
+        ]
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=series)
     ax.set_xscale("log")
     ticks = sorted({round(r["effective_nfe"], 2) for r in rows})
@@ -268,7 +377,7 @@ def _plots(content: dict[str, Any], out: Path) -> None:
 
     if content["curves"]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        for i, (name, curve) in enumerate(sorted(content["curves"].items())):
+        for i, (_name, curve) in enumerate(sorted(content["curves"].items())):
             colour = f"C{i}"
             for j, (seed, points) in enumerate(sorted(curve["points"].items(), key=lambda kv: str(kv[0]))):
                 label = curve["label"] if j == 0 else None
@@ -322,21 +431,36 @@ def update_readme(path: Path, name: str, table: str) -> None:
 
 def write_report(study: StudyConfig, study_file: Path, runs: list[Run], records_dir: Path, readme: Path | None = None) -> Path:
     """Write the report from the records of ``runs``; returns the path of ``report.md``."""
-    from tmd.study import CONFIG_DIR
-
     records = read_records(records_dir, list(dict.fromkeys(r.key for r in runs)))
     content = collect(study, runs, records)
     out = Path(study.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     shown = study_file.name if study_file.resolve().parent == CONFIG_DIR else str(study_file)
-    write_json(out / "results.json", {"study": study.name, "rows": content["rows"], "paired": content["paired"],
-                                      "missing": content["missing"]})
-    (out / "report.md").write_text(markdown(study, shown, str(records_dir), content, sorted(records.values(), key=lambda r: r["key"])))
+    write_json(
+        out / "results.json",
+        {"study": study.name, "rows": content["rows"], "paired": content["paired"], "missing": content["missing"]},
+    )
+    (out / "report.md").write_text(
+        markdown(study, shown, str(records_dir), content, sorted(records.values(), key=lambda r: r["key"]))
+    )
     _plots(content, out)
     if readme is not None:
         update_readme(Path(readme), study.name, readme_table(content))
     if content["rows"]:
-        print(format_table([{"row": r["label"], "eff_nfe": r["effective_nfe"], "seeds": len(r["seeds"]), "videos": r["videos"],
-                             "total": r["total_mean"], "ci_low": r["total_ci95"][0], "ci_high": r["total_ci95"][1]}
-                            for r in content["rows"]]))
+        print(
+            format_table(
+                [
+                    {
+                        "row": r["label"],
+                        "eff_nfe": r["effective_nfe"],
+                        "seeds": len(r["seeds"]),
+                        "videos": r["videos"],
+                        "total": r["total_mean"],
+                        "ci_low": r["total_ci95"][0],
+                        "ci_high": r["total_ci95"][1],
+                    }
+                    for r in content["rows"]
+                ]
+            )
+        )
     return out / "report.md"
