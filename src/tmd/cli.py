@@ -211,7 +211,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="distil the shipped world teacher with TMD and DMD2, evaluate, and report")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (report.md, report.json, plot, GIF)")
-    p.add_argument("--preset", default="quick", help="quick (about 15 min on 2 CPU cores) or full (a GPU)")
+    p.add_argument(
+        "--preset", default="quick", help="quick (11 training runs: 33 min measured on a shared 2-core CPU) or full (a GPU)"
+    )
     p.add_argument("--methods", default="default", help="default (TMD and DMD2) or all (every baseline too)")
     p.add_argument("--assets", default=None, help="world assets folder (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run and of the evaluation noise")

@@ -32,7 +32,7 @@ from tmd.train.run import TrainedRun, train_run
 
 @dataclass
 class Preset:
-    """Budgets of one demo; ``quick`` is sized for 15 minutes on 2 CPU cores (measured in report.md)."""
+    """Budgets of one demo; ``quick`` is sized for a 2-core CPU (33 min measured with other jobs sharing it: docs/results.md)."""
 
     stage1_steps: int
     stage2_steps: int
@@ -48,7 +48,7 @@ class Preset:
 
 
 PRESETS = {
-    # stage 1 : stage 2 = 3 : 4 as Table 7; M = 1 at the M = 2 budget to stay within ~15 minutes
+    # stage 1 : stage 2 = 3 : 4 as Table 7; M = 1 at the M = 2 budget to keep the 11 runs near half an hour
     "quick": Preset(
         stage1_steps=225,
         stage2_steps=300,
