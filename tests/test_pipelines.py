@@ -297,3 +297,20 @@ def test_teacher_samples_with_its_pipelines_unipc_as_wan_pipeline_does(tmp_path,
     euler = load_file(tmp_path / "euler" / "0000-a-red-circle.safetensors")["latents"]
     assert not torch.allclose(euler, generated, atol=1e-3)
     assert json.loads((tmp_path / "euler" / "generation.json").read_text())["settings"]["scheduler"] == "euler"
+
+
+def test_tmd_pipeline_keeps_the_students_inner_flow(tmp_path, pipeline):  # noqa: F811
+    """A student with B.4's y = x target (and its implied velocity) samples the same from its pipeline folder."""
+    teacher = load_teacher(pipeline)
+    student = TMDStudent.from_teacher(teacher, head_blocks=1, inner_velocity="implied", transition_target="sample")
+    student = perturbed(student).eval()
+    export_pipeline(student, tmp_path / "tmd", pipeline, {"num_outer_steps": 2, "num_inner_steps": 2})
+    loaded = TMDPipeline.from_pretrained(tmp_path / "tmd").student()
+    assert (loaded.inner_velocity, loaded.transition_target) == ("implied", "sample")
+    noise, cond = inputs(pipeline)
+    torch.testing.assert_close(
+        sample_tmd(loaded, noise, cond, 2, 2, torch.Generator().manual_seed(1)),
+        sample_tmd(student, noise, cond, 2, 2, torch.Generator().manual_seed(1)),
+        rtol=0,
+        atol=0,
+    )

@@ -184,13 +184,14 @@ class TMDStudent(WanModule):
         head_blocks: int,
         fusion: Fusion = "gated",
         inner_velocity: str = "noise",
+        transition_target: str = "difference",
     ) -> TMDStudent:
         """A student around existing modules, shared rather than copied (``tmd.pipelines.TMDPipeline`` keeps
         them as its components): the split is built on a weightless (meta) skeleton, then ``transformer``
         and the ``TMD_PARTS`` modules in ``parts`` are put in its place."""
         with torch.device("meta"):
             skeleton = WanTeacher(WanTransformer3DModel.from_config(transformer.config))
-            student = cls(skeleton, head_blocks, fusion, inner_velocity)
+            student = cls(skeleton, head_blocks, fusion, inner_velocity, transition_target)
         student.transformer = transformer
         for name in TMD_PARTS:
             setattr(student, name, parts[name])

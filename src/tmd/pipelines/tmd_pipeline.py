@@ -45,6 +45,7 @@ class TMDParts(ModelMixin, ConfigMixin):
         head_blocks: int = 5,
         fusion_type: str = "gated",
         inner_velocity: str = "noise",
+        transition_target: str = "difference",
         num_outer_steps: int = 2,
         num_inner_steps: int = 4,
         outer_shift: float = flow.OUTER_SHIFT,
@@ -54,6 +55,7 @@ class TMDParts(ModelMixin, ConfigMixin):
         if fusion_type not in FUSIONS:
             raise ValueError(f"unknown fusion_type {fusion_type!r}; choose one of {sorted(FUSIONS)}")
         flow.check_inner_velocity(inner_velocity)
+        flow.check_transition_target(transition_target)
         self.inner_block = InnerStateBlock(dim, eps=eps)
         self.fusion = FUSIONS[fusion_type](dim)
         self.gap_embedder = TimestepEmbedding(freq_dim, dim)
@@ -69,6 +71,7 @@ class TMDParts(ModelMixin, ConfigMixin):
             head_blocks=student.head_blocks,
             fusion_type=student.fusion_kind,
             inner_velocity=student.inner_velocity,
+            transition_target=student.transition_target,
             **sampling,
         )
         for name in TMD_PARTS:
@@ -109,7 +112,7 @@ class TMDPipeline(WanPipeline):
         config = self.tmd_parts.config
         parts = {name: getattr(self.tmd_parts, name) for name in TMD_PARTS}
         return TMDStudent.from_modules(
-            self.transformer, parts, config.head_blocks, config.fusion_type, config.inner_velocity
+            self.transformer, parts, config.head_blocks, config.fusion_type, config.inner_velocity, config.transition_target
         ).eval()
 
     def _check_sizes(self, height: int, width: int, num_frames: int) -> None:
@@ -217,5 +220,6 @@ def load_student(path, dtype: torch.dtype = torch.float32, device: str | torch.d
         config.head_blocks,
         config.fusion_type,
         config.inner_velocity,
+        config.transition_target,
     )
     return student.to(device).eval()
