@@ -113,10 +113,6 @@ def grid_point_at_or_below(grid: Tensor, s: Tensor) -> Tensor:
     return below.max(dim=1).values.clamp_min(0.0)
 
 
-def _column(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 @register("tm")
 class TransitionMatching(StudentMethod):
     """Stage 1: TM-MeanFlow pretraining of the head (everything trains; no teacher needed)."""
@@ -156,9 +152,9 @@ class TransitionMatching(StudentMethod):
         # at both ends at once (s within delta of 1 and of r) the backward step shrinks to the room left above r
         s_lo = torch.where(down_ok, s - delta, torch.where(up_ok, s, r))
         step = s_hi - s_lo  # zero only where r = s, whose (s - r) du/ds term vanishes anyway
-        u_hi = self.average_velocity(y_s + _column(s_hi - s, v) * v, y1, s_hi, r, features, x_t, t)
-        u_lo = self.average_velocity(y_s - _column(s - s_lo, v) * v, y1, s_lo, r, features, x_t, t)
-        return (u_hi - u_lo) / _column(torch.where(step > 0, step, torch.ones_like(step)), v)
+        u_hi = self.average_velocity(y_s + flow.expand_time(s_hi - s, v) * v, y1, s_hi, r, features, x_t, t)
+        u_lo = self.average_velocity(y_s - flow.expand_time(s - s_lo, v) * v, y1, s_lo, r, features, x_t, t)
+        return (u_hi - u_lo) / flow.expand_time(torch.where(step > 0, step, torch.ones_like(step)), v)
 
     def training_step(self, batch, step, update):
         cfg, g = self.cfg, self.generator
@@ -179,15 +175,15 @@ class TransitionMatching(StudentMethod):
             if cfg.guidance != 1.0:
                 # MeanFlow's CFG: the guided velocity w v + (1 - w) u(y_s, s, s | no text), unguided for dropped samples
                 u_uncond = self.average_velocity(y_s, y1, s, s, self.student.backbone(x_t, t, batch["neg_cond"]), x_t, t)
-                w = _column(torch.where(dropped, 1.0, cfg.guidance), x)
+                w = flow.expand_time(torch.where(dropped, 1.0, cfg.guidance), x)
                 v = u_uncond + w * (v - u_uncond)
             target = v
             if cfg.mean_flow_fraction > 0:
-                target = v - _column(s - r, x) * self.du_ds(y_s, y1, s, r, v, features, x_t, t)
+                target = v - flow.expand_time(s - r, x) * self.du_ds(y_s, y1, s, r, v, features, x_t, t)
         error = u - target
         if self.student.inner_velocity == "implied":
             # the implied velocity carries 1/s: measured in y-space (times s), else small-s samples dominate
-            error = _column(s, x) * error
+            error = flow.expand_time(s, x) * error
         update("student", adaptive_l2(error, cfg.adaptive_c, cfg.adaptive_power))
         return {"mean_flow_share": float((s != r).float().mean())}
 
@@ -224,7 +220,7 @@ class TMD(DistributionMatching):
             return y
         if self.cfg.generator_output == "x1_minus_y":
             return noise - y
-        return x_t - _column(t, x_t) * y
+        return x_t - flow.expand_time(t, x_t) * y
 
     def generate(self, batch, noise, step_index):
         cond, outer, inner = batch["cond"], self.outer_grid(noise.device), self.cfg.inner_grid(noise.device)
