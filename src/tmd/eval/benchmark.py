@@ -85,6 +85,7 @@ class _Detections:
     detected: np.ndarray  # (B,) bool
     scores: dict[str, np.ndarray]  # dimension -> (B,)
     features: np.ndarray  # (B, 5): start x, start y, velocity x, velocity y, size
+    shape: np.ndarray  # (B,) index into SHAPES of the majority vote over valid frames
 
 
 def _tolerant(error: np.ndarray, tolerance: float, scale: float) -> np.ndarray:
@@ -206,7 +207,7 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
     scores = {k: v.astype(np.float64) for k, v in scores.items()}
     features = np.concatenate([start, velocity, np.sqrt(mean_area)[:, None]], axis=1)
     features[~detected] = np.nan
-    return _Detections(detected=detected, scores=scores, features=features)
+    return _Detections(detected=detected, scores=scores, features=features, shape=shape_votes.argmax(axis=1))
 
 
 def _ground_truth_features(batch: WorldBatch) -> np.ndarray:
