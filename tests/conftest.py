@@ -1,7 +1,10 @@
 import pytest
 import torch
 
+from tmd.cli import main
 from tmd.models.wan import load_teacher
+
+WORLD_TEACHER = "configs/world_teacher.yaml"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -25,3 +28,33 @@ def tiny_inputs():
     text = torch.randn(2, 5, 32, generator=g)
     negative = torch.randn(2, 5, 32, generator=g)
     return latents, text, negative
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """`tmd train-teacher` overrides that build world assets in seconds."""
+    return [
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.progress=false",
+        "autoencoder.steps=1",
+        "autoencoder.batch_size=2",
+        "autoencoder.base_channels=8",
+        "text.dim=16",
+        "text.ff=32",
+        "model.num_layers=3",
+        "model.num_attention_heads=1",
+        "model.attention_head_dim=8",
+        "model.ffn_dim=16",
+        "model.freq_dim=16",
+        "sampling.guidance=3.0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory, tiny_world):
+    """World assets for the tests that train and evaluate on them; they only read them, so one build serves all."""
+    root = tmp_path_factory.mktemp("world")
+    args = [f"data.assets={root / 'assets'}", f"train.out_dir={root / 'run'}", *tiny_world, "autoencoder.decoder_steps=0"]
+    assert main(["train-teacher", "--config", WORLD_TEACHER, *args]) == 0
+    return root / "assets"

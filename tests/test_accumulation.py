@@ -172,20 +172,12 @@ def test_resuming_a_run_without_schedule_state_needs_a_constant_schedule(tmp_pat
 def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pipeline):  # noqa: F811
     """torchrun, 2 gloo processes, FSDP2, LoRA on student and fake score, 2 micro-batches of 1 row each:
     the losses and the exported student of one process with the whole batch of 4 in one pass."""
-    from test_distributed import assert_close_records, losses, torchrun
-    from test_prepare import run_prepare
+    from test_distributed import assert_close_records, losses, prepared_tmd_config, torchrun
 
     from tmd.cli import main
 
-    folder, captions = videos
-    run_prepare(folder, captions, pipeline, tmp_path / "data")
-    config = tmp_path / "tmd.yaml"
-    config.write_text(
-        "method_name: tmd\ndata_kind: prepared\n"
-        "method: {head_blocks: 1, outer_steps: 2, inner_steps: 2, generator_every: 2, gan_weight: 0.03}\n"
-        f"data: {{path: {tmp_path / 'data'}}}\n"
-        "train: {steps: 2, batch_size: 4, log_every: 1, progress: false, tensorboard: false, lora: {rank: 4}}\n"
-    )
+    train = "steps: 2, batch_size: 4, log_every: 1, progress: false, tensorboard: false, lora: {rank: 4}"
+    config = prepared_tmd_config(tmp_path, videos, pipeline, train)
     common = ["train", "--config", str(config)]
     assert main([*common, f"train.out_dir={tmp_path / 'one'}"]) == 0
     torchrun(2, *common, f"train.out_dir={tmp_path / 'two'}", "train.grad_accum=2")

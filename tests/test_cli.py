@@ -5,15 +5,13 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_generate import build_tiny_pipeline
+from test_generate import SIZE, build_tiny_pipeline, generate_args
 
 from tmd.cli import _parse, build_parser, main
 from tmd.errors import ConfigError, NonFiniteLossError
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
-
-SIZE = ["--frames", "5", "--height", "32", "--width", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +55,11 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, pipeline, capsys):
     # inside a pipeline folder, and inside a student folder
     broken = build_tiny_pipeline(tmp_path / "broken")
     transformer = truncate(broken / "transformer" / "diffusion_pytorch_model.safetensors")
-    assert main(["generate", "--model", str(broken), "--prompt", "a red circle", "--out", str(tmp_path / "v"), *SIZE]) == 2
+    assert main(generate_args(broken, tmp_path / "v")) == 2
     assert f"{transformer} is not a complete safetensors file" in one_line_error(capsys, "generate")
     student = export_student(TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=1), tmp_path / "student", pipeline)
     parts = truncate(student / "tmd_parts.safetensors")
-    assert main(["generate", "--model", str(student), "--prompt", "a red circle", "--out", str(tmp_path / "v"), *SIZE]) == 2
+    assert main(generate_args(student, tmp_path / "v")) == 2
     assert f"{parts} is not a complete safetensors file" in one_line_error(capsys, "generate")
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_generate import FRAMES, HEIGHT, WIDTH, read_mp4
+from test_generate import FRAMES, HEIGHT, WIDTH, generate_args, read_mp4
 from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
 from tmd.cli import main
@@ -44,17 +44,23 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_prepare_train_on_two_processes_export_generate(tmp_path, videos, pipeline):  # noqa: F811
+def prepared_tmd_config(tmp_path, videos, pipeline, train):  # noqa: F811
+    """The videos prepared into tmp_path / "data" and a TMD run on them whose train block is ``train``."""
     folder, captions = videos
-    data = tmp_path / "data"
-    run_prepare(folder, captions, pipeline, data)
+    run_prepare(folder, captions, pipeline, tmp_path / "data")
     config = tmp_path / "tmd.yaml"
     config.write_text(
         "method_name: tmd\ndata_kind: prepared\n"
         "method: {head_blocks: 1, outer_steps: 2, inner_steps: 2, generator_every: 2, gan_weight: 0.03}\n"
-        f"data: {{path: {data}}}\n"
-        "train: {steps: 4, batch_size: 4, log_every: 1, checkpoint_every: 2, progress: false, tensorboard: false}\n"
+        f"data: {{path: {tmp_path / 'data'}}}\n"
+        f"train: {{{train}}}\n"
     )
+    return config
+
+
+def test_prepare_train_on_two_processes_export_generate(tmp_path, videos, pipeline):  # noqa: F811
+    train = "steps: 4, batch_size: 4, log_every: 1, checkpoint_every: 2, progress: false, tensorboard: false"
+    config = prepared_tmd_config(tmp_path, videos, pipeline, train)
     common = ["train", "--config", str(config)]
     assert main([*common, f"train.out_dir={tmp_path / 'one'}"]) == 0
     torchrun(2, *common, f"train.out_dir={tmp_path / 'two'}")
@@ -80,30 +86,7 @@ def test_prepare_train_on_two_processes_export_generate(tmp_path, videos, pipeli
         )
         == 0
     )
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(student),
-                "--prompt",
-                "a red circle",
-                "--steps",
-                "2",
-                "--inner-steps",
-                "2",
-                "--frames",
-                str(FRAMES),
-                "--height",
-                str(HEIGHT),
-                "--width",
-                str(WIDTH),
-                "--out",
-                str(tmp_path / "videos_out"),
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args(student, tmp_path / "videos_out", "--steps", "2", "--inner-steps", "2")) == 0
     frames = read_mp4(tmp_path / "videos_out" / "0000-a-red-circle.mp4")
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
     assert json.loads((tmp_path / "two" / "student.json").read_text())["step"] == 4

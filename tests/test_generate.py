@@ -24,7 +24,7 @@ FRAMES, HEIGHT, WIDTH = 5, 32, 32  # latents (4, 2, 4, 4): 8 tokens
 SIZE = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
 
 
-def build_tiny_pipeline(path):
+def build_tiny_pipeline(path, scheduler=None):
     """A diffusers Wan pipeline root small enough to run end to end in a second or two."""
     text_encoder = build_tiny_text_encoder(VOCABULARY, dim=TINY_CONFIG["text_dim"])
     vae = AutoencoderKLWan(
@@ -40,9 +40,30 @@ def build_tiny_pipeline(path):
         text_encoder=text_encoder.model,
         vae=vae,
         transformer=build_transformer(TINY_CONFIG, seed=5),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0),
     ).save_pretrained(path)
     return path
+
+
+def generate_args(model, out, *extra):
+    """`tmd generate` arguments for one prompt at the tiny pipeline's size."""
+    return ["generate", "--model", str(model), "--prompt", "a red circle", *extra, *SIZE, "--out", str(out)]
+
+
+def wan_pipeline_latents(pipe, tiny_inputs):
+    """What a stock WanPipeline samples, with CFG, from the conftest's tiny_inputs: the samplers' reference."""
+    latents, text, negative = tiny_inputs
+    return pipe(
+        prompt_embeds=text,
+        negative_prompt_embeds=negative,
+        latents=latents,
+        num_inference_steps=6,
+        guidance_scale=4.0,
+        num_frames=5,
+        height=64,
+        width=64,
+        output_type="latent",
+    ).frames
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +169,6 @@ def read_mp4(path):
 def test_generate_teacher_and_student(tmp_path, pipeline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\n\na blue square\nred square moving right\n")
-    size = ["--frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH)]
     code = main(
         [
             "generate",
@@ -167,7 +187,7 @@ def test_generate_teacher_and_student(tmp_path, pipeline, capsys):
             "--out",
             str(tmp_path / "teacher"),
             "--save-latents",
-            *size,
+            *SIZE,
         ]
     )
     assert code == 0
@@ -205,25 +225,7 @@ def test_generate_teacher_and_student(tmp_path, pipeline, capsys):
 
     student = TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=2)
     export_student(student, tmp_path / "student", teacher_source=str(pipeline))
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(tmp_path / "student"),
-            "--prompt",
-            "a red circle",
-            "--steps",
-            "2",
-            "--inner-steps",
-            "3",
-            "--seed",
-            "7",
-            "--out",
-            str(tmp_path / "tmd"),
-            *size,
-        ]
-    )
-    assert code == 0
+    assert main(generate_args(tmp_path / "student", tmp_path / "tmd", "--steps", "2", "--inner-steps", "3", "--seed", "7")) == 0
     assert "(4 effective NFE" in capsys.readouterr().out  # M (1 + (N - 1) H / L) = 2 (1 + 2 x 2 / 4)
     frames = read_mp4(tmp_path / "tmd" / "0000-a-red-circle.mp4")
     assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3)
@@ -268,7 +270,7 @@ def test_an_exported_student_generates_from_any_working_directory(tmp_path, pipe
     )
     assert json.loads((tmp_path / "s" / "config.json").read_text())["teacher"] == str(pipeline.resolve())
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "--model", "s", "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
+    assert main(generate_args("s", "v")) == 0
     assert (tmp_path / "v" / "0000-a-red-circle.mp4").is_file()
     # a student folder from before, holding a relative path, says what to do
     config = json.loads((tmp_path / "s" / "config.json").read_text())
@@ -277,7 +279,7 @@ def test_an_exported_student_generates_from_any_working_directory(tmp_path, pipe
         FileNotFoundError, match="records its teacher pipeline as wan, which does not exist here; pass --pipeline"
     ):
         generate("s", ["a red circle"], "v", frames=FRAMES, height=HEIGHT, width=WIDTH)
-    assert main(["generate", "--model", "s", "--pipeline", str(pipeline), "--prompt", "a red circle", "--out", "v", *SIZE]) == 0
+    assert main(generate_args("s", "v", "--pipeline", str(pipeline))) == 0
 
 
 def test_exported_files_have_the_users_file_mode(tmp_path, pipeline):

@@ -17,25 +17,25 @@ from tmd.train.run import train_run
 PROMPT = "a red circle moving right"
 
 
+def train_world_tmd(assets, out_dir, gan_weight=0.0, **train):
+    """A few CPU steps of TMD stage 2 (H = 1, M = N = 2) on the world; ``train`` adds to its train block."""
+    method = {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": gan_weight}
+    train = {
+        "steps": 2,
+        "batch_size": 2,
+        "progress": False,
+        "tensorboard": False,
+        "device": "cpu",
+        "out_dir": str(out_dir),
+        **train,
+    }
+    cfg = from_dict(RunConfig, {"method_name": "tmd", "data_kind": "world", "method": method, "train": train})
+    return train_run(cfg, assets=assets)
+
+
 def test_world_run_export_and_teacher_to_mp4_and_gif(tmp_path, capsys):
     assets = WorldAssets()
-    cfg = from_dict(
-        RunConfig,
-        {
-            "method_name": "tmd",
-            "data_kind": "world",
-            "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.0},
-            "train": {
-                "steps": 2,
-                "batch_size": 2,
-                "progress": False,
-                "tensorboard": False,
-                "device": "cpu",
-                "out_dir": str(tmp_path / "run"),
-            },
-        },
-    )
-    run = train_run(cfg, assets=assets)
+    run = train_world_tmd(assets, tmp_path / "run")
     common = ["--prompt", PROMPT, "--steps", "2", "--inner-steps", "2", "--seed", "5", "--save-latents"]
     assert main(["generate", "--model", str(run.weights), *common, "--out", str(tmp_path / "from_run")]) == 0
     assert "1 videos written" in capsys.readouterr().out

@@ -68,31 +68,13 @@ def test_only_adapters_new_parts_and_discriminator_train(tmp_path):
 
 
 def test_world_lora_run_exports_the_merged_model(tmp_path):
+    from test_generate_world import train_world_tmd
+
     from tmd.data.world_data import WorldAssets
-    from tmd.train.run import train_run
 
     assets = WorldAssets()
-    cfg = from_dict(
-        RunConfig,
-        {
-            "method_name": "tmd",
-            "data_kind": "world",
-            "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03},
-            "train": {
-                "steps": 3,
-                "batch_size": 2,
-                "lr": 1e-3,
-                "ema_decay": 0.5,
-                "progress": False,
-                "tensorboard": False,
-                "checkpoint_every": 100,
-                "device": "cpu",
-                "out_dir": str(tmp_path),
-                "lora": {**LORA, "target_modules": ["to_q", "to_v", "ffn.net.0.proj"]},
-            },
-        },
-    )
-    run = train_run(cfg, assets=assets)
+    lora = {**LORA, "target_modules": ["to_q", "to_v", "ffn.net.0.proj"]}
+    run = train_world_tmd(assets, tmp_path, 0.03, steps=3, lr=1e-3, ema_decay=0.5, checkpoint_every=100, lora=lora)
     exported = load_file(str(run.weights))
     assert not any("lora_" in k or "base_layer" in k for k in exported)
 

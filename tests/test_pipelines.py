@@ -5,17 +5,27 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+from diffusers import UniPCMultistepScheduler, WanPipeline
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import export_to_video
 from safetensors.torch import load_file, save_file
-from test_generate import FRAMES, HEIGHT, VOCABULARY, WIDTH, perturbed, pipeline, read_mp4  # noqa: F401  (fixture)
+from test_generate import (  # noqa: F401  (fixture)
+    FRAMES,
+    HEIGHT,
+    WIDTH,
+    build_tiny_pipeline,
+    generate_args,
+    perturbed,
+    pipeline,
+    read_mp4,
+    wan_pipeline_latents,
+)
 
 from tmd import flow
 from tmd.cli import main
 from tmd.models.split import TMDStudent
-from tmd.models.text import TextEncoder, build_tiny_text_encoder
-from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
+from tmd.models.text import TextEncoder
+from tmd.models.wan import load_teacher
 from tmd.pipelines import TMDPipeline, export_pipeline
 from tmd.pipelines.export import FEW_STEP_FILE, scheduler_grid
 from tmd.sampling import sample_few_step, sample_tmd, sample_with_scheduler
@@ -72,32 +82,8 @@ def test_tmd_pipeline_equals_the_tmd_sampler_and_exports_video(tmp_path, pipelin
         prompt_embeds=cond, latents=noise, generator=torch.Generator().manual_seed(1), output_type="latent", **SIZE
     ).frames
     torch.testing.assert_close(bf16, out.frames, rtol=0.1, atol=0.1)
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tmp_path / "tmd"),
-                "--prompt",
-                "a red circle",
-                "--steps",
-                "2",
-                "--inner-steps",
-                "3",
-                "--frames",
-                str(FRAMES),
-                "--height",
-                str(HEIGHT),
-                "--width",
-                str(WIDTH),
-                "--dtype",
-                "bf16",
-                "--out",
-                str(tmp_path / "videos"),
-            ]
-        )
-        == 0
-    )
+    args = generate_args(tmp_path / "tmd", tmp_path / "videos", "--steps", "2", "--inner-steps", "3", "--dtype", "bf16")
+    assert main(args) == 0
     assert json.loads((tmp_path / "videos" / "generation.json").read_text())["settings"]["kind"] == "tmd_student"
 
 
@@ -124,29 +110,7 @@ def test_stock_wan_pipeline_runs_a_dmd2_student(tmp_path, pipeline, steps, toler
     record = json.loads((tmp_path / "dmd2" / FEW_STEP_FILE).read_text())
     assert record["num_outer_steps"] == steps and record["grid"] == pytest.approx(grid.tolist())
 
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tmp_path / "dmd2"),
-                "--prompt",
-                "a red circle",
-                "--steps",
-                str(steps),
-                "--frames",
-                str(FRAMES),
-                "--height",
-                str(HEIGHT),
-                "--width",
-                str(WIDTH),
-                "--save-latents",
-                "--out",
-                str(tmp_path / "videos"),
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args(tmp_path / "dmd2", tmp_path / "videos", "--steps", str(steps), "--save-latents")) == 0
     manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
     assert manifest["settings"]["kind"] == "few_step" and manifest["videos"][0]["effective_nfe"] == steps
 
@@ -179,39 +143,14 @@ def test_tmd_export_pipeline_format(tmp_path, pipeline, capsys):  # noqa: F811
 @pytest.fixture(scope="module")
 def unipc_pipeline(tmp_path_factory):
     """A tiny Wan pipeline shipping UniPC configured as the published Wan2.1 pipelines are (flow sigmas)."""
-    path = tmp_path_factory.mktemp("unipc")
-    text_encoder = build_tiny_text_encoder(VOCABULARY, dim=TINY_CONFIG["text_dim"])
-    WanPipeline(
-        tokenizer=text_encoder.tokenizer,
-        text_encoder=text_encoder.model,
-        vae=AutoencoderKLWan(
-            base_dim=8,
-            z_dim=4,
-            dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1,
-            latents_mean=[0.1, -0.2, 0.3, 0.0],
-            latents_std=[1.5, 0.5, 2.0, 1.0],
-        ),
-        transformer=build_transformer(TINY_CONFIG, seed=5),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-    ).save_pretrained(path)
-    return path
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return build_tiny_pipeline(tmp_path_factory.mktemp("unipc"), scheduler)
 
 
 def test_teacher_samples_with_its_pipelines_unipc_as_wan_pipeline_does(tmp_path, unipc_pipeline, tiny_inputs):
     wan = WanPipeline.from_pretrained(unipc_pipeline)
+    reference = wan_pipeline_latents(wan, tiny_inputs)
     latents, text, negative = tiny_inputs
-    reference = wan(
-        prompt_embeds=text,
-        negative_prompt_embeds=negative,
-        latents=latents,
-        num_inference_steps=6,
-        guidance_scale=4.0,
-        num_frames=5,
-        height=64,
-        width=64,
-        output_type="latent",
-    ).frames
     ours = sample_with_scheduler(
         load_teacher(unipc_pipeline),
         latents,
@@ -224,33 +163,8 @@ def test_teacher_samples_with_its_pipelines_unipc_as_wan_pipeline_does(tmp_path,
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
     # tmd generate from a seed = WanPipeline from the same seed and prompt (the tokenizer's length: 16)
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(unipc_pipeline),
-                "--prompt",
-                "a red circle",
-                "--negative-prompt",
-                "",
-                "--steps",
-                "5",
-                "--seed",
-                "3",
-                "--frames",
-                str(FRAMES),
-                "--height",
-                str(HEIGHT),
-                "--width",
-                str(WIDTH),
-                "--save-latents",
-                "--out",
-                str(tmp_path / "unipc"),
-            ]
-        )
-        == 0
-    )
+    seeded = ["--negative-prompt", "", "--steps", "5", "--seed", "3", "--save-latents"]
+    assert main(generate_args(unipc_pipeline, tmp_path / "unipc", *seeded)) == 0
     generated = load_file(tmp_path / "unipc" / "0000-a-red-circle.safetensors")["latents"]
     stock = wan(
         prompt="a red circle",
@@ -265,35 +179,7 @@ def test_teacher_samples_with_its_pipelines_unipc_as_wan_pipeline_does(tmp_path,
     assert json.loads((tmp_path / "unipc" / "generation.json").read_text())["settings"]["scheduler"] == "UniPCMultistepScheduler"
 
     # the Euler sampler stays an option (and differs from UniPC)
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(unipc_pipeline),
-                "--prompt",
-                "a red circle",
-                "--negative-prompt",
-                "",
-                "--steps",
-                "5",
-                "--seed",
-                "3",
-                "--scheduler",
-                "euler",
-                "--frames",
-                str(FRAMES),
-                "--height",
-                str(HEIGHT),
-                "--width",
-                str(WIDTH),
-                "--save-latents",
-                "--out",
-                str(tmp_path / "euler"),
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args(unipc_pipeline, tmp_path / "euler", *seeded, "--scheduler", "euler")) == 0
     euler = load_file(tmp_path / "euler" / "0000-a-red-circle.safetensors")["latents"]
     assert not torch.allclose(euler, generated, atol=1e-3)
     assert json.loads((tmp_path / "euler" / "generation.json").read_text())["settings"]["scheduler"] == "euler"

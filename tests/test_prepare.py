@@ -65,6 +65,24 @@ def run_prepare(folder, captions, pipeline, out, **kwargs):
     )
 
 
+def cli_args(pipeline, out, *extra):
+    """`tmd prepare` arguments for the tiny pipeline at the clip size the other tests use."""
+    return [
+        "prepare",
+        "--model",
+        str(pipeline),
+        "--out",
+        str(out),
+        "--frames",
+        str(FRAMES),
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
+        *extra,
+    ]
+
+
 def test_prepare_videos(tmp_path, videos, pipeline, monkeypatch, caplog):
     folder, captions = videos
     out = tmp_path / "data"
@@ -146,26 +164,7 @@ def test_prepare_text_only_cli(tmp_path, pipeline, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square moving left\na circle\n")
     out = tmp_path / "text"
-    args = [
-        "prepare",
-        "--text-only",
-        "--prompts",
-        str(prompts),
-        "--model",
-        str(pipeline),
-        "--out",
-        str(out),
-        "--frames",
-        "5",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--shard-size",
-        "2",
-        "--negative-prompt",
-        "",
-    ]
+    args = cli_args(pipeline, out, "--text-only", "--prompts", str(prompts), "--shard-size", "2", "--negative-prompt", "")
     assert main(args) == 0
     assert "3 samples in 2 shards" in capsys.readouterr().out
     batch = PreparedDataset(out, batch_size=2).next_batch()
@@ -199,29 +198,7 @@ def test_train_on_prepared_data(tmp_path, videos, pipeline):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square moving left\n")
     text = tmp_path / "text"
-    assert (
-        main(
-            [
-                "prepare",
-                "--text-only",
-                "--prompts",
-                str(prompts),
-                "--model",
-                str(pipeline),
-                "--out",
-                str(text),
-                "--frames",
-                "5",
-                "--height",
-                "32",
-                "--width",
-                "32",
-                "--negative-prompt",
-                "",
-            ]
-        )
-        == 0
-    )
+    assert main(cli_args(pipeline, text, "--text-only", "--prompts", str(prompts), "--negative-prompt", "")) == 0
     # data-free: the DMD2 generator learns from prompts alone, from simulated noise (no data to noise, and
     # no GAN: it would need real latents)
     config = (
@@ -241,23 +218,7 @@ def test_prepare_with_the_default_negative_prompt_and_a_failed_first_try(tmp_pat
     out = tmp_path / "data"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"good.mp4": "a red circle", "slow.mp4": "a green circle"}))
-    args = [
-        "prepare",
-        "--videos",
-        str(folder),
-        "--model",
-        str(pipeline),
-        "--out",
-        str(out),
-        "--frames",
-        "5",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--shard-size",
-        "2",
-    ]
+    args = cli_args(pipeline, out, "--videos", str(folder), "--shard-size", "2")
     assert main([*args, "--captions", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: prompt 'a green circle' has unknown word(s) ['green']" in err and "bright" not in err
@@ -279,25 +240,5 @@ def test_prepare_with_the_default_negative_prompt_and_a_failed_first_try(tmp_pat
     text = tmp_path / "text"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    assert (
-        main(
-            [
-                "prepare",
-                "--text-only",
-                "--prompts",
-                str(prompts),
-                "--model",
-                str(pipeline),
-                "--out",
-                str(text),
-                "--frames",
-                "5",
-                "--height",
-                "32",
-                "--width",
-                "32",
-            ]
-        )
-        == 0
-    )
+    assert main(cli_args(pipeline, text, "--text-only", "--prompts", str(prompts))) == 0
     assert load_file(text / "negative.safetensors")["cond"].shape == (1, 16, 32)  # cut to the encoder's 16 tokens

@@ -3,17 +3,17 @@
 import torch
 from PIL import Image
 
-from tmd.eval.report import FRAME_MS, write_report
+from tmd.eval.report import FRAME_MS, findings, write_report
 
 
-def row(method, outer, inner, total, latency):
+def row(method, outer, inner, total, latency, teacher_ms=100):
     return {
         "method": method,
         "outer_steps": outer,
         "inner_steps": inner,
         "effective_nfe": 1.0,
         "latency_ms": latency,
-        "speedup_vs_teacher": 100 / latency,
+        "speedup_vs_teacher": teacher_ms / latency,
         "total": total,
         "quality": total,
         "semantic": total,
@@ -35,3 +35,14 @@ def test_report_describes_the_rows_it_has_and_the_gif_has_a_frame_delay(tmp_path
 
     gif = Image.open(tmp_path / "samples.gif")
     assert gif.n_frames == 4 and FRAME_MS == 250 and gif.info["duration"] == FRAME_MS
+
+
+def test_findings_state_the_target_honestly():
+    rows = [
+        row("teacher", 50, None, 0.90, 1000, teacher_ms=1000),
+        row("dmd2", 2, None, 0.80, 40, teacher_ms=1000),
+        row("tmd", 2, 4, 0.89, 45, teacher_ms=1000),
+    ]
+    assert findings(rows)[-1].endswith("met.")
+    rows[-1]["total"] = 0.7
+    assert "NOT met" in findings(rows)[-1] and "below DMD2 2-step" in findings(rows)[1]

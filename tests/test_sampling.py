@@ -1,41 +1,20 @@
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+from diffusers import WanPipeline
+from test_generate import build_tiny_pipeline, wan_pipeline_latents
 
 from tmd import flow
 from tmd.models.split import TMDStudent
-from tmd.models.text import build_tiny_text_encoder
-from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
+from tmd.models.wan import load_teacher
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, teacher_grid
 
 
 def test_teacher_sampler_matches_diffusers_pipeline(tmp_path, tiny_inputs):
     """Our Euler sampler with CFG equals WanPipeline + FlowMatchEulerDiscreteScheduler on the same inputs."""
-    text_encoder = build_tiny_text_encoder(["a", "red", "circle"], dim=TINY_CONFIG["text_dim"])
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
-    pipe = WanPipeline(
-        tokenizer=text_encoder.tokenizer,
-        text_encoder=text_encoder.model,
-        vae=vae,
-        transformer=build_transformer(TINY_CONFIG, seed=5),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-    pipe.save_pretrained(tmp_path)
-    pipe = WanPipeline.from_pretrained(tmp_path)
+    build_tiny_pipeline(tmp_path)
+    reference = wan_pipeline_latents(WanPipeline.from_pretrained(tmp_path), tiny_inputs)
     teacher = load_teacher(tmp_path)
-
     latents, text, negative = tiny_inputs
-    reference = pipe(
-        prompt_embeds=text,
-        negative_prompt_embeds=negative,
-        latents=latents,
-        num_inference_steps=6,
-        guidance_scale=4.0,
-        num_frames=5,
-        height=64,
-        width=64,
-        output_type="latent",
-    ).frames
     ours = sample_teacher(teacher, latents, text, negative, steps=6, guidance=4.0, shift=3.0)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 

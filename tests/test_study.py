@@ -15,43 +15,6 @@ from tmd.config import ConfigError, RunConfig, from_dict
 from tmd.eval.stats import paired_difference, t_interval, variance_components
 from tmd.study import StudyConfig, load_study, plan, tasks
 
-TINY_WORLD = [
-    "train.steps=2",
-    "train.batch_size=2",
-    "train.progress=false",
-    "autoencoder.steps=1",
-    "autoencoder.batch_size=2",
-    "autoencoder.base_channels=8",
-    "autoencoder.decoder_steps=0",
-    "text.dim=16",
-    "text.ff=32",
-    "model.num_layers=3",
-    "model.num_attention_heads=1",
-    "model.attention_head_dim=8",
-    "model.ffn_dim=16",
-    "model.freq_dim=16",
-    "sampling.guidance=3.0",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    assert (
-        main(
-            [
-                "train-teacher",
-                "--config",
-                "configs/world_teacher.yaml",
-                f"data.assets={root / 'assets'}",
-                f"train.out_dir={root / 'run'}",
-                *TINY_WORLD,
-            ]
-        )
-        == 0
-    )
-    return root / "assets"
-
 
 def tiny_study(assets, report_dir, **changes) -> dict:
     train = {"steps": 2, "batch_size": 2, "log_every": 1, "device": "cpu", "tensorboard": False}

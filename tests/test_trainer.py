@@ -11,7 +11,6 @@ from tmd.data.source import GeneratorDataSource
 from tmd.train import checkpoint as ckpt
 from tmd.train.logging import read_metrics
 from tmd.train.loop import NonFiniteLossError, Trainer
-from tmd.train.loop import train as run_training
 
 
 @dataclass
@@ -90,7 +89,7 @@ def make_cfg(run_dir, **train):
 def run(run_dir, method=None, resume=False, **train):
     method = method or FlowMethod()
     data = GeneratorDataSource(gaussian_batch, seed=1)
-    return method, run_training(method, data, make_cfg(run_dir, **train), resume=resume)
+    return method, Trainer(method, data, make_cfg(run_dir, **train), resume=resume).train()
 
 
 def weights(module):

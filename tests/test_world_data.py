@@ -51,26 +51,9 @@ def test_config_rejects_bad_keys_and_wrong_method():
         load_config(WorldTeacherConfig, CONFIG, ["method_name=dmd2", "method={}"])
 
 
-def test_train_teacher_end_to_end_builds_loadable_assets(tmp_path, capsys):
+def test_train_teacher_end_to_end_builds_loadable_assets(tmp_path, capsys, tiny_world):
     out = tmp_path / "assets"
-    overrides = [
-        f"data.assets={out}",
-        f"train.out_dir={tmp_path / 'run'}",
-        "train.steps=2",
-        "train.batch_size=2",
-        "train.progress=false",
-        "autoencoder.steps=1",
-        "autoencoder.batch_size=2",
-        "autoencoder.base_channels=8",
-        "text.dim=16",
-        "text.ff=32",
-        "model.num_layers=2",
-        "model.num_attention_heads=1",
-        "model.attention_head_dim=8",
-        "model.ffn_dim=16",
-        "model.freq_dim=16",
-        "sampling.guidance=3.0",
-    ]
+    overrides = [f"data.assets={out}", f"train.out_dir={tmp_path / 'run'}", *tiny_world]
     assert main(["train-teacher", "--config", CONFIG, *overrides]) == 0
     metadata = json.loads((out / "world.json").read_text())
     assert metadata["guidance"] == 3.0 and metadata["command"].startswith("tmd train-teacher")

@@ -286,9 +286,7 @@ def _add_generate(sub) -> None:
         help="teacher sampler: the scheduler the pipeline ships (UniPC for the published Wan2.1; Euler where "
         "it ships none), or tmd's Euler sampler",
     )
-    p.add_argument("--frames", type=int, default=81, help="video frames, 4k+1 (Wan; world videos have the world's size)")
-    p.add_argument("--height", type=int, default=480, help="video height in pixels")
-    p.add_argument("--width", type=int, default=832, help="video width in pixels")
+    _add_video_size(p, "video", frames_note=" (Wan; world videos have the world's size)")
     p.add_argument("--fps", type=int, default=16, help="frame rate written into the mp4s")
     p.add_argument("--batch-size", type=int, default=1, help="videos sampled together")
     p.add_argument("--seed", type=int, default=0, help="video i starts from noise seeded by seed + i")
@@ -350,9 +348,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder; an existing one is resumed")
     p.add_argument("--text-only", action="store_true", help="prompt embeddings only (data-free methods)")
     p.add_argument("--prompts", type=Path, help="with --text-only: a text file, one prompt per line")
-    p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1")
-    p.add_argument("--height", type=int, default=480, help="clip height in pixels (resized to cover, then center-cropped)")
-    p.add_argument("--width", type=int, default=832, help="clip width in pixels")
+    _add_video_size(p, "clip", height_note=" (resized to cover, then center-cropped)")
     p.add_argument("--fps", type=float, default=16.0, help="clips are resampled to this frame rate")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (the unit of resuming)")
     p.add_argument("--workers", type=int, default=4, help="video decoding threads")
@@ -477,6 +473,14 @@ def _add_study(sub) -> None:
     p.add_argument("--readme", type=Path, help="with the report: also write the results table into this file's study block")
     _add_threads(p)
     p.set_defaults(func=_cmd_study)
+
+
+def _add_video_size(p: argparse.ArgumentParser, noun: str, frames_note: str = "", height_note: str = "") -> None:
+    """--frames, --height and --width, Wan2.1's 480p by default: one default for the clips prepare
+    encodes and the videos generate makes, so that a student is trained at the size it generates."""
+    p.add_argument("--frames", type=int, default=81, help=f"frames per {noun}, 4k+1{frames_note}")
+    p.add_argument("--height", type=int, default=480, help=f"{noun} height in pixels{height_note}")
+    p.add_argument("--width", type=int, default=832, help=f"{noun} width in pixels")
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -136,16 +136,11 @@ class TMDStudent(WanModule):
         self.activation_checkpointing = False
 
     @classmethod
-    def from_teacher(
-        cls,
-        teacher: WanTeacher,
-        head_blocks: int = 5,
-        fusion: Fusion = "gated",
-        inner_velocity: str = "noise",
-        transition_target: str = "difference",
-    ) -> TMDStudent:
-        student = cls(teacher, head_blocks, fusion, inner_velocity, transition_target)
-        return student.to(teacher.transformer.device)
+    def from_teacher(cls, teacher: WanTeacher, **split: Any) -> TMDStudent:
+        """``TMDStudent(teacher, **split)`` on the teacher's device. The constructor makes its new modules on
+        the default device instead: ``from_pretrained`` builds it around a meta skeleton and loads real
+        weights into them."""
+        return cls(teacher, **split).to(teacher.transformer.device)
 
     @classmethod
     def from_pretrained(

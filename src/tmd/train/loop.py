@@ -585,14 +585,3 @@ def _full(value: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor() if isinstance(value, DTensor) else value
-
-
-def train(
-    method: TrainableMethod,
-    data: DataSource,
-    cfg: RunConfig,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    eval_fn: EvalFn | None = None,
-) -> TrainResult:
-    return Trainer(method, data, cfg, run_dir, resume, eval_fn).train()
