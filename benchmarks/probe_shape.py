@@ -2,12 +2,17 @@
 
     python benchmarks/probe_shape.py KEY [KEY ...]          # study run keys (docs/study/runs/KEY.json)
     python benchmarks/probe_shape.py teacher:50 teacher:2   # the world teacher at that many steps
+    python benchmarks/probe_shape.py KEY --split first      # the run's first transition, then the teacher's ODE
+    python benchmarks/probe_shape.py KEY --split last       # noised real data at the last outer time, then the run's last step
 
 Each run's weights must be in runs/study/KEY/ (``tmd study`` keeps them); a stage 1 records no scores, so give its
 steps with ``--steps M,N`` (it samples as its TMD student). Sampled exactly
 as the study scores (same sampler, the 72 prompts x noise seeds 0-3); prints per run the accuracy per prompted
 shape and the confusion matrix, and writes them to runs/probe/shape.json. docs/results.md uses it to say where
-TMD's shape score is lost.
+TMD's shape score is lost. ``--split`` (two-step students) tells which transition loses it: ``first`` runs the
+student's first transition from the noise and hands x at the second outer time to the teacher (40 Euler steps
+with the world's CFG); ``last`` noises the world's real videos (encoded) to that time, as stage 2 trains the
+student, and lets the student's last transition finish.
 """
 
 import argparse
@@ -18,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmd import flow
 from tmd.config import RunConfig, from_dict
-from tmd.data.world import SHAPES, WorldConfig, parse_prompt
+from tmd.data.world import SHAPES, WorldConfig, parse_prompt, sample_videos
 from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.benchmark import _detect
 from tmd.eval.samplers import sampler
 from tmd.models.export import student_from_run
+from tmd.sampling import few_step_transition, guided_velocity, tmd_transition
 
 NOISE_SEEDS = (0, 1, 2, 3)
 
@@ -48,22 +55,59 @@ def _sampler_of(assets: WorldAssets, spec: str, steps: tuple[int, int | None] | 
     return lambda seed: sampler(name, cfg.method, module, outer, inner, seed, assets.guidance, assets.shift)
 
 
-def confusion(assets: WorldAssets, spec: str, steps=None) -> dict:
+def _split_sampler(assets: WorldAssets, spec: str, split: str, prompts: list[str]):
+    """(seed -> sample_fn) running one of the run's two transitions and the teacher or real data for the other."""
+    record = json.loads(Path(f"docs/study/runs/{spec}.json").read_text())
+    cfg = from_dict(RunConfig, record["config"], source=spec)
+    module, _ = student_from_run(Path(f"runs/study/{spec}/student.safetensors"), copy.deepcopy(assets.teacher))
+    module.eval()
+    method = cfg.method
+    if method.outer_steps != 2:
+        raise SystemExit(f"--split needs a two-step student; {spec} has outer_steps {method.outer_steps}")
+    outer = flow.outer_grid(2, method.outer_shift).float()
+    is_tmd = hasattr(method, "inner_steps")
+
+    def step(x, i, cond, generator):
+        if not is_tmd:
+            return few_step_transition(module, x, outer[i], outer[i + 1], cond, generator, method.multistep)
+        inner = flow.inner_grid(method.inner_steps, method.inner_shift).float()
+        return tmd_transition(module, x, outer[i], outer[i + 1], cond, inner, generator)
+
+    def make(seed: int):
+        def sample(noise, cond, neg):
+            generator = torch.Generator().manual_seed(seed)
+            if split == "first":
+                x = step(noise, 0, cond, generator)
+                grid = torch.linspace(float(outer[1]), 0.0, 41)
+                for a, b in zip(grid[:-1], grid[1:], strict=True):
+                    x = x + (b - a) * guided_velocity(assets.teacher, x, a, cond, neg, assets.guidance)
+                return x
+            videos = sample_videos(prompts, WorldConfig(), torch.Generator().manual_seed(1000 + seed)).videos
+            data = assets.autoencoder.encode(videos)
+            return step(flow.interpolate(data, noise, float(outer[1])), 1, cond, generator)
+
+        return sample
+
+    return make
+
+
+def confusion(assets: WorldAssets, spec: str, steps=None, split: str | None = None) -> dict:
     prompts = eval_prompts(1)
     want = np.array([parse_prompt(p).shape_index for p in prompts])
-    make = _sampler_of(assets, spec, steps)
+    make = _split_sampler(assets, spec, split, prompts) if split else _sampler_of(assets, spec, steps)
     matrix = np.zeros((len(SHAPES), len(SHAPES) + 1), dtype=int)  # last column: not detected
     for seed in NOISE_SEEDS:
         det = _detect(_videos(assets, make(seed), prompts, seed), prompts, WorldConfig())
         got = np.where(det.detected, det.shape, len(SHAPES))
         np.add.at(matrix, (want, got), 1)
     accuracy = {s: float(matrix[i, i] / matrix[i].sum()) for i, s in enumerate(SHAPES)}
-    return {"run": spec, "accuracy": accuracy, "confusion": matrix.tolist(), "columns": [*SHAPES, "undetected"]}
+    return {"run": spec, "split": split, "accuracy": accuracy, "confusion": matrix.tolist(), "columns": [*SHAPES, "undetected"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
+    parser.add_argument("--split", choices=["first", "last"], help="score one transition of a two-step student")
     parser.add_argument("--steps", help="M,N: sample at these steps (needed for stage 1 runs, which record no scores)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,10 +115,10 @@ def main() -> None:
     assets = WorldAssets()
     results = []
     for spec in args.runs:
-        result = confusion(assets, spec, steps)
+        result = confusion(assets, spec, steps, args.split)
         results.append(result)
-        print(spec, {k: round(v, 3) for k, v in result["accuracy"].items()}, result["confusion"], flush=True)
-    out = Path("runs/probe/shape.json")
+        print(spec, args.split or "", {k: round(v, 3) for k, v in result["accuracy"].items()}, result["confusion"], flush=True)
+    out = Path(f"runs/probe/shape{'_' + args.split if args.split else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
 
