@@ -13,7 +13,7 @@ from tmd import study as study_module
 from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, from_dict
 from tmd.eval.stats import paired_difference, t_interval, variance_components
-from tmd.study import StudyConfig, load_study, plan, tasks
+from tmd.study import StudyConfig, load_study, plan, select, tasks
 
 
 def tiny_study(assets, report_dir, **changes) -> dict:
@@ -159,6 +159,16 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     budget, _ = load_study("study_budget.yaml")
     stage1 = {(r.name, r.seed): r.key for r in plan(budget) if r.name == "tm_n2_m2"}
     assert stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2" and r.seed in (0, 1)}
+
+
+def test_select_keeps_named_runs_and_seeds_with_their_parents():
+    study, _ = load_study("study_main.yaml")
+    runs = plan(study)
+    chosen = {(r.name, r.seed) for r in select(runs, ["tmd_n2_m1", "teacher"], study, [0])}
+    assert chosen == {("teacher", None), ("tmd_n2_m1", 0), ("tm_n2_m1", 0)}
+    assert {r.seed for r in select(runs, None, study, [1, 2])} == {None, 1, 2}
+    with pytest.raises(ConfigError, match="--seeds: 7 not among"):
+        select(runs, None, study, [7])
 
 
 # ---- running, resuming, reporting

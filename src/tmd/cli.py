@@ -467,6 +467,7 @@ def _add_study(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (1: in this process)")
     p.add_argument("--report", action="store_true", help="only write the report (report_dir) from the committed run records")
     p.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs (and their parents)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="train only these training seeds (and their parents)")
     p.add_argument("--dry-run", action="store_true", help="list the runs, their keys and state, and the estimated time")
     p.add_argument("--records", default="docs/study/runs", help="folder of the per-run JSON records (committed)")
     p.add_argument("--work", default="runs/study", help="folder of the runs' weights and logs (not committed)")

@@ -652,15 +652,20 @@ def _start(task: Task, payload: dict[str, Any], work: Path, jobs: int, threads: 
 # The command.
 
 
-def select(runs: list[Run], only: list[str] | None, study: StudyConfig) -> list[Run]:
-    if not only:
+def select(runs: list[Run], only: list[str] | None, study: StudyConfig, seeds: list[int] | None = None) -> list[Run]:
+    """The runs ``--only`` names (default all) at the training seeds ``--seeds`` names (default all; the
+    teacher has none and stays), with the parents they start from."""
+    if not only and not seeds:
         return runs
-    unknown = [n for n in only if n not in study.runs]
+    unknown = [n for n in only or [] if n not in study.runs]
     if unknown:
         raise ConfigError(f"--only: {', '.join(unknown)} not in the study; runs: {', '.join(study.runs)}")
+    foreign = [s for s in seeds or [] if s not in study.seeds]
+    if foreign:
+        raise ConfigError(f"--seeds: {', '.join(map(str, foreign))} not among the study's seeds {study.seeds}")
     keep: set[str] = set()
     for run in runs:
-        if run.name in only:
+        if (not only or run.name in only) and (not seeds or run.seed is None or run.seed in seeds):
             while run is not None:
                 keep.add(run.key)
                 run = run.parent
@@ -696,7 +701,7 @@ def main(args, write_report: Callable[..., Path]) -> int:
     if args.report:
         print(f"report written to {report()}")
         return 0
-    runs = select(everything, args.only, study)
+    runs = select(everything, args.only, study, args.seeds)
     todo = tasks(runs, records, work, estimator(study, read_records(records, [r.key for r in everything])))
     if args.dry_run:
         dry_run(runs, todo, records, args.jobs)
