@@ -5,14 +5,14 @@
     python benchmarks/probe_shape.py KEY --split first      # the run's first transition, then the teacher's ODE
     python benchmarks/probe_shape.py KEY --split last       # noised real data at the last outer time, then the run's last step
 
-Each run's weights must be in runs/study/KEY/ (``tmd study`` keeps them); a stage 1 records no scores, so give its
-steps with ``--steps M,N`` (it samples as its TMD student). Sampled exactly
-as the study scores (same sampler, the 72 prompts x noise seeds 0-3); prints per run the accuracy per prompted
-shape and the confusion matrix, and writes them to runs/probe/shape.json. docs/results.md uses it to say where
-TMD's shape score is lost. ``--split`` (two-step students) tells which transition loses it: ``first`` runs the
-student's first transition from the noise and hands x at the second outer time to the teacher (40 Euler steps
-with the world's CFG); ``last`` noises the world's real videos (encoded) to that time, as stage 2 trains the
-student, and lets the student's last transition finish.
+Each run's weights must be in runs/study/KEY/ (``tmd study`` keeps them); a stage 1 records no scores, so give
+its steps with ``--steps M,N`` (it samples as its TMD student). Sampled exactly as the study scores (same
+sampler, the 72 prompts x noise seeds 0-3); prints per run the accuracy per prompted shape and the confusion
+matrix, and merges them into ``--out`` (default runs/probe/shape.json, by run and split). docs/results.md uses it
+to say where TMD's shape score is lost. ``--split`` (two-step students) tells which transition loses it:
+``first`` runs the student's first transition from the noise and hands x at the second outer time to the teacher
+(40 Euler steps with the world's CFG); ``last`` noises the world's real videos (encoded) to that time, as stage 2
+trains the student, and lets the student's last transition finish.
 """
 
 import argparse
@@ -107,6 +107,7 @@ def confusion(assets: WorldAssets, spec: str, steps=None, split: str | None = No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
+    parser.add_argument("--out", default="runs/probe/shape.json", help="JSON the results are merged into (by run and split)")
     parser.add_argument("--split", choices=["first", "last"], help="score one transition of a two-step student")
     parser.add_argument("--steps", help="M,N: sample at these steps (needed for stage 1 runs, which record no scores)")
     args = parser.parse_args()
@@ -118,9 +119,11 @@ def main() -> None:
         result = confusion(assets, spec, steps, args.split)
         results.append(result)
         print(spec, args.split or "", {k: round(v, 3) for k, v in result["accuracy"].items()}, result["confusion"], flush=True)
-    out = Path(f"runs/probe/shape{'_' + args.split if args.split else ''}.json")
+    out = Path(args.out)
+    kept = json.loads(out.read_text()) if out.exists() else []
+    fresh = {(r["run"], r["split"]) for r in results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out.write_text(json.dumps([r for r in kept if (r["run"], r["split"]) not in fresh] + results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
