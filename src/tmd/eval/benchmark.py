@@ -184,7 +184,7 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
     area_cv = np.sqrt(over_valid((soft_area - mean_area[:, None]) ** 2)[:, 0]) / np.maximum(mean_area, 1e-6)
     mean_colour = over_valid(colour)
     colour_std = np.sqrt(over_valid((colour.reshape(b, f, 3) - mean_colour[:, None]) ** 2)).mean(axis=1)
-    shape_votes = over_valid(np.eye(len(SHAPES))[frame_shape])
+    voted_shape = over_valid(np.eye(len(SHAPES))[frame_shape]).argmax(axis=1)
 
     attrs = [parse_prompt(p) for p in prompts]
     want_colour = np.array([a.colour_index for a in attrs])
@@ -196,7 +196,7 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
 
     scores = {
         "colour": detected & (got_colour == want_colour),
-        "shape": detected & (shape_votes.argmax(axis=1) == want_shape),
+        "shape": detected & (voted_shape == want_shape),
         "direction": detected & moving & (got_direction == want_direction),
         "single_object": (n_plausible == 1).reshape(b, f).mean(axis=1),
         "background": _tolerant(background, 0.01, 0.1).reshape(b, f).mean(axis=1),
@@ -207,7 +207,7 @@ def _detect(videos: np.ndarray, prompts: list[str], cfg: WorldConfig) -> _Detect
     scores = {k: v.astype(np.float64) for k, v in scores.items()}
     features = np.concatenate([start, velocity, np.sqrt(mean_area)[:, None]], axis=1)
     features[~detected] = np.nan
-    return _Detections(detected=detected, scores=scores, features=features, shape=shape_votes.argmax(axis=1))
+    return _Detections(detected=detected, scores=scores, features=features, shape=voted_shape)
 
 
 def _ground_truth_features(batch: WorldBatch) -> np.ndarray:
