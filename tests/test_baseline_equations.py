@@ -327,6 +327,14 @@ def test_mdt_dist_vm_and_vd_share_t_and_noise_and_vd_pushes_the_one_step_sample_
     torch.testing.assert_close(phi_z.grad, 2 * gap / gap.numel())
 
 
+def test_mdt_dist_trains_its_student_at_a_tenth_of_the_shared_lr():
+    mdt = get_method("mdt_dist")(get_method("mdt_dist").Config(), Linear(0.5, 1.0), Linear(0.3, 2.0))
+    assert mdt.optimizer_overrides() == {"student": {"lr_scale": 0.1}}
+    assert get_method("mdt_dist").Config(lr_scale=1.0).lr_scale == 1.0
+    with pytest.raises(ValueError, match="lr_scale"):
+        get_method("mdt_dist").Config(lr_scale=0.0)
+
+
 def test_mdt_dist_normalises_the_derivative_over_each_samples_whole_tensor():
     d = torch.randn(4, 2, 3, 5)
     norms = d.flatten(1).norm(dim=1).reshape(4, 1, 1, 1)

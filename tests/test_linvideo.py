@@ -162,7 +162,11 @@ def make_batch(n: int = 4):
 
 def train(method, batch, steps, lr=1e-4, record=None, start=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(start))
-    optimizers = {group: torch.optim.AdamW(params, lr=lr) for group, params in method.parameter_groups().items()}
+    overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own lr_scale, as the trainer applies it
+    optimizers = {
+        group: torch.optim.AdamW(params, lr=lr * overrides.get(group, {}).get("lr_scale", 1.0))
+        for group, params in method.parameter_groups().items()
+    }
 
     def update(group, loss, terms=None):
         for optimizer in optimizers.values():
@@ -196,7 +200,9 @@ def test_selective_transfer_keeps_the_hard_layer_and_rounds_to_the_target():
     hard = 2
     teacher = sharpened_teacher(hard, 4.0)
     # every r starts at 0.99 (all softmax) and the constraint on the rounded count pulls them down together
-    cfg = get_method("linvideo").Config(softmax_layers=1, selection_steps=30, logit_gain=3000.0, guidance=3.0, trajectory_steps=8)
+    cfg = get_method("linvideo").Config(
+        softmax_layers=1, selection_steps=30, logit_gain=30000.0, guidance=3.0, trajectory_steps=8
+    )
     method = get_method("linvideo").from_teacher(cfg, teacher)
     terms = []
     train(method, make_batch(), 30, record=terms)

@@ -232,6 +232,17 @@ def test_ttur_groups_update_at_their_own_frequency(tmp_path):
     assert {p.name for p in (tmp_path / "checkpoints" / "step_0000009").iterdir()} == {"state", "trainer_state.pt"}
 
 
+class OwnSettingsFlowMethod(FlowMethod):
+    def optimizer_overrides(self):
+        return {"model": {"lr_scale": 0.1, "betas": (0.0, 0.95)}}
+
+
+def test_a_methods_own_lr_scale_and_betas_reach_its_optimizer(tmp_path):
+    trainer = Trainer(OwnSettingsFlowMethod(), GeneratorDataSource(gaussian_batch, seed=0), make_cfg(tmp_path, steps=1))
+    group = trainer.optimizers["model"].param_groups[0]
+    assert group["lr"] == pytest.approx(1e-3) and group["betas"] == (0.0, 0.95)
+
+
 class ScalarMethod:
     """Loss = sum(p): AdamW moves p by about lr per step, the EMA must follow its exact recurrence."""
 

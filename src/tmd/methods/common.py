@@ -32,6 +32,12 @@ class StudentMethod(nn.Module):
     def parameter_groups(self):
         return {"student": list(self.student.parameters())}
 
+    def optimizer_overrides(self):
+        """The student's lr as ``cfg.lr_scale x train.lr`` for a method whose config has one (its paper trains
+        far below the shared lr)."""
+        scale = getattr(self.cfg, "lr_scale", None)
+        return {} if scale is None else {"student": {"lr_scale": scale}}
+
     def ema_modules(self):
         return {"student": self.student}
 
