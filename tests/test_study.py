@@ -159,6 +159,11 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     budget, _ = load_study("study_budget.yaml")
     stage1 = {(r.name, r.seed): r.key for r in plan(budget) if r.name == "tm_n2_m2"}
     assert stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2" and r.seed in (0, 1)}
+    baselines, _ = load_study("study_baselines.yaml")
+    read = ("dmd2_m1", "dmd2_m2", "tm_n2_m2", "tmd_n2_m2")  # read from the main table's records, not retrained
+    assert {(r.name, r.seed): r.key for r in plan(baselines) if r.name in read} == {
+        (r.name, r.seed): r.key for r in runs if r.name in read and r.seed in (0, 1)
+    }
 
 
 def test_select_keeps_named_runs_and_seeds_with_their_parents():
