@@ -153,9 +153,10 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     assert sum(r.seed == 0 for r in runs) == 11 and {r.seed for r in runs} == {None, 0, 1, 2}
     assert len({r.key for r in runs}) == len(runs)
     ablations, _ = load_study("study_ablations.yaml")
-    assert len(ablations.paired) == 7 and ablations.seeds == [0, 1]
-    shared = {(r.name, r.seed): r.key for r in plan(ablations) if r.name in ("tm_n2_m2", "tmd_n2_m2")}
-    assert shared == {(r.name, r.seed): r.key for r in runs if r.name in ("tm_n2_m2", "tmd_n2_m2")}  # all 3 seeds
+    assert len(ablations.paired) == 10 and ablations.seeds == [0, 1]
+    defaults = ("tm_n2_m2", "tmd_n2_m2", "dmd2_m2")
+    shared = {(r.name, r.seed): r.key for r in plan(ablations) if r.name in defaults}
+    assert len(shared) == 8 and shared == {(r.name, r.seed): r.key for r in runs if (r.name, r.seed) in shared}
     budget, _ = load_study("study_budget.yaml")
     stage1 = {(r.name, r.seed): r.key for r in plan(budget) if r.name == "tm_n2_m2"}
     assert stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2" and r.seed in (0, 1)}
