@@ -6,6 +6,7 @@ from mog import AnalyticTeacher, MixtureWorld, MLPVelocity, fit_velocity
 
 from tmd.eval.sliced import sliced_wasserstein
 from tmd.rng import BatchRandom
+from tmd.train.loop import optimizer_settings
 
 WORLD = MixtureWorld(dim=2, num_classes=4)
 BATCH = 256
@@ -33,13 +34,9 @@ def distance(sample_fn, seed=0):
 
 def train(method, steps, lr=1e-3, seed=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(seed))
-    overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own settings, as the trainer applies them
-    optimizers = {
-        name: torch.optim.Adam(
-            params, lr=lr * overrides.get(name, {}).get("lr_scale", 1.0), betas=overrides.get(name, {}).get("betas", (0.9, 0.999))
-        )
-        for name, params in method.parameter_groups().items()
-    }
+    groups = method.parameter_groups()
+    settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own settings, as the trainer's
+    optimizers = {name: torch.optim.Adam(params, **settings[name]) for name, params in groups.items()}
 
     def update(group, loss, terms=None):
         assert torch.isfinite(loss), f"{group} loss {loss}"

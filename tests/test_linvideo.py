@@ -36,6 +36,7 @@ from tmd.models.linear_attention import (
 from tmd.models.wan import load_teacher
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
+from tmd.train.loop import optimizer_settings
 from tmd.train.run import with_linear_attention
 
 LATENT = (4, 2, 8, 8)
@@ -162,11 +163,9 @@ def make_batch(n: int = 4):
 
 def train(method, batch, steps, lr=1e-4, record=None, start=0):
     method.generator = BatchRandom(torch.Generator().manual_seed(start))
-    overrides = getattr(method, "optimizer_overrides", dict)()  # a method's own lr_scale, as the trainer applies it
-    optimizers = {
-        group: torch.optim.AdamW(params, lr=lr * overrides.get(group, {}).get("lr_scale", 1.0))
-        for group, params in method.parameter_groups().items()
-    }
+    groups = method.parameter_groups()
+    settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own lr_scale, as the trainer's
+    optimizers = {group: torch.optim.AdamW(params, **settings[group]) for group, params in groups.items()}
 
     def update(group, loss, terms=None):
         for optimizer in optimizers.values():

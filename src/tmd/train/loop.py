@@ -144,6 +144,24 @@ class TrainResult:
     """EMA state dicts (whole, on the CPU) by EMA module name, loadable with ``module.load_state_dict``."""
 
 
+def optimizer_settings(
+    method, groups, lr: float, betas: tuple[float, float], lr_groups: dict[str, float] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each group's ``lr`` and ``betas``: ``lr_groups[name]`` if given, else ``lr`` times the method's own
+    ``lr_scale`` for the group (``optimizer_overrides()``), and the method's ``betas`` in place of ``betas``."""
+    overrides = getattr(method, "optimizer_overrides", dict)()
+    if set(overrides) - set(groups):
+        raise ValueError(f"optimizer_overrides names unknown groups {sorted(set(overrides) - set(groups))}")
+    lr_groups = lr_groups or {}
+    return {
+        name: {
+            "lr": lr_groups.get(name, lr * overrides.get(name, {}).get("lr_scale", 1.0)),
+            "betas": overrides.get(name, {}).get("betas", betas),
+        }
+        for name in groups
+    }
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,18 +231,10 @@ class Trainer:
         unknown = set(tc.lr_groups) - set(self.groups)
         if unknown:
             raise ValueError(f"train.lr_groups names unknown groups {sorted(unknown)}; groups: {sorted(self.groups)}")
-        overrides = getattr(method, "optimizer_overrides", dict)()
-        if set(overrides) - set(self.groups):
-            raise ValueError(f"optimizer_overrides names unknown groups {sorted(set(overrides) - set(self.groups))}")
+        settings = optimizer_settings(method, self.groups, tc.lr, tc.betas, tc.lr_groups)
         fused = True if self.device.type == "cuda" else None
         self.optimizers = {
-            name: torch.optim.AdamW(
-                params,
-                lr=tc.lr_groups.get(name, tc.lr * overrides.get(name, {}).get("lr_scale", 1.0)),
-                betas=overrides.get(name, {}).get("betas", tc.betas),
-                weight_decay=tc.weight_decay,
-                fused=fused,
-            )
+            name: torch.optim.AdamW(params, **settings[name], weight_decay=tc.weight_decay, fused=fused)
             for name, params in self.groups.items()
         }
         self.schedulers = {
