@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -9,9 +11,10 @@ WORLD_TEACHER = "configs/world_teacher.yaml"
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tests use tiny models: on a loaded 2-core machine one thread is several times faster than two."""
+    """Tests use tiny models: on a loaded 2-core machine one thread is several times faster than two.
+    ``TMD_TEST_THREADS=2`` runs the suite at two, as it must pass there too."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("TMD_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
 

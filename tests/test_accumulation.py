@@ -74,7 +74,38 @@ def train_method(tmp_path, teacher, name, method, grad_accum, steps=2, **train):
     weights = {
         f"{module}.{k}": v.detach().clone() for module, m in trained.state_modules().items() for k, v in m.state_dict().items()
     }
-    return {"weights": weights, "ema": result.ema, "grads": grads, "log": read_metrics(tmp_path)}
+    modules = {id(m): name for name, m in trained.state_modules().items()}
+    ema_of = {ema: modules[id(m)] for ema, m in trained.ema_modules().items()}
+    return {"weights": weights, "ema": result.ema, "ema_of": ema_of, "grads": grads, "log": read_metrics(tmp_path)}
+
+
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the trainer keeps
+SETTLED_GRADIENT = 1e3 * ADAM_EPS
+
+
+def adam_settled(grads: list[tuple[str, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Per parameter, the elements whose AdamW steps the gradient comparison pins down.
+
+    AdamW normalises: its step is ``lr m_hat / (sqrt(v_hat) + eps)``, which moves by about ``delta / |g|`` when
+    the gradient ``g`` moves by ``delta``. ``assert_same_run`` checks gradients to ``delta = 1e-5 |g| + 1e-8``,
+    so wherever ``|g| >= 1e3 eps`` at every step the two runs' steps agree to about ``1e-3 lr`` each. An element
+    whose gradient comes within a few ``eps`` of zero at some step (terms that nearly cancel) can step by up to
+    about ``lr`` on one machine and not on another: there the bound is AdamW's, not the method's."""
+    settled: dict[str, torch.Tensor] = {}
+    for _, step in grads:
+        for key, grad in step.items():
+            big = grad.abs() >= SETTLED_GRADIENT
+            settled[key] = settled[key] & big if key in settled else big
+    return settled
+
+
+def assert_close_after_adam(value, expected, settled, lr, steps, msg):
+    if settled is None:  # a buffer, or a parameter this run never updated: no AdamW step to amplify noise
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7, msg=msg)
+        return
+    torch.testing.assert_close(value[settled], expected[settled], rtol=1e-5, atol=5e-3 * steps * lr, msg=msg)
+    # the unsettled elements: at most AdamW's largest normalised step (1 with bias correction) per step, each side
+    assert torch.all((value - expected).abs()[~settled] <= 2 * steps * lr * (1 + 1e-3)), msg
 
 
 def assert_same_run(a, b, lr=1e-3):
@@ -83,13 +114,14 @@ def assert_same_run(a, b, lr=1e-3):
         assert grads_a.keys() == grads_b.keys()
         for key in grads_a:
             torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-8, msg=f"{group}: {key}")
-    # AdamW's first steps move every parameter by about lr whatever its gradient's size, so the float noise
-    # of a gradient that is analytically zero (the gap embedder's output bias cancels) shows up as ~0.1 lr
+    settled, steps = adam_settled(b["grads"]), len(b["grads"])
     for key, value in a["weights"].items():
-        torch.testing.assert_close(value, b["weights"][key], rtol=1e-5, atol=0.2 * lr, msg=key)
+        assert_close_after_adam(value, b["weights"][key], settled.get(key), lr, steps, key)
     for name, ema in a["ema"].items():
         for key, value in ema.items():
-            torch.testing.assert_close(value, b["ema"][name][key], rtol=1e-5, atol=0.2 * lr, msg=key)
+            assert_close_after_adam(
+                value, b["ema"][name][key], settled.get(f"{a['ema_of'][name]}.{key}"), lr, steps, f"ema {name}: {key}"
+            )
     log_a, log_b = a["log"], b["log"]
     assert [r.keys() for r in log_a] == [r.keys() for r in log_b]
     for ra, rb in zip(log_a, log_b):
@@ -184,5 +216,5 @@ def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pi
     assert_close_records(losses(tmp_path / "two"), losses(tmp_path / "one"))
     a, b = (load_file(str(tmp_path / run / "student.safetensors")) for run in ("two", "one"))
     assert a.keys() == b.keys() and not any("lora_" in k for k in a)
-    for key in a:  # AdamW's first steps turn the float noise of analytically zero gradients into ~0.1 lr
+    for key in a:  # AdamW's normalised steps turn the float noise of near-cancelling gradients into up to ~lr (above)
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=0.2 * 1e-4, msg=key)

@@ -200,3 +200,26 @@ def test_tmd_pipeline_keeps_the_students_inner_flow(tmp_path, pipeline):  # noqa
         rtol=0,
         atol=0,
     )
+
+
+def test_exports_written_with_the_old_gap_bias_still_load(tmp_path, pipeline):  # noqa: F811
+    """Folders written before the gap embedder lost its output bias hold ``gap_embedder.linear_2.bias``: it
+    cancelled in ``gap_embedding``, so both loaders drop it and sample exactly as before."""
+    from tmd.models.export import export_student
+    from tmd.models.folder import PARTS_FILE
+    from tmd.models.split import OLD_GAP_BIAS
+
+    student = perturbed(TMDStudent.from_teacher(load_teacher(pipeline), head_blocks=1)).eval()
+    assert OLD_GAP_BIAS not in {f"gap_embedder.{k}" for k in student.gap_embedder.state_dict()}
+    export_student(student, tmp_path / "student", pipeline)
+    export_pipeline(student, tmp_path / "pipe", pipeline, {"num_outer_steps": 2, "num_inner_steps": 2})
+    old_bias = torch.randn(student.gap_embedder.linear_1.out_features)
+    pipe_parts = tmp_path / "pipe" / "tmd_parts" / "diffusion_pytorch_model.safetensors"
+    for file, key in ((tmp_path / "student" / PARTS_FILE, OLD_GAP_BIAS), (pipe_parts, OLD_GAP_BIAS)):
+        save_file({**load_file(str(file)), key: old_bias}, str(file))
+    noise, cond = inputs(pipeline)
+    expected = sample_tmd(student, noise, cond, 2, 2, torch.Generator().manual_seed(1))
+    for loaded in (TMDStudent.from_pretrained(tmp_path / "student"), TMDPipeline.from_pretrained(tmp_path / "pipe").student()):
+        torch.testing.assert_close(
+            sample_tmd(loaded, noise, cond, 2, 2, torch.Generator().manual_seed(1)), expected, rtol=0, atol=0
+        )

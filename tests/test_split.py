@@ -28,6 +28,8 @@ def test_student_is_a_copy_and_all_new_parts_learn(tiny_teacher, tiny_inputs):
     # zero-initialised parts get a gradient on the first step, so training can move them
     assert student.fusion.proj.weight.grad.abs().sum() > 0
     assert student.gap_embedder.linear_2.weight.grad.abs().sum() > 0
+    # an output bias would cancel in gap_embedding: a trained parameter with a zero gradient by construction
+    assert student.gap_embedder.linear_2.bias is None
     assert student.transformer.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny_teacher.parameters())
     # the inner block sits behind the zero fusion projection: it learns once that has moved

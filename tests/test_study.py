@@ -153,13 +153,17 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     assert sum(r.seed == 0 for r in runs) == 11 and {r.seed for r in runs} == {None, 0, 1, 2}
     assert len({r.key for r in runs}) == len(runs)
     ablations, _ = load_study("study_ablations.yaml")
-    assert len(ablations.paired) == 10 and ablations.seeds == [0, 1]
+    assert len(ablations.paired) == 11 and ablations.seeds == [0, 1]
     defaults = ("tm_n2_m2", "tmd_n2_m2", "dmd2_m2")
     shared = {(r.name, r.seed): r.key for r in plan(ablations) if r.name in defaults}
     assert len(shared) == 8 and shared == {(r.name, r.seed): r.key for r in runs if (r.name, r.seed) in shared}
     budget, _ = load_study("study_budget.yaml")
     stage1 = {(r.name, r.seed): r.key for r in plan(budget) if r.name == "tm_n2_m2"}
     assert stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2" and r.seed in (0, 1)}
+    paper, _ = load_study("study_paper_budget.yaml")
+    stage1 = {(r.name, r.seed): r.key for r in plan(paper) if r.name == "tm_n2_m2"}
+    assert len(stage1) == 3 and stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2"}
+    assert paper.checkpoint_every == 250 and {r.config["train"]["steps"] for r in plan(paper) if r.spec.score} == {4000}
     baselines, _ = load_study("study_baselines.yaml")
     read = ("dmd2_m1", "dmd2_m2", "tm_n2_m2", "tmd_n2_m2")  # read from the main table's records, not retrained
     assert {(r.name, r.seed): r.key for r in plan(baselines) if r.name in read} == {
@@ -350,3 +354,49 @@ def test_eval_every_logs_curve_points_without_changing_the_run(tiny_assets, tmp_
     a, b = load_file(str(with_eval.weights)), load_file(str(plain.weights))
     assert all((a[k] == b[k]).all() for k in a)
     assert math.isfinite(read_metrics(tmp_path / "plain")[-1]["loss/generator"])
+
+
+def test_a_run_killed_mid_way_resumes_from_its_checkpoint_to_the_uninterrupted_record(tiny_assets, tmp_path, monkeypatch):
+    from tmd.train.loop import Trainer
+
+    data = tiny_study(tiny_assets, tmp_path / "report", checkpoint_every=2, seeds=[0], eval={"noise_seeds": [0]})
+    data["runs"] = {name: data["runs"][name] for name in ("stage1", "tmd")}
+    data["runs"]["tmd"]["config"]["train"].update(steps=6, eval_every=2)
+    data["paired"] = []
+    path = write_study(tmp_path, data)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert main(study_args(straight, path)) == 0
+
+    real_save, saved = Trainer.save, []
+
+    def killed_after_step_4(trainer):
+        checkpoint = real_save(trainer)
+        saved.append(trainer.step)
+        if trainer.cfg.method_name == "tmd" and trainer.step == 4:
+            raise KeyboardInterrupt  # the machine goes away right after the second checkpoint
+        return checkpoint
+
+    monkeypatch.setattr(Trainer, "save", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(study_args(interrupted, path))
+    monkeypatch.setattr(Trainer, "save", real_save)
+    key = plan(load_study(path)[0])[-1].key
+    assert not (interrupted / "records" / f"{key}.json").exists()
+    assert (interrupted / "work" / key / "checkpoints" / "step_0000004").is_dir()
+    assert main(study_args(interrupted, path)) == 0
+
+    def comparable(run):
+        record = json.loads((run / "records" / f"{key}.json").read_text())
+        untimed = lambda row: {k: v for k, v in row.items() if "seconds" not in k and k != "time"}  # noqa: E731
+        return {
+            # not the files' hashes: their metadata names paths in each study's own work folder
+            "weights": {k: v.tolist() for k, v in load_file(str(run / "work" / key / "student.safetensors")).items()},
+            "scores": [untimed(row) for row in record["scores"]],
+            "curve": [untimed(point) for point in record["curve"]],
+            "final": untimed(record["final_metrics"]),
+        }, record.get("resumed_from_steps")
+
+    (resumed, steps), (uninterrupted, none) = comparable(interrupted), comparable(straight)
+    assert steps == [4] and none is None
+    assert [p["step"] for p in resumed["curve"]] == [0, 2, 4, 6]
+    assert resumed == uninterrupted

@@ -10,8 +10,12 @@ the study's ``version``. Equal keys are one run, so stage-2 runs whose stage-1 c
 A run is finished when ``<records>/<key>.json`` exists (committed: config, scores per evaluation noise
 seed, the training curve, wall time, machine, git commit); weights stay in ``<work>/<key>/``. So a stopped
 study resumes, a finished run is never retrained, and a study that still has to train a stage-2 run on a
-machine without its stage-1 weights retrains that stage 1 for its weights (keeping its record). Unfinished
-runs restart from scratch: a killed study loses the runs in flight only. ``--jobs J`` trains J runs at a
+machine without its stage-1 weights retrains that stage 1 for its weights (keeping its record). A run in
+flight checkpoints every ``checkpoint_every`` iterations into ``<work>/<key>/checkpoints`` and continues
+from its last checkpoint the next time the study starts, to the same weights and record as an
+uninterrupted run (the trainer resumes bit-exactly): a killed study loses at most ``checkpoint_every``
+iterations of each run in flight. Checkpoints live in the work folder, never in the records: on another
+machine an unfinished run starts again from scratch. ``--jobs J`` trains J runs at a
 time, each in its own process with ``--threads`` torch threads; ``--jobs 1`` trains in this process.
 """
 
@@ -128,10 +132,14 @@ class StudyConfig:
     seconds_per_sample: dict[str, float] = field(default_factory=dict)
     """Training seconds per iteration per batch element, by method: the dry run's and the ETA's estimate
     until this study's own records measure it."""
+    checkpoint_every: int = 250
+    """Iterations between a run's checkpoints, what an interrupted run resumes from (not part of any key)."""
 
     def __post_init__(self):
         if not self.runs:
             raise ValueError("a study needs at least one run")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         for name, spec in self.runs.items():
@@ -361,7 +369,10 @@ def _task_payload(task: Task, study: StudyConfig, records: Path, work: Path, com
     config = None
     if run.config is not None:
         config = copy.deepcopy(run.config)
-        config["train"].update(out_dir=str(work / run.key), progress=False)
+        # one checkpoint kept: a resume needs only the newest, and a study holds many runs' folders
+        config["train"].update(
+            out_dir=str(work / run.key), progress=False, checkpoint_every=study.checkpoint_every, keep_checkpoints=1
+        )
         if run.parent is not None:
             config["method"]["init_from"] = str(_weights(work, run.parent.key))
     return {
@@ -467,7 +478,9 @@ def write_json(path: Path, data: Any) -> None:
 def execute(payload: dict[str, Any]) -> None:
     """Train (unless the teacher), score and write the record of one task."""
     from tmd.data.world_data import WorldAssets
+    from tmd.train.checkpoint import latest_checkpoint
     from tmd.train.logging import read_metrics
+    from tmd.train.resume import CHECKPOINT_DIR, HISTORY_FILE
     from tmd.train.run import train_run
 
     began, machine_start, code = time.perf_counter(), machine(), git_commit()  # the code as it was imported
@@ -481,9 +494,15 @@ def execute(payload: dict[str, Any]) -> None:
         cfg = from_dict(RunConfig, payload["config"], source=f"study run {payload['name']} ({payload['key']})")
         assets = WorldAssets(cfg.data.assets)
         run_dir = Path(cfg.train.out_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run restarts from scratch
-        trained = train_run(cfg, assets=assets)
-        wall["train"] = time.perf_counter() - began
+        resume = latest_checkpoint(run_dir / CHECKPOINT_DIR) is not None
+        if not resume:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a start that never checkpointed left nothing to keep
+        trained = train_run(cfg, assets=assets, resume=resume)
+        wall["train"] = time.perf_counter() - began  # this process's share when the run was resumed
+        history = run_dir / HISTORY_FILE
+        if history.is_file():
+            lines = history.read_text().splitlines()
+            record["resumed_from_steps"] = [json.loads(line)["resumed_from_step"] for line in lines if line.strip()]
         if payload["kind"] == "weights":
             return
         metrics = read_metrics(run_dir)
@@ -615,7 +634,7 @@ def run_tasks(
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
-            progress.line(f"stopped {task.run.display}: it restarts from scratch next time")
+            progress.line(f"stopped {task.run.display}: it resumes from its last checkpoint next time")
         raise
     return failed
 

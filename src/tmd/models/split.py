@@ -48,6 +48,20 @@ from tmd.models.wan import (
 Fusion = Literal["gated", "concat"]
 
 
+OLD_GAP_BIAS = "gap_embedder.linear_2.bias"
+"""Exports and pipelines written before the gap embedder lost its output bias hold this key; the bias
+cancelled in ``gap_embedding``, so dropping it loads them unchanged."""
+
+
+def gap_embedder(freq_dim: int, dim: int) -> TimestepEmbedding:
+    """The embedder of ``s - r``: a Wan timestep embedding whose output layer has no bias. ``gap_embedding``
+    subtracts the embedding at 0, which would cancel an output bias exactly, so its gradient would be zero
+    by construction and AdamW would turn that zero's float noise into steps of about the learning rate."""
+    embedder = TimestepEmbedding(freq_dim, dim)
+    embedder.linear_2 = nn.Linear(dim, dim, bias=False)
+    return embedder
+
+
 class InnerStateBlock(nn.Module):
     """AdaLN-MLP block with a gated residual; the gate starts at zero so the block starts as identity."""
 
@@ -130,9 +144,8 @@ class TMDStudent(WanModule):
         dtype = teacher.dtype
         self.inner_block = InnerStateBlock(dim, eps=self.transformer.config.eps).to(dtype)
         self.fusion = FUSIONS[fusion](dim).to(dtype)
-        self.gap_embedder = TimestepEmbedding(self.transformer.config.freq_dim, dim)
+        self.gap_embedder = gap_embedder(self.transformer.config.freq_dim, dim)
         nn.init.zeros_(self.gap_embedder.linear_2.weight)
-        nn.init.zeros_(self.gap_embedder.linear_2.bias)
         self.activation_checkpointing = False
 
     @classmethod
@@ -163,6 +176,7 @@ class TMDStudent(WanModule):
         student = cls(WanTeacher(cast_transformer(skeleton, dtype)), config["head_blocks"], config["fusion"], **inner_flow)
         student.transformer = load_teacher(path / TRANSFORMER_DIR, dtype=dtype).transformer
         parts = load_file(str(path / PARTS_FILE))
+        parts.pop(OLD_GAP_BIAS, None)
         result = nn.ModuleDict({name: getattr(student, name) for name in TMD_PARTS}).load_state_dict(parts, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, ModelMixin, WanPipeline, WanTransformer3DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from diffusers.utils import logging
 from diffusers.video_processor import VideoProcessor
@@ -22,7 +21,7 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from tmd import flow
 from tmd.models.folder import TMD_PARTS
-from tmd.models.split import FUSIONS, InnerStateBlock, TMDStudent
+from tmd.models.split import FUSIONS, OLD_GAP_BIAS, InnerStateBlock, TMDStudent, gap_embedder
 from tmd.models.vae import denormalize_latents
 from tmd.models.wan import load_teacher
 from tmd.sampling import sample_tmd
@@ -35,6 +34,7 @@ class TMDParts(ModelMixin, ConfigMixin):
     ``fusion_type``: a config key named like a submodule would shadow it.)"""
 
     _keep_in_fp32_modules = ["gap_embedder"]  # fed the float32 sinusoidal projection, as in TMDStudent
+    _keys_to_ignore_on_load_unexpected = [OLD_GAP_BIAS.replace(".", "\\.")]
 
     @register_to_config
     def __init__(
@@ -58,7 +58,7 @@ class TMDParts(ModelMixin, ConfigMixin):
         flow.check_transition_target(transition_target)
         self.inner_block = InnerStateBlock(dim, eps=eps)
         self.fusion = FUSIONS[fusion_type](dim)
-        self.gap_embedder = TimestepEmbedding(freq_dim, dim)
+        self.gap_embedder = gap_embedder(freq_dim, dim)
 
     @classmethod
     def from_student(cls, student: TMDStudent, **sampling) -> TMDParts:
