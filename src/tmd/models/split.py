@@ -58,7 +58,9 @@ def gap_embedder(freq_dim: int, dim: int) -> TimestepEmbedding:
     subtracts the embedding at 0, which would cancel an output bias exactly, so its gradient would be zero
     by construction and AdamW would turn that zero's float noise into steps of about the learning rate."""
     embedder = TimestepEmbedding(freq_dim, dim)
-    embedder.linear_2 = nn.Linear(dim, dim, bias=False)
+    # removed rather than built without: the global RNG then draws what it always drew, so every module
+    # initialised after this one (fake score, discriminator) starts from the same weights as before
+    embedder.linear_2.bias = None
     return embedder
 
 
