@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m tmd.gpu_check "$@"
+exec "${PYTHON:-python}" -m tmd.programs.gpu_check "$@"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from tmd.data.world_data import WorldAssets
+from tmd.world.data import WorldAssets
 
 PART = re.compile(r"(?:transformer\.)?(blocks\.\d+|[a-z_]+)")
 

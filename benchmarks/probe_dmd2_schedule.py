@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from tmd.data.world_data import eval_prompts
-from tmd.demo import Demo
 from tmd.eval.samplers import evaluate_sampler
+from tmd.programs.demo import Demo
 from tmd.sampling import sample_few_step
+from tmd.world.data import eval_prompts
 
 
 def main(name: str, overrides: dict) -> dict:

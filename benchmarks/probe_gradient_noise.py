@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from tmd.config import RunConfig, from_dict
-from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.methods import get_method
-from tmd.study import load_study, plan
+from tmd.programs.study import load_study, plan
 from tmd.train.logging import read_metrics
 from tmd.train.loop import Trainer, seed_everything
 from tmd.train.run import STUDENT_FILE, teacher_and_data
+from tmd.world.data import WorldAssets, world_data_source
 
 PROBE_DATA_SEED = 1_000_003
 """The probe's batches come from their own data stream, never from the run's."""

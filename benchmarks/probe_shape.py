@@ -27,12 +27,12 @@ import torch
 
 from tmd import flow
 from tmd.config import RunConfig, from_dict
-from tmd.data.world import SHAPES, WorldConfig, parse_prompt, sample_videos
-from tmd.data.world_data import WorldAssets, eval_prompts
-from tmd.eval.benchmark import _detect
 from tmd.eval.samplers import sampler
 from tmd.models.export import student_from_run
 from tmd.sampling import few_step_transition, guided_velocity, tmd_transition
+from tmd.world.benchmark import _detect
+from tmd.world.data import WorldAssets, eval_prompts
+from tmd.world.spec import SHAPES, WorldConfig, parse_prompt, sample_videos
 
 NOISE_SEEDS = (0, 1, 2, 3)
 

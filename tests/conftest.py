@@ -3,10 +3,10 @@ import os
 import pytest
 import torch
 
-from tmd.cli import main
 from tmd.models.wan import load_teacher
+from tmd.programs.cli import main
 
-WORLD_TEACHER = "configs/world_teacher.yaml"
+WORLD_TEACHER = "world_teacher.yaml"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -221,7 +221,7 @@ def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pi
     the losses and the exported student of one process with the whole batch of 4 in one pass."""
     from test_distributed import assert_close_records, losses, prepared_tmd_config, torchrun
 
-    from tmd.cli import main
+    from tmd.programs.cli import main
 
     train = "steps: 2, batch_size: 4, log_every: 1, progress: false, tensorboard: false, lora: {rank: 4}"
     config = prepared_tmd_config(tmp_path, videos, pipeline, train)

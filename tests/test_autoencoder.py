@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from tmd.models.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderConfig, VideoAutoencoder
-from tmd.train.autoencoder import train_autoencoder
+from tmd.world.autoencoder import CONFIG_NAME, WEIGHTS_NAME, AutoencoderConfig, VideoAutoencoder
+from tmd.world.autoencoder_training import train_autoencoder
 
 TINY = dict(base_channels=8, latent_channels=4)
 

@@ -3,10 +3,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tmd.bench import BenchSettings, format_report, run_bench
 from tmd.eval import flops
 from tmd.models.split import TMDStudent
 from tmd.models.wan import WAN_1_3B_CONFIG, WAN_1_3B_LATENT
+from tmd.programs.bench import BenchSettings, format_report, run_bench
 
 LATENT = (4, 2, 8, 8)
 TEXT_LEN = 5

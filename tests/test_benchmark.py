@@ -5,8 +5,7 @@ import time
 import pytest
 import torch
 
-from tmd.data.world import COLOURS, WorldConfig, all_prompts, sample_videos
-from tmd.eval.benchmark import (
+from tmd.world.benchmark import (
     QUALITY_DIMS,
     SEMANTIC_DIMS,
     BenchmarkResult,
@@ -14,6 +13,7 @@ from tmd.eval.benchmark import (
     mean_video_baseline,
     score_videos,
 )
+from tmd.world.spec import COLOURS, WorldConfig, all_prompts, sample_videos
 
 CFG = WorldConfig()
 # 16 prompts covering every colour, shape and direction, 32 seeds each.

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 from test_generate import SIZE, build_tiny_pipeline, generate_args
 
-from tmd.cli import _parse, build_parser, main
 from tmd.errors import ConfigError, NonFiniteLossError
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
+from tmd.programs.cli import _parse, build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_truncated_safetensors_file_is_named(tmp_path, pipeline, capsys):
     args = [
         "train",
         "--config",
-        "configs/world_tmd_stage2.yaml",
+        "world_tmd_stage2.yaml",
         f"method.init_from={weights}",
         f"train.out_dir={tmp_path / 'r'}",
     ]
@@ -96,7 +96,7 @@ def test_a_nan_loss_is_one_line_with_the_step_metrics_jsonl_counts(tmp_path, cap
     args = [
         "train",
         "--config",
-        "configs/world_tmd_stage1.yaml",
+        "world_tmd_stage1.yaml",
         "train.steps=3",
         "train.batch_size=2",
         "train.lr=1e30",
@@ -113,15 +113,29 @@ def test_a_nan_loss_is_one_line_with_the_step_metrics_jsonl_counts(tmp_path, cap
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    for args in (["--debug", "train", "--config", "configs"], ["train", "--config", "configs", "--debug"]):
+    for args in (["--debug", "train", "--config", str(tmp_path)], ["train", "--config", str(tmp_path), "--debug"]):
         with pytest.raises(ConfigError, match="is a directory"):
             main(args)
 
 
-def test_a_directory_as_config_is_not_reported_missing(capsys):
+def test_a_directory_as_config_is_not_reported_missing(capsys, tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("train: {}\n")
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", "configs"]) == 2
     err = one_line_error(capsys, "train")
-    assert "'configs' is a directory; give a YAML file: one of configs/wan1.3b_tmd_stage1.yaml" in err
+    assert "'configs' is a directory; give a YAML file: one of configs/a.yaml" in err
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(capsys, tmp_path, monkeypatch):
+    from tmd.config import RunConfig, find_config, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(RunConfig, "world_dmd2.yaml").method_name == "dmd2"
+    assert find_config("study_main.yaml").parent == find_config("world_teacher.yaml").parent
+    assert main(["train", "--config", "world_dmd3.yaml"]) == 2
+    err = one_line_error(capsys, "train")
+    assert "config file 'world_dmd3.yaml' does not exist (shipped configs, found by name:" in err and "world_dmd2.yaml" in err
 
 
 def test_overrides_may_follow_other_options():

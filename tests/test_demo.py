@@ -5,20 +5,20 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tmd.cli import main
-from tmd.demo import PRESETS, Preset, run_demo
+from tmd.programs.cli import main
+from tmd.programs.demo import PRESETS, Preset, run_demo
 
 
 def test_train_stage1_then_stage2_from_its_export(tiny_assets, tmp_path):
     common = [f"data.assets={tiny_assets}", "train.steps=2", "train.batch_size=2", "train.progress=false", "method.head_blocks=1"]
     stage1 = tmp_path / "stage1"
-    assert main(["train", "--config", "configs/world_tmd_stage1.yaml", *common, f"train.out_dir={stage1}"]) == 0
+    assert main(["train", "--config", "world_tmd_stage1.yaml", *common, f"train.out_dir={stage1}"]) == 0
     weights = load_file(str(stage1 / "student.safetensors"))
     assert "fusion.gate_logit" in weights and (stage1 / "config.yaml").is_file()
 
     stage2 = tmp_path / "stage2"
     args = [*common, f"train.out_dir={stage2}", f"method.init_from={stage1 / 'student.safetensors'}", "method.generator_every=2"]
-    assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *args]) == 0
+    assert main(["train", "--config", "world_tmd_stage2.yaml", *args]) == 0
     assert (stage2 / "student.safetensors").is_file()
     records = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert {"loss/generator", "loss/fake_score", "loss/discriminator"} <= set(records[-1])
@@ -27,10 +27,7 @@ def test_train_stage1_then_stage2_from_its_export(tiny_assets, tmp_path):
 def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
     stage1 = tmp_path / "stage1"
     common = [f"data.assets={tiny_assets}", "train.steps=1", "train.batch_size=2", "train.progress=false"]
-    assert (
-        main(["train", "--config", "configs/world_tmd_stage1.yaml", *common, "method.head_blocks=1", f"train.out_dir={stage1}"])
-        == 0
-    )
+    assert main(["train", "--config", "world_tmd_stage1.yaml", *common, "method.head_blocks=1", f"train.out_dir={stage1}"]) == 0
     args = [
         *common,
         "method.head_blocks=2",
@@ -38,9 +35,9 @@ def test_stage2_rejects_weights_of_another_split(tiny_assets, tmp_path, capsys):
         f"train.out_dir={tmp_path / 's2'}",
     ]
     # parameter names are the same for every H: the export's metadata is what tells the splits apart
-    assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *args]) == 2
+    assert main(["train", "--config", "world_tmd_stage2.yaml", *args]) == 2
     assert "was trained with head_blocks=1, this student has head_blocks=2" in capsys.readouterr().err
-    assert main(["train", "--config", "configs/world_tmd_stage2.yaml", *common, "method.init_from=/nope.safetensors"]) == 2
+    assert main(["train", "--config", "world_tmd_stage2.yaml", *common, "method.init_from=/nope.safetensors"]) == 2
     assert "no student weights at /nope.safetensors" in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_generate import FRAMES, HEIGHT, WIDTH, generate_args, read_mp4
 from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
-from tmd.cli import main
+from tmd.programs.cli import main
 from tmd.rng import BatchRandom
 from tmd.train.distributed import DistContext, check_global_batch, slice_batch
 from tmd.train.logging import read_metrics

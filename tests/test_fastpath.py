@@ -2,7 +2,7 @@ import pytest
 import torch
 from mog import MLPVelocity
 
-from tmd.fastpath import ATTENTION_KERNELS, attention_kernel, compile_blocks
+from tmd.models.fastpath import ATTENTION_KERNELS, attention_kernel, compile_blocks
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
 

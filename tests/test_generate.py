@@ -9,15 +9,15 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
 from safetensors.torch import load_file, save_file
 
-from tmd.cli import main
-from tmd.generate import generate
 from tmd.models.export import export_student
 from tmd.models.split import TMDStudent
-from tmd.models.text import build_tiny_text_encoder
 from tmd.models.vae import decode_video, denormalize_latents, load_vae, normalize_latents
 from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
 from tmd.pipelines.export import export_run
+from tmd.programs.cli import main
+from tmd.programs.generate import generate
 from tmd.sampling import sample_few_step, sample_tmd
+from tmd.world.text import build_tiny_text_encoder
 
 VOCABULARY = ["a", "red", "blue", "circle", "square", "moving", "left", "right"]
 FRAMES, HEIGHT, WIDTH = 5, 32, 32  # latents (4, 2, 4, 4): 8 tokens

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 from test_generate import read_mp4
 
-from tmd.cli import main
 from tmd.config import RunConfig, from_dict
-from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR, WorldAssets
-from tmd.generate_world import SCALE
+from tmd.programs.cli import main
 from tmd.sampling import sample_tmd
 from tmd.train.run import train_run
+from tmd.world.data import DEFAULT_ASSETS, TEACHER_DIR, WorldAssets
+from tmd.world.generate import SCALE
 
 PROMPT = "a red circle moving right"
 
@@ -91,7 +91,7 @@ def test_a_linvideo_run_generates_like_a_teacher(tmp_path):
             [
                 "train",
                 "--config",
-                "configs/world_linvideo.yaml",
+                "world_linvideo.yaml",
                 "train.steps=1",
                 "train.batch_size=2",
                 "method.selection_steps=1",

@@ -12,8 +12,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from tmd.bench import attention_scaling, token_grid
-from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, load_config, to_dict
 from tmd.data.prepare import prepare
 from tmd.eval.report import findings
@@ -34,6 +32,8 @@ from tmd.models.linear_attention import (
     softmax_ratios,
 )
 from tmd.models.wan import load_teacher
+from tmd.programs.bench import attention_scaling, token_grid
+from tmd.programs.cli import main
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
 from tmd.train.loop import optimizer_settings
@@ -391,7 +391,7 @@ def test_tmd_distils_a_linearised_teacher(tiny_teacher, tiny_inputs, linearised_
 
 def test_the_linearised_teacher_path_is_checked(tiny_teacher, linearised_export, tmp_path):
     def load(path, *overrides):
-        return load_config(RunConfig, "configs/world_tmd_stage1.yaml", [f"data.linearised_teacher={path}", *overrides])
+        return load_config(RunConfig, "world_tmd_stage1.yaml", [f"data.linearised_teacher={path}", *overrides])
 
     assert load(linearised_export).data.linearised_teacher == str(linearised_export)
     with pytest.raises(ConfigError, match=r"key 'data.linearised_teacher': path '.*nowhere.safetensors' does not exist"):

@@ -70,7 +70,7 @@ def test_only_adapters_new_parts_and_discriminator_train(tmp_path):
 def test_world_lora_run_exports_the_merged_model(tmp_path):
     from test_generate_world import train_world_tmd
 
-    from tmd.data.world_data import WorldAssets
+    from tmd.world.data import WorldAssets
 
     assets = WorldAssets()
     lora = {**LORA, "target_modules": ["to_q", "to_v", "ffn.net.0.proj"]}
@@ -124,13 +124,13 @@ def test_lora_errors():
 
 
 def test_memory_estimate_with_and_without_lora():
-    full = estimate_for_config("configs/wan1.3b_tmd_stage2.yaml", "wan1.3b")
-    lora = estimate_for_config("configs/wan1.3b_tmd_stage2.yaml", "wan1.3b", ["train.lora.rank=64"])
+    full = estimate_for_config("wan1.3b_tmd_stage2.yaml", "wan1.3b")
+    lora = estimate_for_config("wan1.3b_tmd_stage2.yaml", "wan1.3b", ["train.lora.rank=64"])
     assert full["frozen"] == 0 and full["trainable_parameters"] > 2.8e9  # student + fake score + discriminator
     assert lora["trainable_parameters"] < 0.1 * full["trainable_parameters"]
     assert lora["frozen"] == pytest.approx(2 * full["teacher"], rel=0.01)  # two frozen fp32 Wan copies
     assert lora["total"] < 0.4 * full["total"]
-    sharded = estimate_for_config("configs/wan1.3b_tmd_stage2.yaml", "wan1.3b", ["train.lora.rank=64"], world_size=8)
+    sharded = estimate_for_config("wan1.3b_tmd_stage2.yaml", "wan1.3b", ["train.lora.rank=64"], world_size=8)
     assert sharded["total"] == pytest.approx(lora["total"] / 8)
     tiny = load_teacher("tiny")
     method = get_method("dmd2").from_teacher(get_method("dmd2").Config(gan_weight=0.0), tiny)

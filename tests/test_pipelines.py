@@ -22,12 +22,12 @@ from test_generate import (  # noqa: F401  (fixture)
 )
 
 from tmd import flow
-from tmd.cli import main
 from tmd.models.split import TMDStudent
 from tmd.models.text import TextEncoder
 from tmd.models.wan import load_teacher
 from tmd.pipelines import TMDPipeline, export_pipeline
 from tmd.pipelines.export import FEW_STEP_FILE, scheduler_grid
+from tmd.programs.cli import main
 from tmd.sampling import sample_few_step, sample_tmd, sample_with_scheduler
 
 SIZE = {"height": HEIGHT, "width": WIDTH, "num_frames": FRAMES}

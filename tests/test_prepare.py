@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file
 from test_generate import build_tiny_pipeline
 
-from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, load_config
 from tmd.data import prepare as prep
 from tmd.data.prepare import PreparedDataset, load_clip, prepare
 from tmd.models.vae import load_vae, normalize_latents
+from tmd.programs.cli import main
 
 FRAMES, SIZE = 5, 32
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from test_trainer import run
 
-from tmd.cli import main
 from tmd.errors import ResumeError
+from tmd.programs.cli import main
 from tmd.train.resume import CONFIG_FILE, HISTORY_FILE
 
 
@@ -58,7 +58,7 @@ def test_tmd_train_refuses_another_head_split(tmp_path, capsys):
     on H = 2 weights (the parameter names are the same for every split). The config's H is 1 now."""
     args = [
         "--config",
-        "configs/world_tmd_stage1.yaml",
+        "world_tmd_stage1.yaml",
         "train.steps=1",
         "train.batch_size=2",
         "train.progress=false",

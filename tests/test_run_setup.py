@@ -38,7 +38,7 @@ def test_shipped_run_configs_load(name, tmp_path):
     overrides = ["method.init_from=null"] if name.endswith("stage2") else []
     if name.startswith("wan"):
         overrides.append(f"data.path={tmp_path}")
-    cfg = load_config(RunConfig, f"configs/{name}.yaml", overrides)
+    cfg = load_config(RunConfig, f"{name}.yaml", overrides)
     assert cfg.method_name in ("tm", "tmd", "dmd2", "linvideo")
     if name.startswith("wan"):
         # Table 7: batch 64, H = 5 (N2H5 of 30, N4H5 of 40), lr 1e-5 except 1.3B's stage 1 (3e-5)

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tmd import study as study_module
-from tmd.cli import main
 from tmd.config import ConfigError, RunConfig, from_dict
 from tmd.eval.stats import paired_difference, t_interval, variance_components
-from tmd.study import StudyConfig, load_study, plan, select, tasks
+from tmd.programs import study as study_module
+from tmd.programs.cli import main
+from tmd.programs.study import StudyConfig, load_study, plan, select, tasks
 
 
 def tiny_study(assets, report_dir, **changes) -> dict:

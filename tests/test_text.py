@@ -8,13 +8,8 @@ import torch
 from transformers import UMT5EncoderModel
 
 from tmd.errors import PromptError, TmdWarning
-from tmd.models.text import (
-    SYNTHETIC_NEGATIVE_PROMPT,
-    WAN_NEGATIVE_PROMPT,
-    TextEncoder,
-    build_tiny_text_encoder,
-    build_word_tokenizer,
-)
+from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
+from tmd.world.text import SYNTHETIC_NEGATIVE_PROMPT, build_tiny_text_encoder, build_word_tokenizer
 
 VOCAB = ["a", "red", "blue", "circle", "square", "moves", "left", "right"]
 PROMPTS = ["a red circle moves left", "A  BLUE square", SYNTHETIC_NEGATIVE_PROMPT]

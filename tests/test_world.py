@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from tmd.data.world import (
+from tmd.world.spec import (
     COLOURS,
     DIRECTIONS,
     SHAPES,

@@ -3,17 +3,17 @@ import json
 import pytest
 import torch
 
-from tmd.cli import main
 from tmd.config import ConfigError, load_config
-from tmd.data.world import all_prompts, world_vocabulary
-from tmd.data.world_data import DEFAULT_ASSETS, PromptEmbeddings, WorldAssets, world_data_source
 from tmd.eval.samplers import evaluate_sampler
-from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-from tmd.models.text import build_tiny_text_encoder
+from tmd.programs.cli import main
 from tmd.sampling import sample_teacher
-from tmd.train.world_teacher import WorldTeacherConfig
+from tmd.world.autoencoder import AutoencoderConfig, VideoAutoencoder
+from tmd.world.data import DEFAULT_ASSETS, PromptEmbeddings, WorldAssets, world_data_source
+from tmd.world.spec import all_prompts, world_vocabulary
+from tmd.world.teacher import WorldTeacherConfig
+from tmd.world.text import build_tiny_text_encoder
 
-CONFIG = "configs/world_teacher.yaml"
+CONFIG = "world_teacher.yaml"
 
 
 @pytest.fixture(scope="module")

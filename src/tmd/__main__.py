@@ -1,5 +1,5 @@
 import sys
 
-from tmd.cli import main
+from tmd.programs.cli import main
 
 sys.exit(main())

@@ -28,6 +28,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -61,7 +62,7 @@ METHOD_CONFIGS: dict[str, type] = {}
 DATA_CONFIGS: dict[str, type] = {}
 """Data kind -> dataclass of its options (the ``data:`` section)."""
 
-PLUGIN_MODULES = ("tmd.methods", "tmd.data.world_data", "tmd.data.prepare")
+PLUGIN_MODULES = ("tmd.methods", "tmd.world.data", "tmd.data.prepare")
 """Imported once when a name is not registered yet: importing them registers the built-in configs."""
 
 
@@ -274,6 +275,24 @@ class _Context:
         return f"{self.source} with overrides {' '.join(self.overrides.values())}"
 
 
+def shipped_configs() -> Path:
+    """The folder of the configs that ship with the package (run configs and study files), as installed."""
+    return Path(str(resources.files("tmd") / "configs"))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """``path`` when it is a file; else, for a bare name (``world_dmd2.yaml``), the shipped config of that name,
+    so a config is found from any directory and in a wheel install; else a one-line error listing them."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs() / path.name
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.name for p in shipped_configs().glob("*.yaml")))
+    raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs, found by name: {names})")
+
+
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load ``cls`` from a YAML file (or from defaults when ``path`` is None), then apply overrides.
 
@@ -291,8 +310,8 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
                 f": one of {', '.join(found[:6])}{', ...' if len(found) > 6 else ''}" if found else " (it holds no .yaml files)"
             )
             raise ConfigError(f"config file {str(path)!r} is a directory; give a YAML file{hint}")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = find_config(path)
+        source = str(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:

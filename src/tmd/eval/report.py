@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmd.eval.benchmark import format_table
+from tmd.world.benchmark import format_table
 
 FRAME_MS = 250
 """How long the GIF shows each frame: imageio's GIF writer reads ``duration`` in milliseconds."""

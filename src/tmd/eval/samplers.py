@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
-from tmd.data.world import WorldConfig, sample_videos
-from tmd.data.world_data import WorldAssets, eval_prompts
-from tmd.eval.benchmark import BenchmarkResult, score_videos
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
+from tmd.world.benchmark import BenchmarkResult, score_videos
+from tmd.world.data import WorldAssets, eval_prompts
+from tmd.world.spec import WorldConfig, sample_videos
 
 EVAL_BATCH = 72
 

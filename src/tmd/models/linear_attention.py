@@ -79,7 +79,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_q: Tensor, feature
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention on (B, N, H, d) tensors through diffusers' dispatcher, as Wan's own processor
-    calls it, so that an ``attention_backend`` kernel choice (``tmd.fastpath``) applies here too."""
+    calls it, so that an ``attention_backend`` kernel choice (``tmd.models.fastpath``) applies here too."""
     return dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
 
 

@@ -2,7 +2,8 @@
 
 Wan2.1 conditions on UMT5-XXL hidden states of length 512 (width 4096) in which every position after
 the prompt's true tokens (those covered by the attention mask, ``</s>`` included) is exactly zero. The
-synthetic CPU world runs the same code path with a tiny random UMT5 and a word-level tokenizer.
+synthetic CPU world runs the same code path with a tiny random UMT5 and a word-level tokenizer
+(``tmd.world.text``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from tokenizers import models
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderModel
 
 from tmd.errors import PromptError, TmdWarning
 from tmd.files import check_safetensors_folder, share_like_other_files
@@ -28,13 +29,10 @@ except ImportError:
 __all__ = [
     "WAN_MAX_LENGTH",
     "WAN_NEGATIVE_PROMPT",
-    "SYNTHETIC_NEGATIVE_PROMPT",
     "PAD_TOKEN",
     "EOS_TOKEN",
     "UNK_TOKEN",
     "TextEncoder",
-    "build_word_tokenizer",
-    "build_tiny_text_encoder",
     "clean_prompt",
     "check_known_words",
 ]
@@ -51,12 +49,9 @@ WAN_NEGATIVE_PROMPT = (
     "picture, messy background, three legs, many people in the background, walking backwards"
 )
 
-# Tokenizes to just ``</s>``, so it is valid for any word vocabulary.
-SYNTHETIC_NEGATIVE_PROMPT = ""
-
 # T5's ids: pad 0, eos 1, unk 2.
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
-_SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
 # Tokenizers saved without a length limit report a huge sentinel model_max_length.
 _SANE_MAX_LENGTH = 1_000_000
@@ -68,36 +63,6 @@ def clean_prompt(text: str) -> str:
         text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-def build_word_tokenizer(vocabulary: list[str], model_max_length: int = WAN_MAX_LENGTH) -> PreTrainedTokenizerFast:
-    """T5-compatible word-level tokenizer: lower-cased whitespace words, ``</s>`` appended, pad id 0."""
-    words = [w.lower() for w in vocabulary]
-    splitter = pre_tokenizers.Whitespace()
-    bad = [w for w in words if [p for p, _ in splitter.pre_tokenize_str(w)] != [w] or w in _SPECIAL_TOKENS]
-    if bad:
-        raise ValueError(f"vocabulary entries must be single words and not special tokens, got {bad}")
-    duplicates = sorted({w for w in words if words.count(w) > 1})
-    if duplicates:
-        raise ValueError(f"vocabulary has duplicate words (case-insensitive): {duplicates}")
-
-    vocab = {tok: i for i, tok in enumerate(_SPECIAL_TOKENS + tuple(words))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = splitter
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS_TOKEN}",
-        pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}",
-        special_tokens=[(EOS_TOKEN, vocab[EOS_TOKEN])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        model_max_length=model_max_length,
-        padding_side="right",
-    )
 
 
 def _quoted(prompt: str, length: int = 60) -> str:
@@ -118,7 +83,7 @@ def check_known_words(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) ->
         if unknown:
             problems.append(f"prompt {_quoted(prompt)} has unknown word(s) {list(unknown)}")
     if problems:
-        known = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in _SPECIAL_TOKENS]
+        known = [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in SPECIAL_TOKENS]
         listed = f"{known[:200]}{' and more' if len(known) > 200 else ''}"
         more = f"; and {len(problems) - 5} more prompts" if len(problems) > 5 else ""
         raise PromptError(f"{'; '.join(problems[:5])}{more}; the tokenizer's vocabulary is {listed}")
@@ -253,36 +218,3 @@ class TextEncoder:
         except (OSError, ValueError) as e:
             raise ValueError(f"could not load the text encoder from {path}: {e}") from None
         return cls(tokenizer, model, max_length).to(device)
-
-
-def build_tiny_text_encoder(
-    vocabulary: list[str],
-    dim: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    ff: int = 128,
-    max_length: int = 16,
-    seed: int = 0,
-) -> TextEncoder:
-    """Random tiny UMT5 for the synthetic world; same weights for the same arguments."""
-    if dim % heads:
-        raise ValueError(f"dim {dim} must be divisible by heads {heads}")
-    tokenizer = build_word_tokenizer(vocabulary, model_max_length=max_length)
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=dim,
-        d_kv=dim // heads,
-        num_heads=heads,
-        num_layers=layers,
-        d_ff=ff,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UMT5EncoderModel(config)
-    return TextEncoder(tokenizer, model, max_length)

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from tmd.config import ConfigError, RunConfig
-from tmd.data.world_data import WorldAssets, eval_prompts
 from tmd.eval.samplers import evaluate_sampler, run_steps, sampler
+from tmd.world.data import WorldAssets, eval_prompts
 
 EVAL_NOISE_SEED = 0
 CURVE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate")

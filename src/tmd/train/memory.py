@@ -1,7 +1,7 @@
 """What a run will hold in memory before its first activation: printed at start so a run that cannot fit
 fails in minutes, not after loading three copies of a 14B model.
 
-``python -m tmd.train.memory --config configs/wan14b_tmd_stage2.yaml --model wan14b [key=value ...]``
+``python -m tmd.train.memory --config wan14b_tmd_stage2.yaml --model wan14b [key=value ...]``
 prints the same estimate for a Wan-sized run without any weights: the teacher and the method are built
 on the meta device (``train.lora.rank=64`` for the LoRA figure, ``--world-size 8`` for FSDP's shards).
 """
@@ -91,7 +91,7 @@ def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tmd.train.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="a run config, e.g. configs/wan1.3b_tmd_stage2.yaml")
+    parser.add_argument("--config", type=Path, required=True, help="a run config, e.g. wan1.3b_tmd_stage2.yaml")
     parser.add_argument("--model", required=True, help="wan1.3b or wan14b: the teacher's architecture")
     parser.add_argument("--world-size", type=int, default=1, help="processes FSDP shards over")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lora.rank=64")

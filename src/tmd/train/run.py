@@ -20,7 +20,6 @@ import torch
 from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.prepare import PreparedDataset
 from tmd.data.source import DataSource
-from tmd.data.world_data import WorldAssets, world_data_source
 from tmd.files import check_safetensors
 from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
@@ -32,6 +31,7 @@ from tmd.train.hooks import eval_hook
 from tmd.train.loop import Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
+from tmd.world.data import WorldAssets, world_data_source
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads (a LoRA run's

@@ -24,13 +24,9 @@ from torch import Tensor
 
 from tmd import flow
 from tmd.config import load_config
-from tmd.data.world import WorldConfig
-from tmd.data.world_data import DEFAULT_ASSETS, TEACHER_DIR
 from tmd.eval import flops
-from tmd.eval.benchmark import format_table
-from tmd.fastpath import attention_kernel, compile_blocks
 from tmd.methods import get_method
-from tmd.models.autoencoder import AutoencoderConfig
+from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.linear_attention import linearise, round_selection
 from tmd.models.split import TMDStudent
 from tmd.models.wan import (
@@ -44,12 +40,16 @@ from tmd.models.wan import (
 )
 from tmd.rng import BatchRandom
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
-from tmd.train.world_teacher import WorldTeacherConfig, transformer_config
+from tmd.world.autoencoder import AutoencoderConfig
+from tmd.world.benchmark import format_table
+from tmd.world.data import DEFAULT_ASSETS, TEACHER_DIR
+from tmd.world.spec import WorldConfig
+from tmd.world.teacher import WorldTeacherConfig, transformer_config
 
 TEACHER_STEPS = 50
 TEACHER_GUIDANCE = 5.0
 TEACHER_SHIFT = 5.0
-WORLD_CONFIG_FILE = Path(__file__).resolve().parents[2] / "configs" / "world_teacher.yaml"
+WORLD_CONFIG_FILE = "world_teacher.yaml"
 
 
 @dataclass
@@ -66,13 +66,13 @@ class BenchModel:
 
 
 def world_model() -> BenchModel:
-    """The synthetic world's teacher: the shipped one's config if built, else ``configs/world_teacher.yaml``."""
-    cfg = load_config(WorldTeacherConfig, WORLD_CONFIG_FILE if WORLD_CONFIG_FILE.is_file() else None)
+    """The synthetic world's teacher: the shipped one's config if built, else the shipped ``world_teacher.yaml``."""
+    cfg = load_config(WorldTeacherConfig, WORLD_CONFIG_FILE)
     shipped = DEFAULT_ASSETS / TEACHER_DIR / "config.json"
     if shipped.is_file():
         config, source = json.loads(shipped.read_text()), str(shipped.parent)
     else:
-        config, source = transformer_config(cfg, cfg.autoencoder.latent_channels, cfg.text.dim), "configs/world_teacher.yaml"
+        config, source = transformer_config(cfg, cfg.autoencoder.latent_channels, cfg.text.dim), WORLD_CONFIG_FILE
     down = AutoencoderConfig()
     _, frames, height, width = WorldConfig().video_shape
     latent = (config["in_channels"], frames // down.temporal_down, height // down.spatial_down, width // down.spatial_down)

@@ -2,7 +2,7 @@
 
 The model is a world run's ``student.safetensors`` (its run folder's ``config.yaml`` names the world's
 assets), a student folder ``tmd export`` made from one (its recorded teacher is the world teacher
-folder), or the world teacher folder itself. Prompts are any of the world's 72 (``tmd.data.world.all_prompts``);
+folder), or the world teacher folder itself. Prompts are any of the world's 72 (``tmd.world.spec.all_prompts``);
 videos are decoded with the world's autoencoder and written, enlarged ``SCALE`` times, as mp4 and GIF.
 """
 
@@ -20,17 +20,17 @@ import yaml
 from torch import nn
 
 from tmd import flow
-from tmd.data.world_data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR, WorldAssets
-from tmd.fastpath import attention_kernel
 from tmd.methods.linvideo import load_linearised
 from tmd.models.export import run_metadata, student_from_run
+from tmd.models.fastpath import attention_kernel
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
+from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, slug, write_mp4
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
 from tmd.train.resume import CONFIG_FILE
 from tmd.train.run import with_linear_attention
-from tmd.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, slug, write_mp4
+from tmd.world.data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR, WorldAssets
 
 SCALE = 4
 """World videos are 32 x 32: nearest-neighbour enlarged for viewing."""
@@ -41,7 +41,7 @@ GIF_FRAME_SECONDS = 0.25
 class WorldModel:
     kind: str  # "teacher", "tmd_student" or "few_step"
     model: nn.Module
-    assets: Any  # tmd.data.world_data.WorldAssets
+    assets: Any  # tmd.world.data.WorldAssets
     source: Path
 
 
@@ -127,7 +127,7 @@ def generate_world(
     progress: bool = True,
     attention: str = "sdpa",
 ) -> list[dict[str, Any]]:
-    """As ``tmd.generate.generate``: one mp4 and one GIF per prompt, ``generation.json``; the teacher samples
+    """As ``tmd.programs.generate.generate``: one mp4 and one GIF per prompt, ``generation.json``; the teacher samples
     with the world's CFG scale and shift (Euler, the benchmark's sampler), students without CFG."""
     import imageio.v2 as imageio
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""What a generation writes, for Wan models (``tmd.generate``) and the world's (``tmd.generate_world``)
+"""What a generation writes, for Wan models (``tmd.programs.generate``) and the world's (``tmd.world.generate``)
 alike: one mp4 per prompt named by its index and a slug of the prompt, and ``generation.json``; and the
 step counts both default to."""
 

@@ -16,8 +16,13 @@ from typing import Any, Literal
 import torch
 
 from tmd.config import RunConfig, save_config, to_dict
-from tmd.data.world import WorldConfig, random_prompts, sample_videos, world_vocabulary
-from tmd.data.world_data import (
+from tmd.files import share_like_other_files
+from tmd.methods.flow_matching import FlowMatching
+from tmd.models.wan import WanTeacher, build_transformer
+from tmd.train.loop import Trainer
+from tmd.world.autoencoder import AutoencoderConfig, VideoAutoencoder
+from tmd.world.autoencoder_training import train_autoencoder
+from tmd.world.data import (
     AUTOENCODER_DIR,
     METADATA_FILE,
     TEACHER_DIR,
@@ -25,13 +30,8 @@ from tmd.data.world_data import (
     assets_dir,
     world_data_source,
 )
-from tmd.files import share_like_other_files
-from tmd.methods.flow_matching import FlowMatching
-from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
-from tmd.models.text import build_tiny_text_encoder
-from tmd.models.wan import WanTeacher, build_transformer
-from tmd.train.autoencoder import train_autoencoder
-from tmd.train.loop import Trainer
+from tmd.world.spec import WorldConfig, random_prompts, sample_videos, world_vocabulary
+from tmd.world.text import build_tiny_text_encoder
 
 Stage = Literal["autoencoder", "decoder", "text", "teacher", "all"]
 

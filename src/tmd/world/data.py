@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,13 +18,14 @@ from torch import Tensor
 
 from tmd.config import existing_path, register_data_config
 from tmd.data.source import GeneratorDataSource
-from tmd.data.world import WorldConfig, all_prompts, random_prompts, sample_videos
-from tmd.models.autoencoder import VideoAutoencoder
 from tmd.models.linear_attention import check_linearised_teacher
-from tmd.models.text import SYNTHETIC_NEGATIVE_PROMPT, TextEncoder
+from tmd.models.text import TextEncoder
 from tmd.models.wan import load_teacher
+from tmd.world.autoencoder import VideoAutoencoder
+from tmd.world.spec import WorldConfig, all_prompts, random_prompts, sample_videos
+from tmd.world.text import SYNTHETIC_NEGATIVE_PROMPT
 
-DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
+DEFAULT_ASSETS = Path(str(resources.files("tmd") / "world" / "assets"))
 """The shipped world: ``autoencoder/``, ``text_encoder/`` + ``tokenizer/``, ``teacher/``, ``world.json``."""
 AUTOENCODER_DIR = "autoencoder"
 TEACHER_DIR = "teacher"
@@ -113,7 +115,7 @@ class WorldAssets:
         if missing:
             raise FileNotFoundError(
                 f"world assets folder {self.path} lacks {', '.join(missing)}; build them with "
-                f"`tmd train-teacher --config configs/world_teacher.yaml` (or pass the folder that holds them)"
+                f"`tmd train-teacher --config world_teacher.yaml` (or pass the folder that holds them)"
             )
         self.autoencoder = VideoAutoencoder.from_pretrained(self.path / AUTOENCODER_DIR, map_location=self.device)
         self.text_encoder = TextEncoder.from_pretrained(self.path, device=self.device)

@@ -13,9 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tmd.eval.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
+from tmd.config import shipped_configs
 from tmd.eval.stats import LEVEL, paired_difference, t_interval, variance_components
-from tmd.study import CONFIG_DIR, TEACHER, Run, StudyConfig, read_records, row_names, write_json
+from tmd.programs.study import TEACHER, Run, StudyConfig, read_records, row_names, write_json
+from tmd.world.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
 
 SCORE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate", *QUALITY_DIMS, *SEMANTIC_DIMS)
 TRAINED_INTERVAL = "Student-t 95% over the per-training-seed means (each the mean over the evaluation noise seeds)"
@@ -264,7 +265,7 @@ def markdown(
         "",
     ]
     if rows:
-        lines += ["Per dimension (means over the same videos; `tmd.eval.benchmark`):", "", *dimension_table(rows), ""]
+        lines += ["Per dimension (means over the same videos; `tmd.world.benchmark`):", "", *dimension_table(rows), ""]
     if paired:
         lines += [
             "## Paired differences",
@@ -435,7 +436,7 @@ def write_report(study: StudyConfig, study_file: Path, runs: list[Run], records_
     content = collect(study, runs, records)
     out = Path(study.report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shown = study_file.name if study_file.resolve().parent == CONFIG_DIR else str(study_file)
+    shown = study_file.name if study_file.resolve().parent == shipped_configs().resolve() else str(study_file)
     write_json(
         out / "results.json",
         {"study": study.name, "rows": content["rows"], "paired": content["paired"], "missing": content["missing"]},

@@ -1,6 +1,6 @@
 """The GPU check: the numbers tmd's claims need from real hardware, in one run of at most ten minutes.
 
-``benchmarks/gpu_check.sh [--tiny] [--out DIR] [--budget-s S]`` runs ``python -m tmd.gpu_check``. On a GPU:
+``benchmarks/gpu_check.sh [--tiny] [--out DIR] [--budget-s S]`` runs ``python -m tmd.programs.gpu_check``. On a GPU:
 Wan2.1-1.3B-shaped random weights in bf16, an 81 x 480 x 832 video (latents 16 x 21 x 60 x 104,
 32760 tokens), 512 text tokens, batch 1.
 
@@ -11,7 +11,7 @@ Wan2.1-1.3B-shaped random weights in bf16, an 81 x 480 x 832 video (latents 16 x
 2. **A TMD stage-2 step** as one ``tmd train`` process runs it (fp32 weights and AdamW, bf16 autocast,
    activation checkpointing, the config's H = 5 and N = 2, GAN on): peak CUDA memory and time of the
    generator turn and of the critic turn.
-3. **A 1-GPU torchrun FSDP2 smoke run** of ``configs/wan1.3b_tmd_stage2.yaml`` (2 steps, batch 1) on a
+3. **A 1-GPU torchrun FSDP2 smoke run** of ``wan1.3b_tmd_stage2.yaml`` (2 steps, batch 1) on a
    random prepared dataset and a random teacher folder written for it, deleted afterwards.
 
 Results go to ``gpu_check.json`` (rewritten after every section, so a run cut short keeps what it
@@ -38,11 +38,12 @@ from typing import Any
 
 import torch
 
-from tmd.bench import FAST_PATH_KERNELS
+import tmd
+from tmd.config import find_config
 from tmd.data.prepare import FORMAT_VERSION, INDEX_FILE, NEGATIVE_FILE, shard_name
 from tmd.eval import flops
-from tmd.fastpath import attention_kernel, compile_blocks
 from tmd.methods import get_method
+from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.split import TMDStudent
 from tmd.models.wan import (
     TINY_CONFIG,
@@ -54,12 +55,12 @@ from tmd.models.wan import (
     cast_transformer,
     parameter_count,
 )
+from tmd.programs.bench import FAST_PATH_KERNELS
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
 from tmd.train.logging import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
-STAGE2_CONFIG = REPO / "configs" / "wan1.3b_tmd_stage2.yaml"
+STAGE2_CONFIG = find_config("wan1.3b_tmd_stage2.yaml")
 GUIDANCE, SHIFT = 5.0, 5.0
 JSON_FILE, TABLE_FILE = "gpu_check.json", "gpu_check.md"
 MIN_SECONDS = {"latency": 60, "kernels": 30, "stage2_step": 45, "fsdp_smoke": 90, "compile": 150}
@@ -325,10 +326,12 @@ def fsdp_smoke(spec: Spec, work: Path, timeout_s: float) -> dict[str, Any]:
             f"train.out_dir={run_dir}",
             *CPU_SMOKE_OVERRIDES * (spec.device == "cpu"),
         ]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        # the torchrun workers import this tmd, wherever it is installed
+        package_root = str(Path(tmd.__path__[0]).parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
         start = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s, cwd=REPO)
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s, cwd=work)
             rc, log = done.returncode, done.stdout[-1500:] + done.stderr[-2500:]
         except subprocess.TimeoutExpired as error:
             rc, log = "timeout", f"killed after {timeout_s:.0f} s: {str(error.stderr or '')[-2500:]}"
@@ -403,7 +406,7 @@ def format_table(result: dict[str, Any]) -> str:
     smoke = result.get("fsdp_smoke")
     if smoke:
         lines += [
-            "## 1-GPU torchrun FSDP2 smoke run of configs/wan1.3b_tmd_stage2.yaml (2 steps)",
+            "## 1-GPU torchrun FSDP2 smoke run of wan1.3b_tmd_stage2.yaml (2 steps)",
             "",
             f"- {'ok' if smoke['ok'] else 'FAILED'}: return code {smoke['returncode']}, {smoke['wall_s']:.0f} s, "
             f"{len(smoke['losses'])} logged steps, checkpoint shards {smoke['checkpoint_shards']}",

@@ -1,4 +1,4 @@
-"""VBench-like analytic benchmark for the synthetic world (:mod:`tmd.data.world`).
+"""VBench-like analytic benchmark for the synthetic world (:mod:`tmd.world.spec`).
 
 Real video benchmarks score generated videos with learned detectors; here the world is simple
 enough that hand-written detectors are exact, so the benchmark itself can be tested: ground-truth
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tmd.data.world import (
+from tmd.world.spec import (
     COLOURS,
     DIRECTIONS,
     SHAPES,

@@ -6,7 +6,7 @@ Wan2.1 pipelines, with CFG; or tmd's Euler sampler with ``scheduler="euler"``), 
 without CFG). The text encoder and the VAE always come from a pipeline root: the teacher's own, the
 pipeline folder's, or for a student folder the one recorded in its ``config.json`` (``pipeline``
 overrides it). Models of the synthetic world (a world run's ``student.safetensors``, its export, the
-world teacher) go to ``tmd.generate_world``, which decodes with the world's autoencoder.
+world teacher) go to ``tmd.world.generate``, which decodes with the world's autoencoder.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from tmd import flow
-from tmd.fastpath import attention_kernel, compile_blocks
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
-from tmd.generate_world import generate_world, load_world_model
+from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
 from tmd.models.split import TMDStudent
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
@@ -31,8 +30,17 @@ from tmd.models.vae import decode_video, latent_shape, load_vae
 from tmd.models.wan import load_teacher
 from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
 from tmd.pipelines.tmd_pipeline import load_student
+from tmd.pipelines.videos import (
+    DEFAULT_INNER_STEPS,
+    DEFAULT_STUDENT_STEPS,
+    DEFAULT_TEACHER_STEPS,
+    MANIFEST_FILE,
+    WAN_FPS,
+    slug,
+    write_mp4,
+)
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
-from tmd.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, WAN_FPS, slug, write_mp4
+from tmd.world.generate import generate_world, load_world_model
 
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_SHIFT = 5.0
@@ -167,7 +175,7 @@ def generate(
     Video i starts from noise seeded by ``seed + i`` whatever the batch size; a student's inner noise
     is drawn per batch. The wall-clock per video covers text encoding, sampling and decoding (a batch's
     time split evenly), not model loading. ``attention`` picks the SDPA kernel and ``compile`` compiles the
-    transformer blocks (``tmd.fastpath``; the first batch then includes compilation). ``scheduler``
+    transformer blocks (``tmd.models.fastpath``; the first batch then includes compilation). ``scheduler``
     (teachers) is ``pipeline`` (the pipeline's own scheduler; Euler where it ships none) or ``euler``.
     """
     if scheduler not in SCHEDULERS:

@@ -21,13 +21,13 @@ import torch
 
 from tmd import flow
 from tmd.config import RunConfig, from_dict
-from tmd.data.world_data import WorldAssets, eval_prompts
-from tmd.eval.benchmark import format_table
 from tmd.eval.report import write_report
 from tmd.eval.samplers import evaluate_sampler
 from tmd.methods import get_method
 from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.run import TrainedRun, train_run
+from tmd.world.benchmark import format_table
+from tmd.world.data import WorldAssets, eval_prompts
 
 
 @dataclass

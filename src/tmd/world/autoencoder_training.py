@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from tmd.models.autoencoder import AutoencoderConfig, VideoAutoencoder
+from tmd.world.autoencoder import AutoencoderConfig, VideoAutoencoder
 
 VideoSampler = Callable[[int, torch.Generator], Tensor]
 

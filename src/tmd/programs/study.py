@@ -41,10 +41,9 @@ from typing import Any, Optional
 
 import yaml
 
-from tmd.config import ConfigError, RunConfig, from_dict, to_dict
+import tmd
+from tmd.config import ConfigError, RunConfig, find_config, from_dict, to_dict
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-"""Study files shipped with the package: ``--config study_main.yaml`` finds them by name."""
 TEACHER = "teacher"
 
 # Left out of a run's key: where it is written and how it shows progress change nothing it records.
@@ -173,19 +172,8 @@ def row_names(study: StudyConfig) -> dict[str, tuple[RunSpec, str, tuple[int, in
     return rows
 
 
-def find_study_file(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / path.name
-    if shipped.is_file() and path.parent == Path("."):
-        return shipped
-    available = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("study_*.yaml")))
-    raise FileNotFoundError(f"study file {str(path)!r} does not exist (shipped: {available})")
-
-
 def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
-    path = find_study_file(path)
+    path = find_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -222,7 +210,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def assets_fingerprint(path: str | Path | None) -> str:
     """Hash of every file of the world assets folder: a retrained teacher or autoencoder changes every key."""
-    from tmd.data.world_data import assets_dir
+    from tmd.world.data import assets_dir
 
     root = assets_dir(path)
     digest = hashlib.sha256()
@@ -405,8 +393,8 @@ def _number(value: float) -> float | str:
 def _scores(
     assets, method_name: str, method_cfg: Any, module, score: list[list[int | None]], noise_seeds: list[int]
 ) -> list[dict[str, Any]]:
-    from tmd.data.world_data import eval_prompts
     from tmd.eval.samplers import effective_nfe, evaluate_sampler, sampler
+    from tmd.world.data import eval_prompts
 
     prompts, guidance, shift = eval_prompts(1), assets.guidance, assets.shift
     nfe = {(m, n): effective_nfe(method_name, method_cfg, m, n, assets.teacher.num_blocks, guidance) for m, n in score}
@@ -477,11 +465,11 @@ def write_json(path: Path, data: Any) -> None:
 
 def execute(payload: dict[str, Any]) -> None:
     """Train (unless the teacher), score and write the record of one task."""
-    from tmd.data.world_data import WorldAssets
     from tmd.train.checkpoint import latest_checkpoint
     from tmd.train.logging import read_metrics
     from tmd.train.resume import CHECKPOINT_DIR, HISTORY_FILE
     from tmd.train.run import train_run
+    from tmd.world.data import WorldAssets
 
     began, machine_start, code = time.perf_counter(), machine(), git_commit()  # the code as it was imported
     record: dict[str, Any] = {k: payload[k] for k in ("key", "study", "name", "label", "method", "seed", "parent")}
@@ -528,7 +516,7 @@ def execute(payload: dict[str, Any]) -> None:
 
 
 def worker_main(argv: list[str]) -> int:
-    """``python -m tmd.study TASK.json THREADS``: one task, as ``--jobs`` starts it."""
+    """``python -m tmd.programs.study TASK.json THREADS``: one task, as ``--jobs`` starts it."""
     import torch
 
     task_file, threads = Path(argv[0]), int(argv[1])
@@ -659,11 +647,14 @@ def _start(task: Task, payload: dict[str, Any], work: Path, jobs: int, threads: 
     task_file = work / f"{task.run.key}.task.json"
     task_file.write_text(json.dumps(payload, indent=1))
     # the worker must import this tmd, not whichever one the environment would find first
-    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+    path = os.pathsep.join(filter(None, [str(Path(tmd.__path__[0]).parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tmd.study", str(task_file), str(threads)], stdout=out, stderr=subprocess.STDOUT, env=env
+            [sys.executable, "-m", "tmd.programs.study", str(task_file), str(threads)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
 
@@ -708,9 +699,9 @@ def dry_run(runs: list[Run], todo: list[Task], records: Path, jobs: int) -> None
 
 
 def main(args, write_report: Callable[..., Path]) -> int:
-    """``tmd study`` (``tmd.cli``): train what is missing, then write the report; ``--report`` only reports.
+    """``tmd study`` (``tmd.programs.cli``): train what is missing, then write the report; ``--report`` only reports.
 
-    ``write_report`` is ``tmd.study_report.write_report``, handed in from above: the report reads this
+    ``write_report`` is ``tmd.programs.study_report.write_report``, handed in from above: the report reads this
     module's runs and records, so it sits in the layer above it.
     """
     study, path = load_study(args.config)

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from tmd.errors import TmdError, TmdWarning
-from tmd.fastpath import ATTENTION_KERNELS
+from tmd.models.fastpath import ATTENTION_KERNELS
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -96,7 +96,7 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
     import shlex
 
     from tmd.config import load_config
-    from tmd.train.world_teacher import WorldTeacherConfig, run
+    from tmd.world.teacher import WorldTeacherConfig, run
 
     cfg = load_config(WorldTeacherConfig, args.config, args.overrides)
     run(cfg, args.stage, args.resume, command=shlex.join(["tmd", *args.argv]))
@@ -105,7 +105,7 @@ def _cmd_train_teacher(args: argparse.Namespace) -> int:
 
 def _add_train_teacher(sub) -> None:
     p = sub.add_parser("train-teacher", help="train the synthetic world's autoencoder, text encoder and Wan teacher")
-    p.add_argument("--config", type=Path, required=True, help="e.g. configs/world_teacher.yaml")
+    p.add_argument("--config", type=Path, required=True, help="e.g. world_teacher.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     p.add_argument("--resume", action="store_true", help="continue the teacher run from its latest checkpoint")
     p.add_argument(
@@ -126,10 +126,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     """Score samplers on the world benchmark's fixed prompt set: quality vs cost, one row per step count."""
 
     from tmd import flow
-    from tmd.data.world_data import WorldAssets, eval_prompts
-    from tmd.eval.benchmark import format_table
     from tmd.eval.samplers import evaluate_sampler, reconstruction_score
     from tmd.sampling import sample_teacher
+    from tmd.world.benchmark import format_table
+    from tmd.world.data import WorldAssets, eval_prompts
 
     assets = WorldAssets(args.assets)
     shift = assets.shift if args.shift is None else args.shift
@@ -187,7 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a distillation method (tm, tmd, dmd2, ...) from a YAML config")
-    p.add_argument("--config", type=Path, required=True, help="run config (configs/world_tmd_stage1.yaml, ...)")
+    p.add_argument("--config", type=Path, required=True, help="run config (world_tmd_stage1.yaml, ...)")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100 method.head_blocks=1"
     )
@@ -199,8 +199,8 @@ def _add_train(sub) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Stage 1, stage 2, the DMD2 baseline and the evaluation of every sampler, into --out."""
 
-    from tmd.demo import run_demo
     from tmd.files import check_output_dir
+    from tmd.programs.demo import run_demo
 
     check_output_dir(args.out)
     run_demo(args.out, args.preset, args.assets, args.seed, methods=args.methods)
@@ -228,7 +228,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     """Generate mp4 files from a Wan teacher pipeline or an exported student folder."""
     import torch
 
-    from tmd.generate import generate, read_prompts
+    from tmd.programs.generate import generate, read_prompts
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     records = generate(
@@ -311,7 +311,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     import torch
 
     from tmd.data.prepare import prepare
-    from tmd.generate import read_prompts
+    from tmd.programs.generate import read_prompts
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.text_only:
@@ -387,7 +387,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     """Latency, peak memory and throughput of every sampler and training step, against effective NFE."""
     import torch
 
-    from tmd.bench import BenchSettings, format_report, run_bench, write_json
+    from tmd.programs.bench import BenchSettings, format_report, run_bench, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     quick = {"repeats": 3, "warmup": 1} if args.quick else {"repeats": 5, "warmup": 2}
@@ -447,8 +447,8 @@ def _add_bench(sub) -> None:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     """Train the study's missing runs (resumable, --jobs at a time), score them alike, report with intervals."""
-    from tmd.study import main as study
-    from tmd.study_report import write_report
+    from tmd.programs.study import main as study
+    from tmd.programs.study_report import write_report
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
