@@ -31,7 +31,8 @@ import torch
 
 from tmd.config import RunConfig, from_dict
 from tmd.methods import get_method
-from tmd.programs.study import load_study, plan
+from tmd.programs.study.plan import plan
+from tmd.programs.study.spec import load_study
 from tmd.train.logging import read_metrics
 from tmd.train.loop import Trainer, seed_everything
 from tmd.train.run import STUDENT_FILE, teacher_and_data

@@ -32,7 +32,7 @@ from tmd.models.linear_attention import (
     softmax_ratios,
 )
 from tmd.models.wan import load_teacher
-from tmd.programs.bench import attention_scaling, token_grid
+from tmd.programs.bench_measure import attention_scaling, token_grid
 from tmd.programs.cli import main
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 
 from tmd.config import ConfigError, RunConfig, from_dict
 from tmd.eval.stats import paired_difference, t_interval, variance_components
-from tmd.programs import study as study_module
 from tmd.programs.cli import main
-from tmd.programs.study import StudyConfig, load_study, plan, select, tasks
+from tmd.programs.study import schedule as study_module
+from tmd.programs.study.plan import plan, select, tasks
+from tmd.programs.study.spec import StudyConfig, load_study
 
 
 def tiny_study(assets, report_dir, **changes) -> dict:

@@ -447,12 +447,11 @@ def _add_bench(sub) -> None:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     """Train the study's missing runs (resumable, --jobs at a time), score them alike, report with intervals."""
-    from tmd.programs.study import main as study
-    from tmd.programs.study_report import write_report
+    from tmd.programs.study.command import main as study
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    return study(args, write_report)
+    return study(args)
 
 
 def _add_study(sub) -> None:

@@ -23,15 +23,12 @@ runs all of it on the CPU with the 4-block test model and tiny shapes (compile w
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +52,8 @@ from tmd.models.wan import (
     cast_transformer,
     parameter_count,
 )
-from tmd.programs.bench import FAST_PATH_KERNELS
+from tmd.programs.bench_measure import FAST_PATH_KERNELS
+from tmd.programs.timing import free, median_seconds, peak_gib, reset_peak, sync
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
 from tmd.train.logging import read_metrics
@@ -94,40 +92,6 @@ def make_spec(tiny: bool, device: str) -> Spec:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def build_teacher(spec: Spec, dtype: torch.dtype):
@@ -232,7 +196,7 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
     for turn, step in (("generator", 0), ("critic", 1)):
         for attempt in ("first", "second"):  # the first call also allocates AdamW's state
             reset_peak(device)
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             try:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -241,7 +205,7 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
                 result[f"{turn}_{attempt}_oom"] = str(error).splitlines()[0][:300]
                 free(device)
                 continue
-            _sync(device)
+            sync(device)
             result[f"{turn}_{attempt}_s"] = time.perf_counter() - start
             result[f"{turn}_{attempt}_peak_gib"] = peak_gib(device)
     result["grad_norms"] = grad_norms  # of the second calls: a non-finite one is a bf16 problem to look at

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from tmd.config import RunConfig, load_config
+from tmd.config import RunConfig, find_config, load_config
 from tmd.methods import get_method
 from tmd.models.lora import add_lora
 from tmd.models.wan import WAN_1_3B_CONFIG, WAN_14B_CONFIG, WanTeacher, build_transformer
@@ -74,7 +74,8 @@ def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (
     import torch
     import yaml
 
-    raw = yaml.safe_load(Path(config).read_text()) or {}
+    config = find_config(config)
+    raw = yaml.safe_load(config.read_text()) or {}
     placeholders = []
     if "init_from" in (raw.get("method") or {}):
         placeholders.append("method.init_from=null")

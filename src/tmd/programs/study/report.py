@@ -15,7 +15,8 @@ from typing import Any
 
 from tmd.config import shipped_configs
 from tmd.eval.stats import LEVEL, paired_difference, t_interval, variance_components
-from tmd.programs.study import TEACHER, Run, StudyConfig, read_records, row_names, write_json
+from tmd.programs.study.plan import Run, read_records, write_json
+from tmd.programs.study.spec import TEACHER, StudyConfig, row_names
 from tmd.world.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
 
 SCORE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_rate", *QUALITY_DIMS, *SEMANTIC_DIMS)
