@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -15,64 +14,9 @@ from tmd.models.fastpath import ATTENTION_KERNELS
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    """Sample a teacher (K steps x CFG) and its TMD student (M x N) from the same noise, and time both."""
-    import torch
+    from tmd.programs.sample import sample_and_time
 
-    from tmd import flow
-    from tmd.files import check_output_dir
-    from tmd.models.split import TMDStudent
-    from tmd.models.wan import load_teacher
-    from tmd.sampling import sample_teacher, sample_tmd
-
-    if args.out:
-        check_output_dir(args.out.parent)
-    torch.manual_seed(args.seed)
-    teacher = load_teacher(args.model, seed=args.seed)
-    config = teacher.config
-    student = TMDStudent.from_teacher(teacher, head_blocks=args.head_blocks)
-    patch = config.patch_size
-    shape = (
-        args.batch,
-        config.in_channels,
-        patch[0] * args.latent_grid[0],
-        patch[1] * args.latent_grid[1],
-        patch[2] * args.latent_grid[2],
-    )
-    generator = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(shape, generator=generator)
-    text = torch.randn(args.batch, 8, config.text_dim, generator=generator)
-    negative = torch.zeros_like(text)
-
-    rows = []
-    for name, run, nfe in (
-        (
-            f"teacher {args.steps}x{'2' if args.guidance != 1 else '1'}",
-            lambda: sample_teacher(teacher, noise, text, negative, args.steps, args.guidance, args.shift),
-            flow.teacher_effective_nfe(args.steps, args.guidance),
-        ),
-        (
-            f"tmd {args.outer_steps}x{args.inner_steps}",
-            lambda: sample_tmd(
-                student, noise, text, args.outer_steps, args.inner_steps, torch.Generator().manual_seed(args.seed)
-            ),
-            flow.tmd_effective_nfe(args.outer_steps, args.inner_steps, args.head_blocks, teacher.num_blocks),
-        ),
-    ):
-        run()  # warm-up
-        start = time.perf_counter()
-        sample = run()
-        rows.append((name, nfe, 1000 * (time.perf_counter() - start), sample))
-    print(f"model: {args.model}  latents {tuple(shape)}  blocks {teacher.num_blocks}  head blocks {args.head_blocks}")
-    print(f"{'sampler':<16}{'eff. NFE':>10}{'latency ms':>12}{'speed-up':>10}")
-    for name, nfe, ms, _ in rows:
-        print(f"{name:<16}{nfe:>10.2f}{ms:>12.1f}{rows[0][2] / ms:>9.1f}x")
-    if args.out:
-        from tmd.files import make_output_dir, save_safetensors
-
-        make_output_dir(args.out.parent)
-        save_safetensors({name.replace(" ", "_"): s.contiguous() for name, _, _, s in rows}, args.out)
-        print(f"latents written to {args.out}")
-    return 0
+    return sample_and_time(args)
 
 
 def _add_sample(sub) -> None:
@@ -119,46 +63,10 @@ def _add_train_teacher(sub) -> None:
     p.set_defaults(func=_cmd_train_teacher)
 
 
-_TABLE_SCORES = ("total", "quality", "semantic", "frechet", "diversity")
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score samplers on the world benchmark's fixed prompt set: quality vs cost, one row per step count."""
+    from tmd.programs.evaluate import evaluate_teacher
 
-    from tmd import flow
-    from tmd.eval.samplers import evaluate_sampler, reconstruction_score
-    from tmd.sampling import sample_teacher
-    from tmd.world.benchmark import format_table
-    from tmd.world.data import WorldAssets, eval_prompts
-
-    assets = WorldAssets(args.assets)
-    shift = assets.shift if args.shift is None else args.shift
-    prompts = eval_prompts(args.per_prompt)
-    rows = []
-    for guidance in args.guidance or [assets.guidance]:
-        for steps in args.steps:
-            score = evaluate_sampler(
-                assets,
-                lambda noise, cond, neg: sample_teacher(assets.teacher, noise, cond, neg, steps, guidance, shift),
-                prompts=prompts,
-                seed=args.seed,
-            )
-            result = score.result
-            rows.append(
-                {
-                    "method": f"teacher w={guidance:g}",
-                    "steps": steps,
-                    "nfe": flow.teacher_effective_nfe(steps, guidance),
-                    "s/video": score.seconds_per_video,
-                    **{k: getattr(result, k) for k in _TABLE_SCORES},
-                }
-            )
-            print(f"{rows[-1]['method']} {steps} steps: total {result.total:.4f}", file=sys.stderr, flush=True)
-    ceiling = reconstruction_score(assets, prompts, seed=args.seed)
-    rows.append({"method": "autoencoded world (ceiling)", **{k: getattr(ceiling, k) for k in _TABLE_SCORES}})
-    print(f"{len(prompts)} videos ({args.per_prompt} per prompt), noise seed {args.seed}, shift {shift:g}")
-    print(format_table(rows))
-    return 0
+    return evaluate_teacher(args)
 
 
 def _add_evaluate(sub) -> None:

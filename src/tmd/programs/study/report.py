@@ -15,6 +15,7 @@ from typing import Any
 
 from tmd.config import shipped_configs
 from tmd.eval.stats import LEVEL, paired_difference, t_interval, variance_components
+from tmd.programs.study.figures import as_float, write_plots
 from tmd.programs.study.plan import Run, read_records, write_json
 from tmd.programs.study.spec import TEACHER, StudyConfig, row_names
 from tmd.world.benchmark import QUALITY_DIMS, SEMANTIC_DIMS, format_table
@@ -23,10 +24,6 @@ SCORE_KEYS = ("total", "quality", "semantic", "frechet", "diversity", "detect_ra
 TRAINED_INTERVAL = "Student-t 95% over the per-training-seed means (each the mean over the evaluation noise seeds)"
 TEACHER_INTERVAL = "Student-t 95% over the evaluation noise seeds (nothing trained: no training seed)"
 README_BEGIN, README_END = "<!-- tmd study {name}: begin -->", "<!-- tmd study {name}: end -->"
-
-
-def _float(value: Any) -> float:
-    return float(value)  # records write inf/NaN as strings
 
 
 def _mean(values: list[float]) -> float:
@@ -86,7 +83,7 @@ def collect(study: StudyConfig, runs: list[Run], records: dict[str, dict[str, An
             "total_ci95": interval.as_list(),
             "interval": TRAINED_INTERVAL if trained else TEACHER_INTERVAL,
             "per_seed_total": {str(s): _mean(grid[s]) for s in seeds},
-            "means": {k: _mean([_float(s[k]) for s in all_scores]) for k in SCORE_KEYS},
+            "means": {k: _mean([as_float(s[k]) for s in all_scores]) for k in SCORE_KEYS},
             "variance": variance_components([grid[s] for s in seeds] if trained else [grid[None]]).as_dict()
             if len(noise) > 1
             else None,
@@ -346,75 +343,6 @@ def markdown(
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots.
-
-
-def _plots(content: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = content["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for series in dict.fromkeys(r["series"] for r in rows):
-        sub = sorted((r for r in rows if r["series"] == series), key=lambda r: r["effective_nfe"])
-        x, y = [r["effective_nfe"] for r in sub], [r["total_mean"] for r in sub]
-        err = [
-            [m - (ci[0] if ci[0] is not None else m) for m, ci in zip(y, (r["total_ci95"] for r in sub))],
-            [(ci[1] if ci[1] is not None else m) - m for m, ci in zip(y, (r["total_ci95"] for r in sub))],
-        ]
-        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=series)
-    ax.set_xscale("log")
-    ticks = sorted({round(r["effective_nfe"], 2) for r in rows})
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("effective NFE")
-    ax.set_ylabel("benchmark total")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_nfe.png", dpi=110)
-    plt.close(fig)
-
-    if content["curves"]:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-        for i, (_name, curve) in enumerate(sorted(content["curves"].items())):
-            colour = f"C{i}"
-            for j, (seed, points) in enumerate(sorted(curve["points"].items(), key=lambda kv: str(kv[0]))):
-                label = curve["label"] if j == 0 else None
-                totals = [_float(p["total"]) for p in points]
-                axes[0].plot([p["step"] for p in points], totals, "-", color=colour, alpha=0.8, label=label)
-                offset = curve["parent_seconds"][seed]
-                axes[1].plot([(offset + p["train_seconds"]) / 60 for p in points], totals, "-", color=colour, alpha=0.8)
-        axes[0].set_xlabel("iteration")
-        axes[1].set_xlabel("training wall-clock (min, including stage 1)")
-        axes[0].set_ylabel("total (fixed eval set)")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=110)
-        plt.close(fig)
-
-    if content["paired"]:
-        pairs = content["paired"]
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(pairs) + 1.5))
-        for i, p in enumerate(pairs):
-            low, high = p["diff_ci95"]
-            if low is not None:
-                ax.plot([low, high], [i, i], "-", color="C0")
-            ax.plot([p["diff_mean"]], [i], "o", color="C0")
-        ax.axvline(0, color="grey", lw=1)
-        ax.set_yticks(range(len(pairs)), [f"{p['a']} - {p['b']}" for p in pairs], fontsize=8)
-        ax.set_xlabel("difference in total (95% CI, paired by training seed)")
-        ax.invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(out / "paired.png", dpi=110)
-        plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def readme_table(content: dict[str, Any]) -> str:
@@ -445,7 +373,7 @@ def write_report(study: StudyConfig, study_file: Path, runs: list[Run], records_
     (out / "report.md").write_text(
         markdown(study, shown, str(records_dir), content, sorted(records.values(), key=lambda r: r["key"]))
     )
-    _plots(content, out)
+    write_plots(content, out)
     if readme is not None:
         update_readme(Path(readme), study.name, readme_table(content))
     if content["rows"]:
