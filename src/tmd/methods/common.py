@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.methods.base import Method
 from tmd.models.protocol import VelocityModel
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity
@@ -18,16 +19,16 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-class StudentMethod(nn.Module):
-    """A method that trains one module, ``self.student``, and keeps its EMA (the trainer's interface);
-    the teacher, when the method needs one, is frozen."""
+class StudentMethod(Method):
+    """A method that trains one module, ``self.student``, and keeps its EMA; the teacher, when the method needs
+    one, is frozen."""
+
+    export_module = "student"
 
     def __init__(self, cfg, student: nn.Module, teacher: nn.Module | None = None):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.student = student
         self.teacher = freeze(teacher) if teacher is not None else None
-        self.generator: BatchRandom | None = None
 
     def parameter_groups(self):
         return {"student": list(self.student.parameters())}

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tmd import flow
+from tmd.methods.base import Method, SampleFn
 from tmd.methods.common import dmd_loss, freeze, latent_shape, trainable_copy, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
-from tmd.rng import BatchRandom
 from tmd.sampling import MULTISTEP, sample_few_step
 
 STUDENT_INPUTS = ("data", "backward")
@@ -58,17 +58,17 @@ class DistributionMatchingConfig:
             raise ValueError(f"multistep must be one of {list(MULTISTEP)}, got {self.multistep!r}")
 
 
-class DistributionMatching(nn.Module):
+class DistributionMatching(Method):
     """Base of DMD-style methods. Subclasses define ``denoise`` (the generator's x0 sample from a noised
     input, with gradients) and ``generate`` (the same after backward simulation from noise)."""
 
+    export_module = "generator"
+
     def __init__(self, cfg: DistributionMatchingConfig, teacher: nn.Module, student: nn.Module, fake_score: nn.Module):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.teacher = freeze(teacher)
         self.student = student
         self.fake_score = fake_score
-        self.generator: BatchRandom | None = None
         self.discriminator = None
         if cfg.gan_weight > 0:
             if not hasattr(teacher, "velocity_and_features"):
@@ -104,9 +104,6 @@ class DistributionMatching(nn.Module):
     def outer_grid(self, device) -> Tensor:
         return flow.outer_grid(self.cfg.outer_steps, self.cfg.outer_shift).to(device=device, dtype=torch.float32)
 
-    sample_steps: tuple[int, ...] = (1, 2)
-    """Step counts at which ``tmd demo`` evaluates the trained generator."""
-
     @staticmethod
     def sample(
         generator_module: nn.Module,
@@ -120,6 +117,13 @@ class DistributionMatching(nn.Module):
         """How this method's trained generator samples: deterministic Eq. 18 steps (DMD2-v) on the outer grid.
         ``outer_shift`` and ``multistep`` take the values of the run's method-config keys of the same names."""
         return sample_few_step(generator_module, noise, cond, steps, rng, outer_shift, multistep)
+
+    @classmethod
+    def sampler(cls, cfg, module, outer, inner, seed, guidance, shift) -> SampleFn:
+        cls.check_steps(outer, inner)
+        return lambda noise, cond, neg: cls.sample(
+            module, noise, cond, outer, torch.Generator().manual_seed(seed), cfg.outer_shift, cfg.multistep
+        )
 
     def denoise(self, x_t: Tensor, t: Tensor, noise: Tensor, cond: Tensor) -> Tensor:
         """The generator's sample ``x_hat`` from the noised data ``x_t = (1 - t) x + t noise`` (per-sample t)."""

@@ -8,8 +8,8 @@ from torch import nn
 
 from tmd import flow
 from tmd.methods import register
+from tmd.methods.base import GuidedSampling, Method
 from tmd.methods.common import drop_condition, flow_matching_loss, trainable_copy
-from tmd.rng import BatchRandom
 
 
 @dataclass
@@ -25,34 +25,37 @@ class FlowMatchingConfig:
 
 
 @register("flow_matching")
-class FlowMatching(nn.Module):
-    Config = FlowMatchingConfig
+class FlowMatching(GuidedSampling, Method):
+    """The trained module is a multi-step velocity model: sampled like the teacher, with CFG."""
 
-    def __init__(self, cfg: FlowMatchingConfig, model: nn.Module):
-        super().__init__()
-        self.cfg = cfg
-        self.model = model
-        self.generator: BatchRandom | None = None
+    Config = FlowMatchingConfig
+    export_module = "model"  # the group and EMA names the world teacher's checkpoints hold
+
+    def __init__(self, cfg: FlowMatchingConfig, student: nn.Module):
+        super().__init__(cfg)
+        self.student = student
 
     @classmethod
-    def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module) -> FlowMatching:
-        """Fine-tune a copy of ``teacher``."""
-        return cls(cfg, trainable_copy(teacher))
+    def from_teacher(cls, cfg: FlowMatchingConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> FlowMatching:
+        """Fine-tune a copy of ``teacher`` (or train it from scratch: the world teacher's recipe)."""
+        student = trainable_copy(teacher)
+        student.activation_checkpointing = activation_checkpointing
+        return cls(cfg, student)
 
     def parameter_groups(self):
-        return {"model": [p for p in self.model.parameters() if p.requires_grad]}
+        return {"model": [p for p in self.student.parameters() if p.requires_grad]}
 
     def ema_modules(self):
-        return {"model": self.model}
+        return {"model": self.student}
 
     def state_modules(self):
-        return {"model": self.model}
+        return {"model": self.student}
 
     def training_step(self, batch, step, update):
         x = batch["x"]
         cond, _ = drop_condition(batch["cond"], batch["neg_cond"], self.cfg.cond_dropout, self.generator)
         t = flow.sample_shifted_uniform(x.shape[0], self.cfg.time_shift, self.generator, x.device)
         noise = self.generator.randn(x.shape, x.device)
-        loss = flow_matching_loss(self.model, x, cond, t, noise)
+        loss = flow_matching_loss(self.student, x, cond, t, noise)
         update("model", loss)
         return {}

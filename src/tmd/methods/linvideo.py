@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
+from tmd.methods.base import GuidedSampling
 from tmd.methods.common import (
     StudentMethod,
     dmd_loss,
@@ -142,10 +143,10 @@ def load_linearised(teacher: nn.Module, weights: str | Path, copy_model: bool = 
 
 
 @register("linvideo")
-class LinVideo(StudentMethod):
+class LinVideo(GuidedSampling, StudentMethod):
     Config = LinVideoConfig
+    exports_student_folder = False
 
-    sample_steps = (50, 8)
     """Teacher step counts at which ``tmd demo`` evaluates the linearised model (with CFG, like the teacher)."""
 
     def __init__(self, cfg: LinVideoConfig, teacher: nn.Module, student: nn.Module):

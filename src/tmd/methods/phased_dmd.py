@@ -125,6 +125,8 @@ class PhasedDMDConfig(OwnOptimizerConfig):
 @register("phased_dmd")
 class PhasedDMD(DistributionMatching):
     Config = PhasedDMDConfig
+    # one Wan transformer per phase: a student folder holds one; the experts are sampled from the run's weights
+    exports_student_folder = False
 
     def __init__(self, cfg: PhasedDMDConfig, teacher: nn.Module, experts: nn.ModuleList, fake_scores: PerPhase):
         if not len(experts) == len(fake_scores) == cfg.outer_steps:

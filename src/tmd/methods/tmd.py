@@ -11,18 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
 from tmd import flow
 from tmd.methods import register
+from tmd.methods.base import SampleFn
 from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
 from tmd.models.export import load_student_weights
 from tmd.models.split import FUSIONS, TMDStudent
-from tmd.sampling import ROLLOUT_GRADIENTS, head_rollout, tmd_transition
+from tmd.sampling import ROLLOUT_GRADIENTS, head_rollout, sample_tmd, tmd_transition
 
 GENERATOR_OUTPUTS = ("x1_minus_y", "xt_minus_ty")
 """Stage 2's generator sample from noised data ``x_t = (1 - t) x + t x1``: Eq. 15's ``x1 - y``, or the DTM
@@ -113,8 +114,25 @@ def grid_point_at_or_below(grid: Tensor, s: Tensor) -> Tensor:
     return below.max(dim=1).values.clamp_min(0.0)
 
 
+class TransitionSampling:
+    """For TM and TMD, whose generator is a TMD student: M outer transitions of N flow-head steps each."""
+
+    samples_with_inner_steps: ClassVar[bool] = True
+
+    @classmethod
+    def sampler(cls, cfg, module, outer, inner, seed, guidance, shift) -> SampleFn:
+        cls.check_steps(outer, inner)
+        return lambda noise, cond, neg: sample_tmd(
+            module, noise, cond, outer, inner, torch.Generator().manual_seed(seed), cfg.outer_shift, cfg.inner_shift
+        )
+
+    @classmethod
+    def effective_nfe(cls, cfg, outer, inner, num_blocks, guidance) -> float:
+        return flow.tmd_effective_nfe(outer, inner, cfg.head_blocks, num_blocks)
+
+
 @register("tm")
-class TransitionMatching(StudentMethod):
+class TransitionMatching(TransitionSampling, StudentMethod):
     """Stage 1: TM-MeanFlow pretraining of the head (everything trains; no teacher needed)."""
 
     Config = TransitionMatchingConfig
@@ -203,7 +221,7 @@ class TMDConfig(DistributionMatchingConfig, InnerFlowConfig):
 
 
 @register("tmd")
-class TMD(DistributionMatching):
+class TMD(TransitionSampling, DistributionMatching):
     """Stage 2: DMD2-v whose generator sample runs the whole inner rollout, with gradients through it."""
 
     Config = TMDConfig

@@ -32,7 +32,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tmd import flow
 from tmd.files import check_output_dir
-from tmd.models.export import export_student, student_from_run
+from tmd.methods import METHODS
+from tmd.models.export import export_student, run_metadata, student_from_run
 from tmd.models.split import TMDStudent
 from tmd.models.wan import WanTeacher, load_teacher
 from tmd.pipelines.tmd_pipeline import TMDParts, TMDPipeline
@@ -161,6 +162,11 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path, forma
     if format not in EXPORT_FORMATS:
         raise ValueError(f"export format must be one of {list(EXPORT_FORMATS)}, got {format!r}")
     check_output_dir(path)
+    method = run_metadata(weights).get("method")
+    if method in METHODS and not METHODS[method].exports_student_folder:
+        raise ValueError(
+            f"{weights}: a {method} run has no student folder form ({METHODS[method].__name__}.exports_student_folder)"
+        )
     model, method_config = student_from_run(weights, load_teacher(teacher))
     if format == "pipeline":
         sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}

@@ -32,10 +32,8 @@ class WorldEvalHook:
     """Logs ``eval/total`` ... and ``eval/train_seconds`` (wall-clock since the hook was built, minus its
     own evaluations: the x-axis of a curve against training time) with ``eval/seconds`` (its own cost)."""
 
-    def __init__(self, cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets):
-        (self.name, module), *others = ema_modules.items()
-        if others:
-            raise ValueError(f"train.eval_every: cannot tell which of the EMA modules {sorted(ema_modules)} is the generator")
+    def __init__(self, cfg: RunConfig, exported: tuple[str, nn.Module], assets: WorldAssets):
+        self.name, module = exported  # the method's generator (``Method.exported``), scored with its EMA weights
         # the EMA lives outside the module, and the trained module must not see the EMA weights
         self.model = copy.deepcopy(module).requires_grad_(False).eval().to(assets.device)
         outer, inner = run_steps(cfg.method_name, cfg.method)
@@ -56,7 +54,7 @@ class WorldEvalHook:
 
 
 def eval_hook(
-    cfg: RunConfig, ema_modules: Mapping[str, nn.Module], assets: WorldAssets | None, distributed: bool
+    cfg: RunConfig, exported: tuple[str, nn.Module], assets: WorldAssets | None, distributed: bool
 ) -> WorldEvalHook | None:
     """The run's ``eval_fn``: None unless ``train.eval_every`` is set."""
     if not cfg.train.eval_every:
@@ -65,4 +63,4 @@ def eval_hook(
         raise ConfigError(f"train.eval_every scores on the synthetic world's benchmark; data_kind is {cfg.data_kind!r}")
     if distributed:
         raise ConfigError("train.eval_every runs in one process only; unset it under torchrun")
-    return WorldEvalHook(cfg, ema_modules, assets)
+    return WorldEvalHook(cfg, exported, assets)

@@ -111,13 +111,11 @@ def train_run(
         add_lora(method.state_modules(), lora)
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
-    eval_fn = eval_hook(cfg, method.ema_modules(), assets, ctx.enabled)
+    eval_fn = eval_hook(cfg, method.exported(), assets, ctx.enabled)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
     result = Trainer(method, data, cfg, run_dir, resume, eval_fn=eval_fn, dist=ctx).train()
-    (name, weights), *others = result.ema.items()
-    generator = method.ema_modules()[name]
-    if others:
-        raise ValueError(f"cannot tell which of the EMA modules {sorted(result.ema)} is the generator to export")
+    name, generator = method.exported()
+    weights = result.ema[name]
     path = result.run_dir / STUDENT_FILE
     if ctx.is_main:
         exported = merged_state_dict(generator, weights) if lora.enabled else weights
