@@ -6,7 +6,7 @@ from mog import AnalyticTeacher, MixtureWorld, MLPVelocity, fit_velocity
 
 from tmd.eval.sliced import sliced_wasserstein
 from tmd.rng import BatchRandom
-from tmd.train.loop import optimizer_settings
+from tmd.train.update import UpdateStep, optimizer_settings
 
 WORLD = MixtureWorld(dim=2, num_classes=4)
 BATCH = 256
@@ -38,12 +38,7 @@ def train(method, steps, lr=1e-3, seed=0):
     settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own settings, as the trainer's
     optimizers = {name: torch.optim.Adam(params, **settings[name]) for name, params in groups.items()}
 
-    def update(group, loss, terms=None):
-        assert torch.isfinite(loss), f"{group} loss {loss}"
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
+    update = UpdateStep(optimizers, groups)
 
     data = torch.Generator().manual_seed(seed + 1)
     for step in range(steps):

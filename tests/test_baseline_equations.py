@@ -17,7 +17,8 @@ from tmd.methods.meanflow import sample_mean_flow
 from tmd.methods.phased_dmd import PerPhase, interval_noising, interval_target, sample_phased
 from tmd.methods.tdm import tdm_generator_loss
 from tmd.rng import BatchRandom
-from tmd.train.loop import EMA, Trainer
+from tmd.train.loop import Trainer
+from tmd.train.update import EMA, UpdateStep
 
 B, D = 6, 3
 
@@ -235,15 +236,9 @@ def test_phased_dmd_freezes_finished_experts_and_keeps_their_weights_in_the_expo
     experts = nn.ModuleList([Linear(0.5, 1.0), Linear(0.5, 1.0)])
     method = seeded(get_method("phased_dmd")(cfg, Linear(0.5, 1.0), experts, PerPhase([Linear(0.5, 1.0), Linear(0.5, 1.0)])))
     ema = EMA(experts, 0.5)
-    optimizers = {name: torch.optim.Adam(params, lr=0.1) for name, params in method.parameter_groups().items()}
-
-    def update(group, loss, terms=None):
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
-        if group == "generator":
-            ema.update()
+    groups = method.parameter_groups()
+    optimizers = {name: torch.optim.Adam(params, lr=0.1) for name, params in groups.items()}
+    update = UpdateStep(optimizers, groups, emas={"generator": ema})
 
     for step in range(4):
         method.training_step(batch(step), step, update)

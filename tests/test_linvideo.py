@@ -36,8 +36,8 @@ from tmd.programs.bench_measure import attention_scaling, token_grid
 from tmd.programs.cli import main
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_teacher, sample_tmd, teacher_grid
-from tmd.train.loop import optimizer_settings
 from tmd.train.run import with_linear_attention
+from tmd.train.update import UpdateStep, optimizer_settings
 
 LATENT = (4, 2, 8, 8)
 
@@ -167,11 +167,10 @@ def train(method, batch, steps, lr=1e-4, record=None, start=0):
     settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own lr_scale, as the trainer's
     optimizers = {group: torch.optim.AdamW(params, **settings[group]) for group, params in groups.items()}
 
+    step_group = UpdateStep(optimizers, groups)
+
     def update(group, loss, terms=None):
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
+        step_group(group, loss)
         if record is not None:
             record.append({k: float(v.detach()) for k, v in (terms or {}).items()})
 

@@ -27,6 +27,7 @@ from tmd.models.wan import (
 from tmd.programs.timing import time_round_robin
 from tmd.rng import BatchRandom
 from tmd.sampling import sample_tmd
+from tmd.train.update import UpdateStep
 from tmd.world.autoencoder import AutoencoderConfig
 from tmd.world.data import DEFAULT_ASSETS, TEACHER_DIR
 from tmd.world.spec import WorldConfig
@@ -220,13 +221,8 @@ def training_steps(method_cls, cfg, teacher, batch: dict, turns: dict[str, int])
     device = batch["x"].device
     method = method_cls.from_teacher(cfg, teacher).to(device)
     method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
-    optimizers = {group: torch.optim.AdamW(params, lr=1e-5) for group, params in method.parameter_groups().items()}
-
-    def update(group, loss, terms=None):
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers[group].step()
+    groups = method.parameter_groups()
+    update = UpdateStep({group: torch.optim.AdamW(params, lr=1e-5) for group, params in groups.items()}, groups)
 
     return {name: lambda step=step: method.training_step(batch, step, update) for name, step in turns.items()}
 

@@ -45,6 +45,7 @@ from tmd.programs.gpu_check_spec import STAGE2_CONFIG, Spec, build_teacher, inpu
 from tmd.programs.timing import free, median_seconds, peak_gib, reset_peak, sync
 from tmd.rng import BatchRandom
 from tmd.sampling import guided_velocity, sample_few_step, sample_teacher, sample_tmd
+from tmd.train.update import UpdateStep
 
 GUIDANCE, SHIFT = 5.0, 5.0
 JSON_FILE, TABLE_FILE = "gpu_check.json", "gpu_check.md"
@@ -118,15 +119,8 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
         for g, p in method.parameter_groups().items()
     }
 
-    grad_norms: dict[str, float] = {}
-
-    def update(group, loss, terms=None):  # what Trainer._update does at grad_accum = 1
-        with torch.autocast(device.type, enabled=False):
-            for optimizer in optimizers.values():  # noqa: F821 (deleted after the closure's last call)
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms[group] = float(torch.nn.utils.clip_grad_norm_(method.parameter_groups()[group], 1.0))  # noqa: F821
-            optimizers[group].step()  # noqa: F821
+    update = UpdateStep(optimizers, method.parameter_groups(), grad_clip=1.0)  # as the trainer at grad_accum = 1
+    grad_norms = update.grad_norms
 
     noise, cond, neg = inputs(spec)
     batch = {"x": noise, "cond": cond, "neg_cond": neg}

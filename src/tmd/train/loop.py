@@ -78,6 +78,7 @@ from tmd.train import checkpoint as ckpt
 from tmd.train.distributed import DistContext, check_global_batch, gather_full, slice_batch
 from tmd.train.logging import MetricLogger
 from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fresh
+from tmd.train.update import EMA, UpdateStep, optimizer_settings
 
 EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
 
@@ -98,41 +99,6 @@ class TrainableMethod(Protocol):
     def training_step(self, batch: Any, step: int, update: Update) -> dict[str, float]: ...
 
 
-class EMA:
-    """Exponential moving average of a module's state, kept in fp32 outside the module.
-
-    Floating entries (trainable parameters and float buffers) are averaged; others (counters) are
-    copied. Parameters the method has frozen (``requires_grad=False``: a LoRA run's base weights, a
-    finished Phased DMD expert that later phases train against) are used as they are, so their EMA is
-    the part itself, read from the module instead of being held twice.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.module = module
-        self.decay = decay
-        frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        self.shadow = {
-            k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
-            for k, v in module.state_dict().items()
-            if k not in frozen
-        }
-
-    def full_state(self) -> dict[str, Tensor]:
-        """The averaged state with the frozen entries filled in: loadable into the module."""
-        return {**self.module.state_dict(), **self.shadow}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        current = self.module.state_dict()
-        frozen = {name for name, p in self.module.named_parameters() if not p.requires_grad}
-        floats = [k for k, v in self.shadow.items() if v.is_floating_point() and k not in frozen]
-        if floats:
-            torch._foreach_lerp_([self.shadow[k] for k in floats], [current[k].float() for k in floats], 1.0 - self.decay)
-        for k, v in self.shadow.items():
-            if k in frozen or not v.is_floating_point():
-                v.copy_(current[k])
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -142,24 +108,6 @@ class TrainResult:
     run_dir: Path
     ema: dict[str, dict[str, Tensor]]
     """EMA state dicts (whole, on the CPU) by EMA module name, loadable with ``module.load_state_dict``."""
-
-
-def optimizer_settings(
-    method, groups, lr: float, betas: tuple[float, float], lr_groups: dict[str, float] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Each group's ``lr`` and ``betas``: ``lr_groups[name]`` if given, else ``lr`` times the method's own
-    ``lr_scale`` for the group (``optimizer_overrides()``), and the method's ``betas`` in place of ``betas``."""
-    overrides = getattr(method, "optimizer_overrides", dict)()
-    if set(overrides) - set(groups):
-        raise ValueError(f"optimizer_overrides names unknown groups {sorted(set(overrides) - set(groups))}")
-    lr_groups = lr_groups or {}
-    return {
-        name: {
-            "lr": lr_groups.get(name, lr * overrides.get(name, {}).get("lr_scale", 1.0)),
-            "betas": overrides.get(name, {}).get("betas", betas),
-        }
-        for name in groups
-    }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -244,7 +192,7 @@ class Trainer:
         self.emas = {name: EMA(module, tc.ema_decay) for name, module in method.ema_modules().items()}
         # optimizer states are keyed by parameter names under this root, the same at any world size
         self._root = nn.ModuleDict(self.modules)
-        self._ema_owner = {name: self._owner_group(name, ema.module) for name, ema in self.emas.items()}
+        self.update_step = UpdateStep(self.optimizers, self.groups, tc.grad_clip, self.emas)
 
         self.generator = torch.Generator(self.device).manual_seed(tc.seed)
         method.generator = BatchRandom(self.generator, self.dist.rank, self.dist.world_size)
@@ -276,16 +224,6 @@ class Trainer:
                     raise ValueError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
                 seen[id(p)] = name
 
-    def _owner_group(self, ema_name: str, module: nn.Module) -> str:
-        group_of = {id(p): group for group, params in self.groups.items() for p in params}
-        owners = {group_of.get(id(p)) for p in module.parameters() if p.requires_grad}
-        if len(owners) != 1 or None in owners:
-            raise ValueError(
-                f"EMA module {ema_name!r}: its trainable parameters must all belong to exactly one group, "
-                f"found {sorted(str(o) for o in owners)} (None: in no group)"
-            )
-        return owners.pop()
-
     # -- the update callback handed to training_step ------------------------------------------
 
     def _update(self, group: str, loss: Tensor, terms: Mapping[str, Tensor] | None = None) -> None:
@@ -306,26 +244,19 @@ class Trainer:
             self._accumulate(group, loss, total, values)
             return
         with torch.autocast(self.device.type, enabled=False):
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.update_step.backward(loss)
             grad_norm = self._step_group(group, total)
         self._record(group, total, grad_norm, values)
 
     def _step_group(self, group: str, total: float) -> float:
         """Clip the group's gradients, step its optimizer and its EMAs; returns the gradient norm."""
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
-        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(self.groups[group], max_norm)))
-        if not np.isfinite(grad_norm):
+        try:
+            return self.update_step.step(group)
+        except NonFiniteLossError:
             raise NonFiniteLossError(
                 f"non-finite gradient norm at step {self.step + 1} in group {group!r} (loss {total}); "
                 f"stopped before updating; {self._checkpoint_state()}"
-            )
-        self.optimizers[group].step()
-        for name, ema in self.emas.items():
-            if self._ema_owner[name] == group:
-                ema.update()
-        return grad_norm
+            ) from None
 
     def _record(self, group: str, total: float, grad_norm: float, values: Mapping[str, float]) -> None:
         self._window[f"loss/{group}"].append(total)
@@ -378,8 +309,7 @@ class Trainer:
                 total = statistics.fmean(acc.losses[group])
                 grad_norm = self._step_group(group, total)
                 self._record(group, total, grad_norm, {name: statistics.fmean(v) for name, v in acc.terms[group].items()})
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
+            self.update_step.zero_grad()
 
     def _micro_batches(self, batch: Any) -> dict[str, float]:
         """``training_step`` on each of the K micro-batches of this step's global batch; then the groups step."""
@@ -588,10 +518,3 @@ def lr_factor(schedule: str, warmup_steps: int, steps: int) -> Callable[[int], f
         return 1.0
 
     return factor
-
-
-def _full(value: Tensor) -> Tensor:
-    """A gradient norm over sharded parameters is a DTensor; its value is the same on every rank."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
