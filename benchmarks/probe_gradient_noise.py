@@ -92,7 +92,7 @@ class GradientProbe:
         return captured["grad"]
 
     def __call__(self, step: int, ema_states) -> dict:
-        rng = self.method.generator.generator
+        rng = self.method.rng.source
         method_state, global_state = rng.get_state(), torch.get_rng_state()
         try:
             point = {"step": step, **self.spread("all", [self.fresh(r) for r in range(self.repeats)])}
@@ -112,7 +112,7 @@ class GradientProbe:
         return {}
 
     def fresh(self, r: int) -> torch.Tensor:
-        self.method.generator.generator.manual_seed(PROBE_DATA_SEED + 7919 * r)
+        self.method.rng.source.manual_seed(PROBE_DATA_SEED + 7919 * r)
         return self.gradient(self.data.next_batch())
 
     @staticmethod

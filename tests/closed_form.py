@@ -33,7 +33,7 @@ def distance(sample_fn, seed=0):
 
 
 def train(method, steps, lr=1e-3, seed=0):
-    method.generator = BatchRandom(torch.Generator().manual_seed(seed))
+    method.rng = BatchRandom(torch.Generator().manual_seed(seed))
     groups = method.parameter_groups()
     settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own settings, as the trainer's
     optimizers = {name: torch.optim.Adam(params, **settings[name]) for name, params in groups.items()}

@@ -233,3 +233,18 @@ def test_two_processes_with_micro_batches_equal_one_process(tmp_path, videos, pi
     assert a.keys() == b.keys() and not any("lora_" in k for k in a)
     for key in a:  # AdamW's normalised steps turn the float noise of near-cancelling gradients into up to ~lr (above)
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=0.2 * 1e-4, msg=key)
+
+
+def test_a_checkpoint_that_names_its_random_state_generator_still_resumes(tmp_path):
+    """Checkpoints written before the random source was named ``rng`` hold it under ``"generator"``."""
+    straight = FlowMethod()
+    Trainer(straight, GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "a", steps=4, checkpoint_every=2)).train()
+    Trainer(FlowMethod(), GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "b", steps=2)).train()
+    state_file = tmp_path / "b" / "checkpoints" / "step_0000002" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["generator"] = state.pop("batch_rng")
+    torch.save(state, state_file)
+    resumed = FlowMethod(seed=7)
+    Trainer(resumed, GeneratorDataSource(gaussian_batch, seed=1), make_cfg(tmp_path / "b", steps=4), resume=True).train()
+    for a, b in zip(resumed.model.parameters(), straight.model.parameters()):
+        assert torch.equal(a, b)

@@ -54,7 +54,7 @@ def batch(seed=0, n=B):
 
 
 def seeded(method, seed=0):
-    method.generator = BatchRandom(torch.Generator().manual_seed(seed))
+    method.rng = BatchRandom(torch.Generator().manual_seed(seed))
     return method
 
 
@@ -281,7 +281,7 @@ def test_tdm_matches_each_samples_stage_inside_its_interval():
     )
     grid = method.outer_grid("cpu")
     noise, cond = torch.randn(n, D), batch(n=n)["cond"]
-    x_hat = method.generate(batch(n=n), noise, 0)
+    x_hat = method.x0_from_noise(batch(n=n), noise, 0)
     *rollout, (x_in, t_in, _, _) = student.calls
     assert len(rollout) == 2 and set(t_in.tolist()) == set(grid[:3].tolist())  # every stage, in one batch
     states = [noise, euler([student], noise, grid[:2], cond), euler([student, student], noise, grid[:3], cond)]

@@ -97,7 +97,7 @@ def test_tmd_student_round_trip(tmp_path, tiny_teacher, tiny_inputs, fusion):
     assert keys == set(tiny_teacher.transformer.state_dict())
 
     noise, text, _ = tiny_inputs
-    run = lambda model: sample_tmd(model, noise, text, 2, 3, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run = lambda model: sample_tmd(model, noise, text, 2, 3, rng=torch.Generator().manual_seed(0))  # noqa: E731
     assert torch.equal(run(loaded), run(student))
 
 
@@ -107,7 +107,7 @@ def test_few_step_round_trip(tmp_path, tiny_teacher, tiny_inputs):
     assert json.loads((tmp_path / "dmd2" / "config.json").read_text())["kind"] == "few_step"
     loaded = load_teacher(tmp_path / "dmd2" / "transformer")
     noise, text, _ = tiny_inputs
-    run = lambda model: sample_few_step(model, noise, text, 2, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    run = lambda model: sample_few_step(model, noise, text, 2, rng=torch.Generator().manual_seed(0))  # noqa: E731
     assert torch.equal(run(loaded), run(generator))
 
 

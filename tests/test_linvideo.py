@@ -162,7 +162,7 @@ def make_batch(n: int = 4):
 
 
 def train(method, batch, steps, lr=1e-4, record=None, start=0):
-    method.generator = BatchRandom(torch.Generator().manual_seed(start))
+    method.rng = BatchRandom(torch.Generator().manual_seed(start))
     groups = method.parameter_groups()
     settings = optimizer_settings(method, groups, lr, (0.9, 0.999))  # a method's own lr_scale, as the trainer's
     optimizers = {group: torch.optim.AdamW(params, **settings[group]) for group, params in groups.items()}

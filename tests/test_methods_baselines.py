@@ -49,7 +49,7 @@ def test_decoupled_dmd(fitted_velocity, guidance, ca_weight):
     generator = copy.deepcopy(fitted_velocity)
     cfg = get_method("decoupled_dmd").Config(guidance=guidance, ca_weight=ca_weight, outer_steps=1)
     method = get_method("decoupled_dmd")(cfg, TEACHER, generator, copy.deepcopy(fitted_velocity))
-    improves(method, lambda noise, cond, g: sample_few_step(generator, noise, cond, 1, generator=g), 300, 0.7)
+    improves(method, lambda noise, cond, g: sample_few_step(generator, noise, cond, 1, rng=g), 300, 0.7)
 
 
 def test_phased_dmd(fitted_velocity):
@@ -59,7 +59,7 @@ def test_phased_dmd(fitted_velocity):
     experts = torch.nn.ModuleList(copy.deepcopy(fitted_velocity) for _ in range(2))
     fake_scores = PerPhase(copy.deepcopy(fitted_velocity) for _ in range(2))
     method = get_method("phased_dmd")(cfg, TEACHER, experts, fake_scores)
-    improves(method, lambda noise, cond, g: sample_phased(experts, noise, cond, generator=g), 300, 0.8)
+    improves(method, lambda noise, cond, g: sample_phased(experts, noise, cond, rng=g), 300, 0.8)
 
 
 def test_tdm(fitted_velocity):

@@ -17,7 +17,7 @@ def fitted_velocity():
 
 
 def tmd_sampler(student, outer, inner):
-    return lambda noise, cond, g: sample_tmd(student, noise, cond, outer, inner, generator=g)
+    return lambda noise, cond, g: sample_tmd(student, noise, cond, outer, inner, rng=g)
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_transition_matching_turns_the_head_into_a_sampler(fitted_velocity, mean
     )
 
     def two_by_four(noise, cond, g):
-        return sample_tmd(student, noise, cond, 2, 4, generator=g, inner_shift=inner_shift)
+        return sample_tmd(student, noise, cond, 2, 4, rng=g, inner_shift=inner_shift)
 
     before = distance(two_by_four)
     train(get_method("tm")(cfg, student), steps=400)
@@ -62,7 +62,7 @@ def test_dmd2_improves_a_one_step_generator(fitted_velocity):
     method = get_method("dmd2")(cfg, TEACHER, generator, copy.deepcopy(fitted_velocity))
 
     def one_step(noise, cond, g):
-        return sample_few_step(generator, noise, cond, 1, generator=g)
+        return sample_few_step(generator, noise, cond, 1, rng=g)
 
     before = distance(one_step)
     train(method, steps=400)

@@ -149,7 +149,7 @@ def test_samplers_run_on_mlps_with_seeded_determinism(world):
     noise, cond = torch.randn(64, 2), world.labels_to_cond(torch.arange(64) % 5)
 
     def tmd(seed):
-        return sample_tmd(student, noise, cond, outer_steps=2, inner_steps=3, generator=torch.Generator().manual_seed(seed))
+        return sample_tmd(student, noise, cond, outer_steps=2, inner_steps=3, rng=torch.Generator().manual_seed(seed))
 
     def renoised(seed):
         return sample_few_step(model, noise, cond, 2, torch.Generator().manual_seed(seed), multistep="renoise")

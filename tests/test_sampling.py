@@ -47,7 +47,7 @@ def test_rollout_is_eq14s_weighted_sum():
     x1 = torch.randn(2, 3)
     heads = [torch.randn(2, 3) for _ in range(3)]
     student = KnownHead(heads)
-    x = sample_tmd(student, x1, None, outer_steps=1, inner_steps=3, generator=torch.Generator().manual_seed(7))
+    x = sample_tmd(student, x1, None, outer_steps=1, inner_steps=3, rng=torch.Generator().manual_seed(7))
     y1 = torch.randn(2, 3, generator=torch.Generator().manual_seed(7))
     grid = flow.inner_grid(3).float()
     expected_y = (1 - grid[0]) * y1 + sum((grid[j] - grid[j + 1]) * heads[j] for j in range(3))
@@ -72,7 +72,7 @@ def test_tmd_outer_steps_are_deterministic_dtm_steps():
     student = KnownHead(heads)
     x1 = torch.zeros(1, 2)
     g = torch.Generator().manual_seed(3)
-    x = sample_tmd(student, x1, None, outer_steps=2, inner_steps=1, generator=g)
+    x = sample_tmd(student, x1, None, outer_steps=2, inner_steps=1, rng=g)
     replay = torch.Generator().manual_seed(3)
     y1_a, y1_b = torch.randn(1, 2, generator=replay), torch.randn(1, 2, generator=replay)
     outer = flow.outer_grid(2).float()
@@ -111,7 +111,7 @@ def test_samplers_are_seeded(tiny_teacher, tiny_inputs):
     student = TMDStudent.from_teacher(tiny_teacher, head_blocks=1)
 
     def tmd(seed):
-        return sample_tmd(student, noise, text, 2, 3, generator=torch.Generator().manual_seed(seed))
+        return sample_tmd(student, noise, text, 2, 3, rng=torch.Generator().manual_seed(seed))
 
     assert tmd(0).shape == noise.shape
     assert torch.equal(tmd(0), tmd(0)) and not torch.equal(tmd(0), tmd(1))

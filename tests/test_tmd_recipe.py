@@ -61,7 +61,7 @@ def batch():
 
 
 def seeded(method, seed=5):
-    method.generator = BatchRandom(torch.Generator().manual_seed(seed))
+    method.rng = BatchRandom(torch.Generator().manual_seed(seed))
     return method
 
 
@@ -263,7 +263,7 @@ def test_sample_target_reads_the_head_as_x0_and_steps_by_eq18():
     student.transition_target, student.inner_velocity = "sample", "implied"
     x1 = torch.randn(B, D)
     g = torch.Generator().manual_seed(2)
-    x = sample_tmd(student, x1, None, outer_steps=2, inner_steps=1, generator=g)
+    x = sample_tmd(student, x1, None, outer_steps=2, inner_steps=1, rng=g)
     outer = flow.outer_grid(2).float()
     x_mid = flow.deterministic_step(x1, x1 - outer[0] * known_head(x1, *_first_inner(student, 0)), outer[0], outer[1])
     torch.testing.assert_close(student.backbone_calls[1][0], x_mid)

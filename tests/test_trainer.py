@@ -58,8 +58,8 @@ class FlowMethod:
         return {"model": self.model}
 
     def training_step(self, batch, step, update):
-        noise = self.generator.randn(batch.shape)
-        t = self.generator.rand(batch.shape[0])
+        noise = self.rng.randn(batch.shape)
+        t = self.rng.rand(batch.shape[0])
         keep = (torch.rand(batch.shape[0]) > 0.1).float()
         v = self.model(flow.interpolate(batch, noise, t), t)
         self.seen_dtypes.append(v.dtype)
@@ -208,10 +208,10 @@ class TwoGroupMethod:
 
     def training_step(self, batch, step, update):
         before = weights(self.gen)
-        fake = self.gen(self.generator.randn(batch.shape))
+        fake = self.gen(self.rng.randn(batch.shape))
         update("critic", ((self.critic(fake) - batch) ** 2).mean())
         if step % 3 == 0:
-            fake = self.gen(self.generator.randn(batch.shape))
+            fake = self.gen(self.rng.randn(batch.shape))
             update("generator", -(self.critic(fake) ** 2).mean())
         self.gen_changed.append(not torch.equal(before["weight"], self.gen.weight))
         return {}

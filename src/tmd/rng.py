@@ -22,10 +22,11 @@ from torch import Tensor
 class BatchRandom:
     """Draws for the local rows ``[rank * n, (rank + 1) * n)`` of a global batch of ``world_size * n``."""
 
-    def __init__(self, generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(self, source: torch.Generator | None = None, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
-        self.generator = generator
+        self.source = source
+        """The torch generator every draw advances (the same state on every rank)."""
         self.rank = rank
         self.world_size = world_size
 
@@ -37,21 +38,19 @@ class BatchRandom:
     def randn(self, shape: tuple[int, ...] | torch.Size, device=None) -> Tensor:
         """Standard normal float32 noise of ``shape``, whose first dimension is the local batch."""
         rest = tuple(shape[1:])
-        return self._rows(
-            shape[0], lambda n: torch.randn((n, *rest), generator=self.generator, device=device, dtype=torch.float32)
-        )
+        return self._rows(shape[0], lambda n: torch.randn((n, *rest), generator=self.source, device=device, dtype=torch.float32))
 
     def rand(self, n: int, device=None) -> Tensor:
         """One U[0, 1) float32 value per local sample."""
-        return self._rows(n, lambda m: torch.rand(m, generator=self.generator, device=device, dtype=torch.float32))
+        return self._rows(n, lambda m: torch.rand(m, generator=self.source, device=device, dtype=torch.float32))
 
     def randint(self, high: int, n: int, device=None) -> Tensor:
         """One integer in ``[0, high)`` per local sample."""
-        return self._rows(n, lambda m: torch.randint(high, (m,), generator=self.generator, device=device))
+        return self._rows(n, lambda m: torch.randint(high, (m,), generator=self.source, device=device))
 
     def shared_randint(self, high: int, device=None) -> int:
         """One integer in ``[0, high)`` for the whole step, the same on every rank."""
-        return int(torch.randint(high, (1,), generator=self.generator, device=device))
+        return int(torch.randint(high, (1,), generator=self.source, device=device))
 
 
 Random = Union[BatchRandom, torch.Generator, None]

@@ -139,8 +139,8 @@ def head_rollout(
     return y
 
 
-def _randn_like(x: Tensor, generator: Random) -> Tensor:
-    return as_batch_random(generator).randn(x.shape, x.device)
+def _randn_like(x: Tensor, rng: Random) -> Tensor:
+    return as_batch_random(rng).randn(x.shape, x.device)
 
 
 def tmd_transition(
@@ -150,13 +150,13 @@ def tmd_transition(
     t_next: Tensor | float,
     cond: Tensor,
     inner: Tensor,
-    generator,
+    rng,
     gradients: str = "all",
 ) -> Tensor:
     """One outer TMD step (Alg. 1): backbone once, the head rolled out from fresh inner noise, then the
     deterministic step to t_next (Eq. 4's DTM step ``x - (t - t_next) y``). Gradients flow when enabled."""
     features = student.backbone(x, t, cond)
-    y = head_rollout(student, x, t, _randn_like(x, generator), features, inner, gradients)
+    y = head_rollout(student, x, t, _randn_like(x, rng), features, inner, gradients)
     return flow.outer_step(x, y, t, t_next, student.transition_target)
 
 
@@ -166,7 +166,7 @@ def check_multistep(multistep: str) -> None:
 
 
 def few_step_transition(
-    model: VelocityModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, generator, multistep: str = "deterministic"
+    model: VelocityModel, x: Tensor, t: Tensor, t_next: Tensor | float, cond: Tensor, rng, multistep: str = "deterministic"
 ) -> Tensor:
     """One step of a plain few-step generator ``g(x_t, t) = x_t - t v`` (Eq. 17) from t to t_next: Eq. 18's
     deterministic step, or with ``multistep="renoise"`` DMD2's fresh-noise re-noising (Eq. 19)."""
@@ -176,7 +176,7 @@ def few_step_transition(
         return x0
     if multistep == "deterministic":
         return flow.deterministic_step(x, x0, t, t_next)
-    return flow.interpolate(x0, _randn_like(x, generator), t_next)
+    return flow.interpolate(x0, _randn_like(x, rng), t_next)
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def sample_tmd(
     cond: Tensor,
     outer_steps: int = 2,
     inner_steps: int = 4,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     outer_shift: float = flow.OUTER_SHIFT,
     inner_shift: float = flow.INNER_SHIFT,
 ) -> Tensor:
@@ -195,7 +195,7 @@ def sample_tmd(
     inner = flow.inner_grid(inner_steps, inner_shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i in range(outer_steps):
-        x = tmd_transition(student, x, outer[i], outer[i + 1], cond, inner, generator)
+        x = tmd_transition(student, x, outer[i], outer[i + 1], cond, inner, rng)
     return x
 
 
@@ -205,14 +205,14 @@ def sample_few_step(
     noise: Tensor,
     cond: Tensor,
     steps: int = 2,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     shift: float = flow.OUTER_SHIFT,
     multistep: str = "deterministic",
 ) -> Tensor:
     """A plain few-step generator on the outer grid: deterministic Eq. 18 steps (DMD2-v), or DMD2's
-    re-noising with ``multistep="renoise"`` (the only use of ``generator``)."""
+    re-noising with ``multistep="renoise"`` (the only use of ``rng``)."""
     grid = flow.outer_grid(steps, shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i in range(steps):
-        x = few_step_transition(model, x, grid[i], grid[i + 1], cond, generator, multistep)
+        x = few_step_transition(model, x, grid[i], grid[i + 1], cond, rng, multistep)
     return x

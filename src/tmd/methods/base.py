@@ -10,7 +10,7 @@ The trainer (``tmd.train.loop.Trainer``) and the programs only ever ask a method
   ``lr_scale`` / ``betas``), ``ema_modules()`` (EMA copies the trainer keeps), ``state_modules()`` (everything
   checkpointed), and ``training_step(batch, step, update)``: compute a loss and call
   ``update(group, loss, terms)`` for each group that steps this iteration (a group at most once per step); return
-  extra metrics to log. Draw **all** randomness from ``self.generator`` (a ``tmd.rng.BatchRandom`` the trainer sets
+  extra metrics to log. Draw **all** randomness from ``self.rng`` (a ``tmd.rng.BatchRandom`` the trainer sets
   before the first step): then K data-parallel processes draw what one does and a resume continues the streams.
 - **Export**: ``export_module``, the name in ``ema_modules()`` of the generator that ``student.safetensors``
   holds (its EMA weights) and evaluation samples.
@@ -56,7 +56,7 @@ class Method(nn.Module, ABC):
     def __init__(self, cfg: Any):
         super().__init__()
         self.cfg = cfg
-        self.generator: BatchRandom | None = None
+        self.rng: BatchRandom | None = None
         """The random source, set by the trainer before the first step; every training-time draw comes from it."""
 
     # -- build and train --------------------------------------------------------------------------

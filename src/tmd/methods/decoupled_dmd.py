@@ -56,17 +56,17 @@ class DecoupledDMD(DMD2):
     Config = DecoupledDMDConfig
 
     # generator_loss needs the generator input's time, which it does not receive
-    def denoise(self, x_t, t, noise, cond):
+    def x0_from_noised(self, x_t, t, noise, cond):
         self._input_time = t
-        return super().denoise(x_t, t, noise, cond)
+        return super().x0_from_noised(x_t, t, noise, cond)
 
-    def generate(self, batch, noise, step_index):
+    def x0_from_noise(self, batch, noise, step_index):
         self._input_time = self.outer_grid(noise.device)[step_index]
-        return super().generate(batch, noise, step_index)
+        return super().x0_from_noise(batch, noise, step_index)
 
     def generator_loss(self, x_hat, batch):
         cfg, cond, n, device = self.cfg, batch["cond"], x_hat.shape[0], x_hat.device
-        tau_ca = self._input_time * flow.sample_shifted_uniform(n, 1.0, self.generator, device)
+        tau_ca = self._input_time * flow.sample_shifted_uniform(n, 1.0, self.rng, device)
         x_ca = flow.interpolate(x_hat, self._randn(x_hat.shape, device), tau_ca)
         tau_dm, _, x_dm = self._noised(x_hat)
         with torch.no_grad():

@@ -59,8 +59,8 @@ class DistributionMatchingConfig:
 
 
 class DistributionMatching(Method):
-    """Base of DMD-style methods. Subclasses define ``denoise`` (the generator's x0 sample from a noised
-    input, with gradients) and ``generate`` (the same after backward simulation from noise)."""
+    """Base of DMD-style methods. Subclasses define ``x0_from_noised`` (the generator's x0 sample from a noised
+    input, with gradients) and ``x0_from_noise`` (the same after backward simulation from noise)."""
 
     export_module = "generator"
 
@@ -125,11 +125,11 @@ class DistributionMatching(Method):
             module, noise, cond, outer, torch.Generator().manual_seed(seed), cfg.outer_shift, cfg.multistep
         )
 
-    def denoise(self, x_t: Tensor, t: Tensor, noise: Tensor, cond: Tensor) -> Tensor:
+    def x0_from_noised(self, x_t: Tensor, t: Tensor, noise: Tensor, cond: Tensor) -> Tensor:
         """The generator's sample ``x_hat`` from the noised data ``x_t = (1 - t) x + t noise`` (per-sample t)."""
         raise NotImplementedError
 
-    def generate(self, batch: dict, noise: Tensor, step_index: int) -> Tensor:
+    def x0_from_noise(self, batch: dict, noise: Tensor, step_index: int) -> Tensor:
         """Generator sample ``x_hat`` (x0 estimate) from outer grid time ``step_index``, backward-simulated
         there without gradients; the last transition carries gradients when they are enabled."""
         raise NotImplementedError
@@ -138,23 +138,23 @@ class DistributionMatching(Method):
         """``x_hat`` for this iteration, from the configured student input (with gradients when enabled)."""
         if self.cfg.student_input == "backward":
             noise = self._randn(latent_shape(batch), batch["cond"].device)
-            return self.generate(batch, noise, self.generator.shared_randint(self.cfg.outer_steps, noise.device))
+            return self.x0_from_noise(batch, noise, self.rng.shared_randint(self.cfg.outer_steps, noise.device))
         if "x" not in batch:
             raise ValueError(
                 "student_input=data noises data latents 'x', which this batch lacks; set method.student_input=backward"
             )
         x = batch["x"]
         grid = self.outer_grid(x.device)
-        t = grid[self.generator.randint(self.cfg.outer_steps, x.shape[0], x.device)]
+        t = grid[self.rng.randint(self.cfg.outer_steps, x.shape[0], x.device)]
         noise = self._randn(x.shape, x.device)
-        return self.denoise(flow.interpolate(x, noise, t), t, noise, batch["cond"])
+        return self.x0_from_noised(flow.interpolate(x, noise, t), t, noise, batch["cond"])
 
     def _randn(self, shape, device) -> Tensor:
-        return self.generator.randn(shape, device)
+        return self.rng.randn(shape, device)
 
     def _noised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(t, eps, x_t)``: a DMD time ``t ~ shift(U[0.001, 0.999])``, fresh noise, and ``x`` noised with them."""
-        t = flow.sample_shifted_uniform(x.shape[0], self.cfg.tau_shift, self.generator, x.device)
+        t = flow.sample_shifted_uniform(x.shape[0], self.cfg.tau_shift, self.rng, x.device)
         eps = self._randn(x.shape, x.device)
         return t, eps, flow.interpolate(x, eps, t)
 

@@ -35,17 +35,17 @@ class DMD2Config(DistributionMatchingConfig):
 class DMD2(DistributionMatching):
     Config = DMD2Config
 
-    def denoise(self, x_t, t, noise, cond):
+    def x0_from_noised(self, x_t, t, noise, cond):
         return flow.x0_from_velocity(x_t, self.student.velocity(x_t, t, cond), t)
 
-    def generate(self, batch, noise, step_index):
+    def x0_from_noise(self, batch, noise, step_index):
         cond, multistep = batch["cond"], self.cfg.multistep
         grid = self.outer_grid(noise.device)
         x = noise
         with torch.no_grad():
             for i in range(step_index):
-                x = few_step_transition(self.student, x, grid[i], grid[i + 1], cond, self.generator, multistep)
-        return few_step_transition(self.student, x, grid[step_index], 0.0, cond, self.generator, multistep)
+                x = few_step_transition(self.student, x, grid[i], grid[i + 1], cond, self.rng, multistep)
+        return few_step_transition(self.student, x, grid[step_index], 0.0, cond, self.rng, multistep)
 
     def kd_loss(self, batch: dict) -> torch.Tensor:
         """Knowledge distillation: the one-step output from pure noise regresses the teacher's multi-step CFG
@@ -56,7 +56,7 @@ class DMD2(DistributionMatching):
             self.teacher, noise, batch["cond"], batch["neg_cond"], cfg.kd_teacher_steps, cfg.guidance, cfg.kd_teacher_shift
         )
         t = self.outer_grid(noise.device)[0]
-        return (self.denoise(noise, t.expand(noise.shape[0]), noise, batch["cond"]).float() - target.float()).pow(2).mean()
+        return (self.x0_from_noised(noise, t.expand(noise.shape[0]), noise, batch["cond"]).float() - target.float()).pow(2).mean()
 
     def training_step(self, batch, step, update):
         if step < self.cfg.kd_warmup_steps:

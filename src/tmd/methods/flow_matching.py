@@ -53,9 +53,9 @@ class FlowMatching(GuidedSampling, Method):
 
     def training_step(self, batch, step, update):
         x = batch["x"]
-        cond, _ = drop_condition(batch["cond"], batch["neg_cond"], self.cfg.cond_dropout, self.generator)
-        t = flow.sample_shifted_uniform(x.shape[0], self.cfg.time_shift, self.generator, x.device)
-        noise = self.generator.randn(x.shape, x.device)
+        cond, _ = drop_condition(batch["cond"], batch["neg_cond"], self.cfg.cond_dropout, self.rng)
+        t = flow.sample_shifted_uniform(x.shape[0], self.cfg.time_shift, self.rng, x.device)
+        noise = self.rng.randn(x.shape, x.device)
         loss = flow_matching_loss(self.student, x, cond, t, noise)
         update("model", loss)
         return {}

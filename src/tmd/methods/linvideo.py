@@ -184,7 +184,7 @@ class LinVideo(GuidedSampling, StudentMethod):
         return x
 
     def adm_loss(self, batch: dict) -> Tensor:
-        cfg, g = self.cfg, self.generator
+        cfg, g = self.cfg, self.rng
         cond, neg_cond = batch["cond"], batch["neg_cond"]
         shape, device = latent_shape(batch), cond.device
         grid = teacher_grid(cfg.trajectory_steps, cfg.shift).to(device)

@@ -92,7 +92,7 @@ class MDTDist(StudentMethod):
     def _times(self, n: int, device) -> Tensor:
         """The code's logit-normal time, kept in ``[dt + 1e-5, 1]`` so that ``t - dt`` stays a time."""
         cfg, dt = self.cfg, self.cfg.finite_difference
-        t = torch.sigmoid(self.generator.randn((n,), device) * cfg.logit_std + cfg.logit_mean)
+        t = torch.sigmoid(self.rng.randn((n,), device) * cfg.logit_std + cfg.logit_mean)
         return 1e-5 + dt + (1 - dt - 1e-5) * t
 
     @torch.no_grad()
@@ -106,7 +106,7 @@ class MDTDist(StudentMethod):
 
     def training_step(self, batch, step, update):
         cfg, x, cond = self.cfg, batch["x"], batch["cond"]
-        t, noise = self._times(x.shape[0], x.device), self.generator.randn(x.shape, x.device)
+        t, noise = self._times(x.shape[0], x.device), self.rng.randn(x.shape, x.device)
         terms = {}
         if cfg.vm_weight > 0:
             x_t = flow.interpolate(x, noise, t)
@@ -114,7 +114,7 @@ class MDTDist(StudentMethod):
             target = self.velocity_target(x_t, t, phi.detach(), batch)
             terms["vm"] = cfg.vm_weight * (phi.float() - target.float()).pow(2).mean()
         if cfg.vd_weight > 0:
-            z = self.generator.randn(x.shape, x.device)
+            z = self.rng.randn(x.shape, x.device)
             phi_z = self.student.velocity(z, flow.T_MAX, cond)
             x_fake = flow.x0_from_velocity(z, phi_z, flow.T_MAX)
             with torch.no_grad():

@@ -75,7 +75,7 @@ class MeanFlow(StudentMethod):
         return sample_mean_flow(student, noise, cond, steps, outer_shift)
 
     def training_step(self, batch, step, update):
-        cfg, g, x, cond = self.cfg, self.generator, batch["x"], batch["cond"]
+        cfg, g, x, cond = self.cfg, self.rng, batch["x"], batch["cond"]
         n, device, d = x.shape[0], x.device, cfg.finite_difference
         t = flow.sample_shifted_uniform(n, cfg.time_shift, g, device).clamp(d + 1e-3, 1 - d)
         grid = flow.outer_grid(cfg.outer_steps, cfg.outer_shift).to(device=device, dtype=torch.float32)

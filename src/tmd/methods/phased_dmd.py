@@ -160,20 +160,20 @@ class PhasedDMD(DistributionMatching):
             raise ValueError(f"phased DMD samples with its {len(generator_module)} experts, not {steps} steps")
         return sample_phased(generator_module, noise, cond, rng, outer_shift, multistep)
 
-    def generate(self, batch, noise, step_index):
+    def x0_from_noise(self, batch, noise, step_index):
         """``x_s`` at the current phase's boundary; ``step_index`` (random) is ignored: the phase decides."""
         k, cond, grid, multistep = self.phase, batch["cond"], self.outer_grid(noise.device), self.cfg.multistep
         x = noise
         with torch.no_grad():
             for i in range(k):
-                x = few_step_transition(self.student[i], x, grid[i], grid[i + 1], cond, self.generator, multistep)
-        return few_step_transition(self.student[k], x, grid[k], grid[k + 1], cond, self.generator, multistep)
+                x = few_step_transition(self.student[i], x, grid[i], grid[i + 1], cond, self.rng, multistep)
+        return few_step_transition(self.student[k], x, grid[k], grid[k + 1], cond, self.rng, multistep)
 
     def _interval_draw(self, x_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(s, t, eps)``: the phase's boundary s, ``t in (s, 1)`` (Eq. 10's ``T(t_k, 1)``) and fresh noise."""
         n, device = x_s.shape[0], x_s.device
         s = self.outer_grid(device)[self.phase + 1].expand(n)
-        t = s + (flow.T_MAX - s) * flow.sample_shifted_uniform(n, self.cfg.tau_shift, self.generator, device)
+        t = s + (flow.T_MAX - s) * flow.sample_shifted_uniform(n, self.cfg.tau_shift, self.rng, device)
         return s, t, self._randn(x_s.shape, device)
 
     def _renoise(self, x_s):
@@ -193,7 +193,7 @@ def sample_phased(
     experts,
     noise: Tensor,
     cond: Tensor,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     shift: float = flow.OUTER_SHIFT,
     multistep: str = "deterministic",
 ) -> Tensor:
@@ -202,5 +202,5 @@ def sample_phased(
     grid = flow.outer_grid(len(experts), shift).to(device=noise.device, dtype=torch.float32)
     x = noise.float()
     for i, expert in enumerate(experts):
-        x = few_step_transition(expert, x, grid[i], grid[i + 1], cond, generator, multistep)
+        x = few_step_transition(expert, x, grid[i], grid[i + 1], cond, rng, multistep)
     return x

@@ -84,14 +84,14 @@ class TDM(DistributionMatching):
     def optimizer_overrides(self):
         return self.cfg.optimizer_overrides()
 
-    def generate(self, batch, noise, step_index):
+    def x0_from_noise(self, batch, noise, step_index):
         """The student's x0 at a stage drawn per sample (``step_index``, one draw per batch, is ignored)."""
         cond, grid, n = batch["cond"], self.outer_grid(noise.device), noise.shape[0]
         states = [noise]
         with torch.no_grad():
             for i in range(self.cfg.outer_steps - 1):
-                states.append(few_step_transition(self.student, states[-1], grid[i], grid[i + 1], cond, self.generator))
-        stage = self.generator.randint(self.cfg.outer_steps, n, noise.device)
+                states.append(few_step_transition(self.student, states[-1], grid[i], grid[i + 1], cond, self.rng))
+        stage = self.rng.randint(self.cfg.outer_steps, n, noise.device)
         x_in = torch.stack(states)[stage, torch.arange(n, device=noise.device)]
         t_in, t_next = grid[stage], grid[stage + 1]
         v = self.student.velocity(x_in, t_in, cond)
@@ -109,7 +109,7 @@ class TDM(DistributionMatching):
         """``(tau, x_tau, eps, m)``: ``tau ~ U(t_{i+1}, t_i)``, the stage's next point diffused there with
         fresh noise ``eps``, and the total noise ``m`` of ``x_tau = (1 - tau) x0 + tau m``."""
         t_next, t_in, x_next, eps_hat = self._stage
-        tau = t_next + (t_in - t_next) * flow.sample_shifted_uniform(x0.shape[0], 1.0, self.generator, x0.device)
+        tau = t_next + (t_in - t_next) * flow.sample_shifted_uniform(x0.shape[0], 1.0, self.rng, x0.device)
         eps = self._randn(x0.shape, x0.device)
         x_tau = interval_noising(x_next, t_next, tau, eps)
         a, b = interval_coefficients(t_next, tau)

@@ -147,7 +147,7 @@ class TransitionMatching(TransitionSampling, StudentMethod):
     def _times(self, batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
         """``t_i`` uniform on the outer grid's positive times; ``s = s_mf ~ shift(U)``; ``r = s`` for
         ``1 - mean_flow_fraction`` of the batch, else the largest inner-grid point <= s (A.2)."""
-        cfg, g = self.cfg, self.generator
+        cfg, g = self.cfg, self.rng
         outer = flow.outer_grid(cfg.outer_steps, cfg.outer_shift).to(device=device, dtype=torch.float32)
         t = outer[g.randint(cfg.outer_steps, batch, device)]
         s = flow.sample_shifted_uniform(batch, cfg.s_shift, g, device)
@@ -175,7 +175,7 @@ class TransitionMatching(TransitionSampling, StudentMethod):
         return (u_hi - u_lo) / flow.expand_time(torch.where(step > 0, step, torch.ones_like(step)), v)
 
     def training_step(self, batch, step, update):
-        cfg, g = self.cfg, self.generator
+        cfg, g = self.cfg, self.rng
         x = batch["x"]
         device = x.device
         cond, dropped = drop_condition(batch["cond"], batch["neg_cond"], cfg.cond_dropout, g)
@@ -230,7 +230,7 @@ class TMD(TransitionSampling, DistributionMatching):
     def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> TMD:
         return cls(cfg, teacher, cfg.build(teacher, activation_checkpointing), trainable_copy(teacher))
 
-    def denoise(self, x_t, t, noise, cond):
+    def x0_from_noised(self, x_t, t, noise, cond):
         features = self.student.backbone(x_t, t, cond)
         y1 = self._randn(x_t.shape, x_t.device)
         y = head_rollout(self.student, x_t, t, y1, features, self.cfg.inner_grid(x_t.device), self.cfg.rollout_gradients)
@@ -240,10 +240,10 @@ class TMD(TransitionSampling, DistributionMatching):
             return noise - y
         return x_t - flow.expand_time(t, x_t) * y
 
-    def generate(self, batch, noise, step_index):
+    def x0_from_noise(self, batch, noise, step_index):
         cond, outer, inner = batch["cond"], self.outer_grid(noise.device), self.cfg.inner_grid(noise.device)
         x = noise
         with torch.no_grad():
             for i in range(step_index):
-                x = tmd_transition(self.student, x, outer[i], outer[i + 1], cond, inner, self.generator)
-        return tmd_transition(self.student, x, outer[step_index], 0.0, cond, inner, self.generator, self.cfg.rollout_gradients)
+                x = tmd_transition(self.student, x, outer[i], outer[i + 1], cond, inner, self.rng)
+        return tmd_transition(self.student, x, outer[step_index], 0.0, cond, inner, self.rng, self.cfg.rollout_gradients)

@@ -220,7 +220,7 @@ def training_steps(method_cls, cfg, teacher, batch: dict, turns: dict[str, int])
     given step index (TTUR: step 0 is the generator's turn, step 1 the critics')."""
     device = batch["x"].device
     method = method_cls.from_teacher(cfg, teacher).to(device)
-    method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
+    method.rng = BatchRandom(torch.Generator(device).manual_seed(0))
     groups = method.parameter_groups()
     update = UpdateStep({group: torch.optim.AdamW(params, lr=1e-5) for group, params in groups.items()}, groups)
 

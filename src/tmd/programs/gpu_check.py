@@ -112,7 +112,7 @@ def stage2_step(spec: Spec) -> dict[str, Any]:
     teacher.activation_checkpointing = True  # as tmd.train.run sets it: the GAN's teacher pass carries gradients
     with torch.device(spec.device):
         method = cls.from_teacher(cls.Config(**method_cfg), teacher, activation_checkpointing=True)
-    method.generator = BatchRandom(torch.Generator(device).manual_seed(0))
+    method.rng = BatchRandom(torch.Generator(device).manual_seed(0))
     fused = True if device.type == "cuda" else None
     optimizers = {
         g: torch.optim.AdamW(p, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01, fused=fused)

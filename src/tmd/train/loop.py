@@ -194,8 +194,8 @@ class Trainer:
         self._root = nn.ModuleDict(self.modules)
         self.update_step = UpdateStep(self.optimizers, self.groups, tc.grad_clip, self.emas)
 
-        self.generator = torch.Generator(self.device).manual_seed(tc.seed)
-        method.generator = BatchRandom(self.generator, self.dist.rank, self.dist.world_size)
+        self.rng = torch.Generator(self.device).manual_seed(tc.seed)
+        method.rng = BatchRandom(self.rng, self.dist.rank, self.dist.world_size)
         seed_everything(tc.seed)
         self.step = 0
         self._accumulated: _Accumulation | None = None
@@ -315,14 +315,14 @@ class Trainer:
         """``training_step`` on each of the K micro-batches of this step's global batch; then the groups step."""
         tc, rank, world = self.cfg.train, self.dist.rank, self.dist.world_size
         k_total = tc.grad_accum
-        start = self.generator.get_state()
+        start = self.rng.get_state()
         self._accumulated = _Accumulation(k_total)
         extras: dict[str, list[float]] = defaultdict(list)
         try:
             for k in range(k_total):
-                self.generator.set_state(start)
+                self.rng.set_state(start)
                 part = rank * k_total + k
-                self.method.generator = BatchRandom(self.generator, part, world * k_total)
+                self.method.rng = BatchRandom(self.rng, part, world * k_total)
                 micro = move_to(slice_batch(batch, part, world * k_total, tc.batch_size), self.device)
                 with self._autocast():
                     for key, value in (self.method.training_step(micro, self.step, self._update) or {}).items():
@@ -331,7 +331,7 @@ class Trainer:
             self._step_accumulated()
         finally:
             self._accumulated = None
-            self.method.generator = BatchRandom(self.generator, rank, world)
+            self.method.rng = BatchRandom(self.rng, rank, world)
         return {key: statistics.fmean(values) for key, values in extras.items()}
 
     def _autocast(self):
@@ -432,7 +432,7 @@ class Trainer:
         trainer_state = {
             "step": self.step,
             "optimizer_groups": sorted(self.optimizers),
-            "generator": self.generator.get_state(),
+            "batch_rng": self.rng.get_state(),  # the method's random source (BatchRandom's torch generator)
             "rng": ckpt.rng_state(),
             "data": self.data.state_dict(),
             "lr_schedulers": {name: scheduler.state_dict() for name, scheduler in self.schedulers.items()},
@@ -462,7 +462,7 @@ class Trainer:
         for name, opt in self.optimizers.items():
             set_optimizer_state_dict(self._root, opt, sharded["optimizers"][name])
         self._load_schedulers(path, state.get("lr_schedulers"))
-        self.generator.set_state(state["generator"])
+        self.rng.set_state(state["batch_rng"] if "batch_rng" in state else state["generator"])  # "generator": before the rename
         ckpt.set_rng_state(state["rng"])
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
