@@ -89,10 +89,10 @@ def inner_grid(steps: int, gamma: float = INNER_SHIFT) -> Tensor:
 
 
 def sample_shifted_uniform(
-    n: int, gamma: float, generator: Random = None, device=None, low: float = 0.001, high: float = 0.999
+    n: int, gamma: float, rng: Random = None, device=None, low: float = 0.001, high: float = 0.999
 ) -> Tensor:
     """Training times ``shift_gamma(U[low, high])``, the distribution DMD-style losses re-noise at."""
-    u = as_batch_random(generator).rand(n, device)
+    u = as_batch_random(rng).rand(n, device)
     return shift(low + (high - low) * u, gamma)
 
 

@@ -2,9 +2,9 @@
 
 A data-parallel run must see exactly the noise a one-process run with the same global batch sees, or
 "2 GPUs give the same losses as 1" cannot be tested and a resumed run could not change its number of
-processes. So every rank keeps the *same* generator state, draws for the whole global batch and keeps
+processes. So every rank keeps the *same* random state, draws for the whole global batch and keeps
 its own rows. The price is ``world_size - 1`` local batches of extra noise per draw, negligible next to
-a transformer pass; the gain is one generator state, identical on all ranks, that any world size resumes.
+a transformer pass; the gain is one random state, identical on all ranks, that any world size resumes.
 
 Every training-time draw goes through a :class:`BatchRandom`; functions that also serve sampling accept
 a plain ``torch.Generator`` (or None) and wrap it with :func:`as_batch_random`.

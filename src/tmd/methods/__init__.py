@@ -1,7 +1,8 @@
 """Distillation methods, one file each, registered by name.
 
 A method is a loss over shared model parts (teacher, student, fake score, discriminator) that the
-trainer in ``tmd.train.loop`` runs. Adding a method is one new file plus one line in ``_BUILTIN``.
+trainer in ``tmd.train.loop`` runs. Adding a method is one new file whose class subclasses
+``tmd.methods.base.Method`` (its docstring is the interface) plus one line in ``_BUILTIN``.
 """
 
 from __future__ import annotations

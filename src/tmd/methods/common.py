@@ -61,9 +61,9 @@ def latent_shape(batch: dict) -> tuple[int, ...]:
     raise ValueError("a batch must hold data latents 'x' or their 'latent_shape'")
 
 
-def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, generator: BatchRandom) -> tuple[Tensor, Tensor]:
+def drop_condition(cond: Tensor, neg_cond: Tensor, p: float, rng: BatchRandom) -> tuple[Tensor, Tensor]:
     """Replace each sample's condition by the negative one with probability p; returns (cond, dropped mask)."""
-    dropped = generator.rand(cond.shape[0], cond.device) < p
+    dropped = rng.rand(cond.shape[0], cond.device) < p
     mask = dropped.reshape(-1, *([1] * (cond.ndim - 1)))
     return torch.where(mask, neg_cond, cond), dropped
 
