@@ -1,37 +1,18 @@
 """The training loop every method (teacher, TMD stage 1/2, DMD2, ...) runs in.
 
-A method is an object with this interface (``TrainableMethod``)::
+A method is a ``tmd.methods.base.Method`` (its docstring is the interface; the trainer needs only the part
+``TrainableMethod`` names, so a test's toy method may implement just that). The trainer assigns its random
+source ``rng`` (a ``tmd.rng.BatchRandom`` seeded from ``train.seed``, on the training device, checkpointed).
 
-    parameter_groups() -> {"generator": [...], "fake_score": [...], ...}
-        One AdamW per group. Every parameter appears in at most one group.
-    ema_modules() -> {"generator": student}
-        Modules whose EMA is kept. All trainable parameters of one must belong to one group: its EMA
-        moves right after that group's optimizer step (so with TTUR, after each generator step).
-    state_modules() -> {"student": ..., "fake_score": ..., "discriminator": ...}
-        Everything checkpointed, by name (trainable weights and buffers). Frozen modules that are
-        rebuilt from elsewhere (the teacher) need not be listed.
-    training_step(batch, step, update) -> {"metric": float, ...}
-        ``step`` counts completed steps (0 on the first call). Compute each loss and call
-        ``update(group, loss, terms=None)`` in the order wanted; skipping a group on some steps is
-        how TTUR is written (``if step % 5 == 0: update("generator", g_loss)``). ``terms`` are the
-        named parts of the loss, logged as ``<group>/<term>`` and named if one is not finite.
-        Returns extra metrics to log.
-    optimizer_overrides() -> {"fake_score": {"lr_scale": 5.0, "betas": (0.0, 0.95)}, ...}   (optional)
-        A method's own AdamW settings per group (its paper's): the group's lr is ``lr_scale x train.lr``
-        unless ``train.lr_groups`` names the group, and ``betas`` replaces ``train.betas``.
-    generator: tmd.rng.BatchRandom
-        Assigned by the trainer before the first step: seeded from ``train.seed``, on the training
-        device, checkpointed. Draw all of the method's noise from it (``randn``, ``rand``, ``randint``
-        per sample; ``shared_randint`` for one choice per step), so runs split over ranks stay exact.
-
-``update`` checks the loss (and the gradient norm) is finite, zeroes the grads of all groups,
-back-propagates, clips the group's grad norm to ``train.grad_clip``, steps its AdamW and its EMAs.
+``update`` checks the loss is finite and runs ``tmd.train.update.UpdateStep``: zero the grads of all groups,
+back-propagate, clip the group's grad norm to ``train.grad_clip`` (a non-finite norm stops the run), step its
+AdamW and its EMAs.
 Each group's learning rate follows ``train.lr_schedule`` after ``train.warmup_steps`` (a torch
 ``LambdaLR`` per optimizer, stepped once per training step and checkpointed).
 
 With ``train.grad_accum = K`` > 1 each step runs ``training_step`` on K micro-batches, and micro-batch k
 of rank r is data-parallel "rank" ``r K + k`` of ``K x world_size``: it gets exactly those rows of the
-global batch and, through its ``BatchRandom`` (every micro-batch starts from the step's generator
+global batch and, through its ``BatchRandom`` (every micro-batch starts from the step's random
 state), exactly the noise those rows get in one big batch. ``update`` then only back-propagates
 ``loss / K`` into its group's gradients (the other groups' gradients are kept aside), and after the last
 micro-batch every updated group clips, steps and moves its EMAs, in the order first updated. So K
@@ -88,7 +69,7 @@ class Update(Protocol):
 
 
 class TrainableMethod(Protocol):
-    generator: BatchRandom
+    rng: BatchRandom
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]: ...
 
