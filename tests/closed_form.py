@@ -28,7 +28,7 @@ def distance(sample_fn, seed=0):
         noise = torch.randn(x.shape, generator=g)
         with torch.no_grad():
             generated = sample_fn(noise, cond, torch.Generator().manual_seed(seed))
-        total += sliced_wasserstein(generated, x, generator=torch.Generator().manual_seed(seed))
+        total += sliced_wasserstein(generated, x, rng=torch.Generator().manual_seed(seed))
     return total / WORLD.num_classes
 
 

@@ -25,7 +25,7 @@ def fitted(world, teacher):
 
 
 def sw(a, b):
-    return sliced_wasserstein(a, b, generator=torch.Generator().manual_seed(1))
+    return sliced_wasserstein(a, b, rng=torch.Generator().manual_seed(1))
 
 
 def test_world_conditions_and_sampling(world):

@@ -31,9 +31,9 @@ def sample_and_time(args: argparse.Namespace) -> int:
         patch[1] * args.latent_grid[1],
         patch[2] * args.latent_grid[2],
     )
-    generator = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(shape, generator=generator)
-    text = torch.randn(args.batch, 8, config.text_dim, generator=generator)
+    rng = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(shape, generator=rng)
+    text = torch.randn(args.batch, 8, config.text_dim, generator=rng)
     negative = torch.zeros_like(text)
 
     rows = []

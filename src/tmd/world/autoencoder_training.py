@@ -27,7 +27,7 @@ def train_autoencoder(
     l1_weight: float = 1.0,
     stat_batches: int = 4,
 ) -> VideoAutoencoder:
-    """Train on fresh batches from ``video_sampler(batch_size, generator)``, then fit latent normalisation.
+    """Train on fresh batches from ``video_sampler(batch_size, rng)``, then fit latent normalisation.
 
     The latent is perturbed with Gaussian noise of ``latent_noise`` x its per-channel std so the decoder
     tolerates the imperfect latents a diffusion model generates; being relative, the encoder cannot
@@ -45,7 +45,7 @@ def train_autoencoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = VideoAutoencoder(cfg)
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = max(1, min(100, steps // 10))
     # Linear warm-up, then cosine decay to 10% of lr: the late low-lr phase is what sharpens edges.
@@ -59,11 +59,11 @@ def train_autoencoder(
     model.train()
     bar = tqdm(range(steps), desc="autoencoder", disable=not progress)
     for _ in bar:
-        videos = video_sampler(batch_size, generator)
+        videos = video_sampler(batch_size, rng)
         latents = model.encode_raw(videos)
         if latent_noise > 0:
             std = latents.detach().std(dim=(0, 2, 3, 4), keepdim=True)
-            latents = latents + latent_noise * std * torch.randn(latents.shape, generator=generator)
+            latents = latents + latent_noise * std * torch.randn(latents.shape, generator=rng)
         recon = model.decode_raw(latents)
         loss = F.mse_loss(recon, videos) + l1_weight * F.l1_loss(recon, videos)
         optimizer.zero_grad(set_to_none=True)
@@ -75,7 +75,7 @@ def train_autoencoder(
 
     model.eval()
     with torch.no_grad():
-        latents = torch.cat([model.encode_raw(video_sampler(batch_size, generator)) for _ in range(stat_batches)])
+        latents = torch.cat([model.encode_raw(video_sampler(batch_size, rng)) for _ in range(stat_batches)])
     dims = (0, 2, 3, 4)
     model.set_latent_stats(tuple(latents.mean(dims).tolist()), tuple(latents.std(dims).clamp_min(1e-6).tolist()))
     return model

@@ -287,8 +287,8 @@ def score_videos(
     array = _as_array(videos)
     _validate(array, len(prompts), cfg, "videos")
     if reference_videos is None:
-        generator = torch.Generator().manual_seed(reference_seed)
-        reference_videos = sample_videos(prompts, cfg, generator)
+        rng = torch.Generator().manual_seed(reference_seed)
+        reference_videos = sample_videos(prompts, cfg, rng)
     if isinstance(reference_videos, WorldBatch):
         if reference_videos.prompts != list(prompts):
             raise ValueError("reference_videos.prompts must equal prompts (same order)")
@@ -325,11 +325,11 @@ def score_videos(
     )
 
 
-def mean_video_baseline(prompts: list[str], cfg: WorldConfig, generator: torch.Generator, n_per_prompt: int) -> torch.Tensor:
+def mean_video_baseline(prompts: list[str], cfg: WorldConfig, rng: torch.Generator, n_per_prompt: int) -> torch.Tensor:
     """Per-prompt average of ``n_per_prompt`` world videos: the blur a regression-to-the-mean
     student produces. Returns one video per entry of ``prompts`` (repeats share their average)."""
     unique = list(dict.fromkeys(prompts))
-    batch = sample_videos([p for p in unique for _ in range(n_per_prompt)], cfg, generator)
+    batch = sample_videos([p for p in unique for _ in range(n_per_prompt)], cfg, rng)
     means = batch.videos.view(len(unique), n_per_prompt, *cfg.video_shape).mean(dim=1)
     return means[[unique.index(p) for p in prompts]]
 

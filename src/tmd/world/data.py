@@ -94,9 +94,9 @@ def world_data_source(
     embeddings = PromptEmbeddings(text_encoder)
     autoencoder = autoencoder.eval()
 
-    def batch(_: int, generator: torch.Generator) -> dict[str, Any]:
-        prompts = random_prompts(batch_size, generator)
-        videos = sample_videos(prompts, world, generator).videos
+    def batch(_: int, rng: torch.Generator) -> dict[str, Any]:
+        prompts = random_prompts(batch_size, rng)
+        videos = sample_videos(prompts, world, rng).videos
         with torch.no_grad():
             x = autoencoder.encode(videos)
         cond, neg_cond = embeddings(prompts)

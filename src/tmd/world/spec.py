@@ -4,7 +4,7 @@ No pretrained weights or datasets can be downloaded here, so distillation is stu
 whose true conditional distribution is known: each prompt ``"a {colour} {shape} moving
 {direction}"`` describes one saturated-colour object on a black background that moves in a straight
 line at constant speed. What the prompt does *not* say (start position, size, speed) is random,
-so a generator must keep that diversity and cannot score well by regressing to the mean.
+so a rng must keep that diversity and cannot score well by regressing to the mean.
 
 Videos are 8 frames of 32x32 because training runs on CPU: a Wan-style transformer's cost is
 dominated by its token count, and a small video autoencoder compresses 3x8x32x32 to a 64-token
@@ -156,18 +156,18 @@ class WorldBatch:
         return len(self.prompts)
 
 
-def random_prompts(n: int, generator: torch.Generator) -> list[str]:
+def random_prompts(n: int, rng: torch.Generator) -> list[str]:
     """``n`` prompts drawn uniformly (with replacement) from ``all_prompts()``."""
     prompts = all_prompts()
-    idx = torch.randint(len(prompts), (n,), generator=generator)
+    idx = torch.randint(len(prompts), (n,), generator=rng)
     return [prompts[i] for i in idx.tolist()]
 
 
-def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+def _uniform(n: int, low: float, high: float, rng: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=rng, dtype=torch.float64)
 
 
-def sample_videos(prompts: list[str], cfg: WorldConfig, generator: torch.Generator) -> WorldBatch:
+def sample_videos(prompts: list[str], cfg: WorldConfig, rng: torch.Generator) -> WorldBatch:
     """One video per prompt; start, size and speed are random; the object never leaves the frame."""
     attrs = [parse_prompt(p) for p in prompts]
     b = len(attrs)
@@ -175,15 +175,15 @@ def sample_videos(prompts: list[str], cfg: WorldConfig, generator: torch.Generat
     shape = torch.tensor([a.shape_index for a in attrs], dtype=torch.long)
     direction = torch.tensor([a.direction_index for a in attrs], dtype=torch.long)
 
-    size = _uniform(b, cfg.min_size, cfg.max_size, generator)
-    speed = _uniform(b, cfg.min_speed, cfg.max_speed, generator)
+    size = _uniform(b, cfg.min_size, cfg.max_size, rng)
+    speed = _uniform(b, cfg.min_speed, cfg.max_speed, rng)
     unit = torch.tensor(list(DIRECTIONS.values()), dtype=torch.float64)[direction]  # (B, 2)
     travel = (speed * (cfg.frames - 1))[:, None] * unit  # (B, 2) displacement frame 0 -> last
     # The centre must stay in [size, extent - size] on both axes at both ends of the path.
     extent = torch.tensor([cfg.width, cfg.height], dtype=torch.float64)
     low = size[:, None] - travel.clamp(max=0)
     high = extent - size[:, None] - travel.clamp(min=0)
-    start = low + (high - low) * torch.rand(b, 2, generator=generator, dtype=torch.float64)
+    start = low + (high - low) * torch.rand(b, 2, generator=rng, dtype=torch.float64)
     t = torch.arange(cfg.frames, dtype=torch.float64)
     trajectory = start[:, None, :] + (t[None, :, None] * speed[:, None, None]) * unit[:, None, :]
 

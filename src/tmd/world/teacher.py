@@ -145,8 +145,8 @@ def transformer_config(cfg: WorldTeacherConfig, latent_channels: int, text_dim: 
     }
 
 
-def _world_videos(n: int, generator: torch.Generator) -> torch.Tensor:
-    return sample_videos(random_prompts(n, generator), WorldConfig(), generator).videos
+def _world_videos(n: int, rng: torch.Generator) -> torch.Tensor:
+    return sample_videos(random_prompts(n, rng), WorldConfig(), rng).videos
 
 
 def build_autoencoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True) -> None:
@@ -174,15 +174,15 @@ def finetune_decoder(cfg: WorldTeacherConfig, out: Path, progress: bool = True) 
     model = VideoAutoencoder.from_pretrained(out / AUTOENCODER_DIR)
     model.encoder.requires_grad_(False)
     model.decoder.train()
-    generator = torch.Generator().manual_seed(a.seed + 1)
+    rng = torch.Generator().manual_seed(a.seed + 1)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=a.decoder_lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, a.decoder_steps), eta_min=0.1 * a.decoder_lr)
     bar = tqdm(range(a.decoder_steps), desc="decoder", disable=not progress)
     for _ in bar:
-        videos = _world_videos(a.batch_size, generator)
+        videos = _world_videos(a.batch_size, rng)
         with torch.no_grad():
             latents = model.encode(videos)
-        latents = latents + a.decoder_latent_noise * torch.randn(latents.shape, generator=generator)
+        latents = latents + a.decoder_latent_noise * torch.randn(latents.shape, generator=rng)
         recon = model.decode_raw(latents * model.latent_scale + model.latent_shift)
         loss = F.mse_loss(recon, videos) + F.l1_loss(recon, videos)
         optimizer.zero_grad(set_to_none=True)
