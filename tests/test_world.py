@@ -1,5 +1,4 @@
 import math
-import time
 
 import pytest
 import torch
@@ -103,15 +102,6 @@ def test_seeded_determinism():
     a, b, c = _batch(64, seed=5), _batch(64, seed=5), _batch(64, seed=6)
     assert torch.equal(a.videos, b.videos) and a.prompts == b.prompts
     assert not torch.equal(a.videos, c.videos)
-
-
-def test_sampling_is_fast():
-    g = torch.Generator().manual_seed(0)
-    prompts = random_prompts(1024, g)
-    sample_videos(prompts[:8], CFG, g)  # warm-up
-    start = time.perf_counter()
-    sample_videos(prompts, CFG, g)
-    assert time.perf_counter() - start < 2.5
 
 
 @pytest.mark.parametrize(

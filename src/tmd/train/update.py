@@ -79,8 +79,11 @@ class UpdateStep:
         groups: Mapping[str, list[nn.Parameter]],
         grad_clip: float | None = None,
         emas: Mapping[str, EMA] | None = None,
+        stop_on_nonfinite: bool = True,
     ):
         self.optimizers, self.groups, self.grad_clip = optimizers, groups, grad_clip
+        self.stop_on_nonfinite = stop_on_nonfinite
+        """False only where a timing, not the weights, is the point (the GPU check's CPU rehearsal in bf16)."""
         self.emas = dict(emas or {})
         self.ema_owner = {name: self._owner_group(name, ema.module) for name, ema in self.emas.items()}
         self.grad_norms: dict[str, float] = {}
@@ -113,7 +116,7 @@ class UpdateStep:
         """Clip, check, step the group's optimizer and its EMAs; returns the gradient norm."""
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(self.groups[group], max_norm)))
-        if not np.isfinite(grad_norm):
+        if not np.isfinite(grad_norm) and self.stop_on_nonfinite:
             raise NonFiniteLossError(f"non-finite gradient norm in group {group!r}; stopped before updating")
         self.optimizers[group].step()
         for name, ema in self.emas.items():
