@@ -145,6 +145,10 @@ def test_meanflow_sampler_honours_outer_shift():
     for t, r in zip(grid[:-1], grid[1:]):
         z = z - (t - r) * (z + t - r)
     torch.testing.assert_close(get_method("meanflow").sample(Known(), x, None, 2, outer_shift=3.0), z)
+    # what the study and evaluation during training sample: the method's own sampler, with the config's shift
+    meanflow = get_method("meanflow")
+    scored = meanflow.sampler(meanflow.Config(outer_shift=3.0), Known(), 2, None, 0, 1.0, 1.0)
+    torch.testing.assert_close(scored(x, None, None), z)
     torch.testing.assert_close(sample_mean_flow(Known(), x, None, 2, 3.0), z)
 
 

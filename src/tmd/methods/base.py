@@ -101,19 +101,24 @@ class Method(nn.Module, ABC):
         if not cls.samples_with_inner_steps and inner is not None:
             raise ValueError(f"{cls.__name__} has no inner steps; score it as [{outer}, null]")
 
+    @staticmethod
+    def sample(
+        generator_module: nn.Module, noise: Tensor, cond: Tensor, steps: int, rng=None, outer_shift: float = flow.OUTER_SHIFT
+    ) -> Tensor:
+        """How the trained generator samples ``steps`` outer steps; the default: deterministic Euler steps of a
+        few-step velocity model on the outer grid. A method whose generator samples otherwise overrides it."""
+        return sample_few_step(generator_module, noise, cond, steps, rng, outer_shift)
+
     @classmethod
     def sampler(
         cls, cfg: Any, module: nn.Module, outer: int, inner: int | None, seed: int, guidance: float, shift: float
     ) -> SampleFn:
         """``module`` sampled as this method samples; fresh noise inside the sampler comes from a generator seeded
-        with ``seed`` on every call. The default: deterministic Euler steps of a few-step velocity model on the
-        outer grid (``cfg.outer_shift`` where the config has one)."""
+        with ``seed`` on every call. The default: ``sample`` with the config's ``outer_shift`` where it has one."""
         cls.check_steps(outer, inner)
         outer_shift = getattr(cfg, "outer_shift", None)
         options = {} if outer_shift is None else {"outer_shift": outer_shift}
-        return lambda noise, cond, neg: sample_few_step(
-            module, noise, cond, outer, torch.Generator().manual_seed(seed), **options
-        )
+        return lambda noise, cond, neg: cls.sample(module, noise, cond, outer, torch.Generator().manual_seed(seed), **options)
 
     @classmethod
     def effective_nfe(cls, cfg: Any, outer: int, inner: int | None, num_blocks: int, guidance: float) -> float:

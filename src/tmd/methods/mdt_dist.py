@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tmd import flow
 from tmd.methods import register
 from tmd.methods.common import StudentMethod, trainable_copy
-from tmd.sampling import guided_velocity, sample_few_step
+from tmd.sampling import guided_velocity
 
 
 @dataclass
@@ -83,11 +83,6 @@ class MDTDist(StudentMethod):
         return cls(cfg, teacher, student)
 
     sample_steps = (1, 2)
-
-    @staticmethod
-    def sample(student, noise, cond, steps, rng=None, outer_shift: float = flow.OUTER_SHIFT):
-        """Deterministic Euler steps of the student's velocity on the outer grid."""
-        return sample_few_step(student, noise, cond, steps, rng, outer_shift)
 
     def _times(self, n: int, device) -> Tensor:
         """The code's logit-normal time, kept in ``[dt + 1e-5, 1]`` so that ``t - dt`` stays a time."""
