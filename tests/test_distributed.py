@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from test_generate import FRAMES, HEIGHT, WIDTH, generate_args, read_mp4
 from test_prepare import pipeline, run_prepare, videos  # noqa: F401  (fixtures)
 
+from tmd.models.wan import cast_floating
 from tmd.programs.cli import main
 from tmd.rng import BatchRandom
 from tmd.train.distributed import DistContext, check_global_batch, slice_batch
@@ -108,3 +109,48 @@ def test_global_batch_slicing_and_errors():
     assert part["neg_cond"].shape == (1, 3) and part["latent_shape"] == (4, 2)
     with pytest.raises(ValueError, match="batch_size=6 is the global batch and must divide evenly over 4 processes"):
         check_global_batch(6, DistContext(rank=0, world_size=4))
+
+
+CHECKPOINTED_BLOCK_INPUTS = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+import tmd.models.wan as wan
+from tmd.programs.gpu_check_spec import build_teacher, inputs, make_spec
+from tmd.train.distributed import shard_model
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+seen, original = set(), wan.checkpoint
+def spy(block, *args, **kwargs):
+    seen.update(str(a.dtype) for a in torch.utils._pytree.tree_leaves(args) if a.is_floating_point())
+    return original(block, *args, **kwargs)
+wan.checkpoint = spy
+spec = make_spec(True, "cpu")
+teacher = build_teacher(spec, torch.float32).train()
+teacher.activation_checkpointing = True
+shard_model(teacher, init_device_mesh("cpu", (1,)), mixed_precision=True)
+noise, cond, _ = inputs(spec)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    teacher.velocity(noise, torch.full((1,), 0.5), cond).square().mean().backward()
+print(sorted(seen))
+dist.destroy_process_group()
+"""
+
+
+def test_checkpointed_fsdp_blocks_receive_inputs_in_the_compute_dtype():
+    """torch < 2.13 skips FSDP2's input cast when activation checkpointing recomputes a block, and the
+    recompute then fails (bf16 saved, float32 recomputed; seen on an H200 with torch 2.11): the inputs must be
+    cast before the checkpointed region, so the recompute sees what the forward saw on every torch version."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PORT": str(29500 + os.getpid() % 400)}
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKPOINTED_BLOCK_INPUTS], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "['torch.bfloat16']"
+
+
+def test_cast_floating_leaves_complex_and_integer_tensors():
+    real, complex_, index = torch.ones(2), torch.ones(2, dtype=torch.complex64), torch.arange(2)
+    cast = cast_floating((real, [complex_, index]), torch.bfloat16)
+    assert cast[0].dtype == torch.bfloat16 and cast[1][0].dtype == torch.complex64 and cast[1][1].dtype == torch.int64
+    assert cast_floating(real, None) is real

@@ -171,6 +171,29 @@ def embed(transformer: WanTransformer3DModel, x_t: Tensor, t: Tensor, cond: Tens
     )
 
 
+CHECKPOINT_INPUT_DTYPE = "checkpoint_input_dtype"
+"""The attribute ``tmd.train.distributed.shard_model`` sets on each FSDP2 block with bf16 compute: the dtype FSDP2
+casts the block's floating-point inputs to. Before torch 2.13, FSDP2 skipped that cast when activation checkpointing
+recomputed a block, so the recompute saw float32 where the forward had seen bf16 and torch.utils.checkpoint refused
+it (found on an H200 with torch 2.11, benchmarks/RESULTS.md); :func:`run_blocks` therefore casts first."""
+
+
+def checkpoint_input_dtype(block: nn.Module) -> torch.dtype | None:
+    return getattr(block, CHECKPOINT_INPUT_DTYPE, None)
+
+
+def cast_floating(inputs: Any, dtype: torch.dtype | None) -> Any:
+    """``inputs`` with every floating-point tensor (also inside tuples and lists) cast to ``dtype``, as FSDP2's
+    ``cast_forward_inputs`` does; complex and integer tensors are left alone; ``dtype=None`` returns them as given."""
+    if dtype is None:
+        return inputs
+    if isinstance(inputs, Tensor):
+        return inputs.to(dtype) if inputs.is_floating_point() else inputs
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(cast_floating(item, dtype) for item in inputs)
+    return inputs
+
+
 def run_blocks(
     blocks: Sequence[nn.Module],
     hidden: Tensor,
@@ -185,7 +208,8 @@ def run_blocks(
     features: dict[int, Tensor] = {}
     for index, block in enumerate(blocks, start=offset):
         if checkpointing and torch.is_grad_enabled():
-            hidden = checkpoint(block, hidden, state.text, timestep_proj, state.rotary, use_reentrant=False)
+            inputs = cast_floating((hidden, state.text, timestep_proj, state.rotary), checkpoint_input_dtype(block))
+            hidden = checkpoint(block, *inputs, use_reentrant=False)
         else:
             hidden = block(hidden, state.text, timestep_proj, state.rotary)
         if index in capture:

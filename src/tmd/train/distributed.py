@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tmd.models.wan import CHECKPOINT_INPUT_DTYPE
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -104,6 +106,8 @@ def shard_model(module: nn.Module, mesh, mixed_precision: bool) -> nn.Module:
         if isinstance(sub, nn.ModuleList) and not any(name.startswith(f"{outer}.") for outer in sharded):
             for index, block in enumerate(sub):
                 fully_shard(block, mesh=mesh, mp_policy=policy)
+                if policy.param_dtype is not None:
+                    setattr(block, CHECKPOINT_INPUT_DTYPE, policy.param_dtype)
                 sharded.append(f"{name}.{index}")
     fully_shard(module, mesh=mesh, mp_policy=policy)
     for name in getattr(module, "fsdp_entry_points", ()):
