@@ -1,6 +1,8 @@
 """``tmd synthesize``: a teacher's samples in ``tmd prepare``'s format, resumable and split over processes alike."""
 
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from test_distributed import torchrun
 from test_generate import build_tiny_pipeline
 from test_tmd_recipe import B, KnownVelocity, batch, seeded
 
+from tmd.data import prepare
 from tmd.data.prepare import PreparedDataset
-from tmd.errors import PromptError
+from tmd.errors import OutputPathError, PromptError
 from tmd.methods import dmd2, get_method
 from tmd.models.text import TextEncoder
 from tmd.models.wan import load_teacher
@@ -117,6 +120,25 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(synthesized, pipeline, tm
         synthesize(out, pipeline, PROMPTS, keep_noise=True, progress=False, **{**SETTINGS, "steps": 3})
     with pytest.raises(ValueError, match="frames: 5 -> 9"):
         synthesize(out, pipeline, PROMPTS, keep_noise=True, progress=False, **{**SETTINGS, "frames": 9})
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_shard(synthesized, pipeline, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    real = prepare.save_safetensors
+
+    def disk_full(tensors, path, metadata=None):
+        if Path(path) == out / "shard-00001.tmp":  # the second shard, not its staged embeddings
+            Path(path).write_bytes(b"half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(prepare, "save_safetensors", disk_full)
+    with pytest.raises(OutputPathError, match="cannot write shard-00001.safetensors \\(No space left on device\\)"):
+        synthesize(out, pipeline, PROMPTS, keep_noise=True, progress=False, **SETTINGS)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors"]
+    monkeypatch.undo()
+    synthesize(out, pipeline, PROMPTS, keep_noise=True, progress=False, **SETTINGS)
+    assert_same_folder(out, synthesized[0])
 
 
 def test_two_processes_write_the_one_process_folder(synthesized, pipeline, tmp_path):

@@ -54,7 +54,7 @@ from tmd.data.prepare import (
     write_index,
 )
 from tmd.data.prepare import SETTINGS_FILE as PREPARE_SETTINGS_FILE
-from tmd.errors import PromptError
+from tmd.errors import OutputPathError, PromptError
 from tmd.files import check_output_dir, make_output_dir
 from tmd.models.folder import is_student_folder
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder, check_known_words, clean_prompt
@@ -234,6 +234,18 @@ def scheduler_name(teacher: Teacher) -> str:
 # The two passes.
 
 
+def _write(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_atomic``, with a full disk (or any write error) as one line and no partial file left."""
+    try:
+        save_atomic(tensors, path, metadata)
+    except OSError as e:
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        raise OutputPathError(
+            f"--out {path.parent}: cannot write {path.name} ({e.strerror or e}); the shards written so far are kept: "
+            "rerun the same command to resume"
+        ) from None
+
+
 def _rows(k: int, shard_size: int, total: int) -> range:
     return range(k * shard_size, min((k + 1) * shard_size, total))
 
@@ -250,14 +262,14 @@ def embed_prompts(
     text = TextEncoder.from_pretrained(teacher.text_root, device=device, dtype=dtype)
     if negative is not None:
         cond, _ = trimmed_embeddings(text, [negative], strict=False)
-        save_atomic({"cond": cond}, out / NEGATIVE_FILE, {"prompt": negative, "text_max_length": str(text.max_length)})
+        _write({"cond": cond}, out / NEGATIVE_FILE, {"prompt": negative, "text_max_length": str(text.max_length)})
     staged.mkdir(exist_ok=True)
     for k in todo:
         rows = [captions[i] for i in _rows(k, shard_size, len(captions))]
         unique = list(dict.fromkeys(rows))
         cond, lengths = trimmed_embeddings(text, unique)
         which = torch.tensor([unique.index(r) for r in rows])
-        save_atomic({"cond": cond[which].contiguous(), "cond_lengths": lengths[which].contiguous()}, staged / shard_name(k), {})
+        _write({"cond": cond[which].contiguous(), "cond_lengths": lengths[which].contiguous()}, staged / shard_name(k), {})
     del text  # freed before the teacher is loaded: UMT5-XXL alone is 11 GB in bf16
     gc.collect()
     if device.type == "cuda":
@@ -393,7 +405,7 @@ def synthesize(
             "skipped": "[]",
             "seeds": json.dumps([seed + i for i in rows]),
         }
-        save_atomic(tensors, out / shard_name(k), metadata)
+        _write(tensors, out / shard_name(k), metadata)
         staged.unlink()
     bar.close()
     ctx.barrier()
