@@ -48,14 +48,17 @@ def shards(folder):
     return result, json.loads((folder / "index.json").read_text())
 
 
-def assert_same_folder(a, b):
+def assert_same_folder(a, b, exact=True):
     (shards_a, index_a), (shards_b, index_b) = shards(a), shards(b)
     assert index_a == index_b and shards_a.keys() == shards_b.keys()
     for name, (tensors, metadata) in shards_a.items():
         assert metadata == shards_b[name][1], name
         assert tensors.keys() == shards_b[name][0].keys()
         for key, tensor in tensors.items():
-            assert torch.equal(tensor, shards_b[name][0][key]), f"{name}: {key}"
+            if exact:
+                assert torch.equal(tensor, shards_b[name][0][key]), f"{name}: {key}"
+            else:
+                torch.testing.assert_close(tensor, shards_b[name][0][key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
 
 
 def test_format_is_prepares_and_the_samples_are_generates(synthesized, pipeline, tmp_path):
@@ -157,7 +160,8 @@ def test_two_processes_write_the_one_process_folder(synthesized, pipeline, tmp_p
         "--keep-noise",
         *args,
     )
-    assert_same_folder(tmp_path / "two", synthesized[0])
+    # torchrun's ranks run at one thread; at another thread count here float reductions may round differently
+    assert_same_folder(tmp_path / "two", synthesized[0], exact=torch.get_num_threads() == 1)
 
 
 def test_training_reads_a_synthesized_folder(synthesized, tmp_path):
