@@ -20,7 +20,8 @@ from tmd.models.wan import load_teacher
 from tmd.programs import synthesis
 from tmd.programs.cli import main
 from tmd.programs.generate import generate
-from tmd.programs.synthesis import read_prompt_file, synthesize
+from tmd.programs.synthesis import synthesize
+from tmd.programs.synthesize import read_prompt_file
 
 PROMPTS = ["a red circle moving left", "a blue square", "a red square moving right"]
 SIZE = {"frames": 5, "height": 32, "width": 32}  # latents (4, 2, 4, 4)
@@ -211,7 +212,7 @@ def test_bad_input_is_one_line(pipeline, tmp_path, capsys):
     empty.write_text("")
     blank.write_text("\n  \n\n")
     unknown.write_text("a red circle\na green circle\n")
-    assert f"--prompts {empty}: no prompts (0 lines" in error("--prompts", str(empty))
+    assert f"--prompts {empty}: no prompts (the file is empty)" in error("--prompts", str(empty))
     assert f"--prompts {blank}: no prompts (3 lines, all blank)" in error("--prompts", str(blank))
     message = error("--prompts", str(unknown), "--frames", "5", "--height", "32", "--width", "32")
     assert f"--prompts {unknown}: prompt 'a green circle' has unknown word(s) ['green']" in message

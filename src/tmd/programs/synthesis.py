@@ -86,20 +86,6 @@ WAN_SIZE = (81, 480, 832)
 # Inputs.
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines are skipped (and counted), a file with nothing else is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file")
-    lines = path.read_text().splitlines()
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {path}: no prompts ({len(lines)} lines, all blank)")
-    if len(prompts) < len(lines):
-        log.info("%s: skipped %d blank lines", path, len(lines) - len(prompts))
-    return prompts
-
-
 def check_prompts(tokenizer, prompts: list[str], source: str) -> None:
     """Every prompt encodes as written: refused here, before a sample is made, naming ``source``."""
     cleaned = [clean_prompt(p) for p in prompts]

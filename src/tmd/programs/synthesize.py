@@ -7,7 +7,10 @@ command runs and ``tmd --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
@@ -43,12 +46,24 @@ def add_parser(sub, add_threads) -> argparse.ArgumentParser:
     return p
 
 
-def command(args: argparse.Namespace) -> int:
-    import logging
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped (and counted), a file with nothing else is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    lines = path.read_text().splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts ({f'{len(lines)} lines, all blank' if lines else 'the file is empty'})")
+    if len(prompts) < len(lines):
+        log.info("%s: skipped %d blank lines", path, len(lines) - len(prompts))
+    return prompts
 
+
+def command(args: argparse.Namespace) -> int:
     import torch
 
-    from tmd.programs.synthesis import read_prompt_file, synthesize
+    from tmd.programs.synthesis import synthesize
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     index = synthesize(
