@@ -166,12 +166,7 @@ class _Encoders:
         self.device = device
 
     def encode_text(self, prompts: list[str], strict: bool = True) -> tuple[Tensor, Tensor]:
-        """Embeddings trimmed to the longest true prompt (B, l, D), and each prompt's true length."""
-        if not prompts:
-            return torch.zeros(0, 0, self.text.dim), torch.zeros(0, dtype=torch.int32)
-        lengths = self.text.tokenize(prompts, strict=strict)[1].sum(1)
-        cond = self.text.encode(prompts, strict=strict)[:, : int(lengths.max())]
-        return cond.cpu().contiguous(), lengths.to(torch.int32)
+        return trimmed_embeddings(self.text, prompts, strict)
 
     @torch.no_grad()
     def encode_video(self, clip: Tensor) -> Tensor:
@@ -179,21 +174,31 @@ class _Encoders:
         return normalize_latents(self.vae, z)[0].float().cpu()
 
 
-def _check_settings(out: Path, settings: dict[str, Any]) -> bool:
-    """True if ``out`` holds shards prepared with ``settings`` (a resume), False if it holds none;
+def trimmed_embeddings(text: TextEncoder, prompts: list[str], strict: bool = True) -> tuple[Tensor, Tensor]:
+    """Embeddings trimmed to the longest true prompt (B, l, D), and each prompt's true length: a shard's
+    ``cond`` and ``cond_lengths``."""
+    if not prompts:
+        return torch.zeros(0, 0, text.dim), torch.zeros(0, dtype=torch.int32)
+    lengths = text.tokenize(prompts, strict=strict)[1].sum(1)
+    cond = text.encode(prompts, strict=strict)[:, : int(lengths.max())]
+    return cond.cpu().contiguous(), lengths.to(torch.int32)
+
+
+def check_settings(out: Path, settings: dict[str, Any], file: str = SETTINGS_FILE, made: str = "prepared") -> bool:
+    """True if ``out`` holds shards ``made`` with ``settings`` (a resume), False if it holds none;
     resuming with other settings would silently mix two datasets, so that is refused."""
-    settings_file = out / SETTINGS_FILE
+    settings_file = out / file
     if not settings_file.is_file():
         return False
     before = json.loads(settings_file.read_text())
     changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
     if changed:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{out} was prepared with other settings ({diff}); use a new --out folder")
+        raise ValueError(f"{out} was {made} with other settings ({diff}); use a new --out folder")
     return True
 
 
-def _save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(".tmp")
     save_safetensors(tensors, tmp, metadata=metadata)
     tmp.replace(path)
@@ -273,7 +278,7 @@ def prepare(
         "entries_sha256": hashlib.sha256(json.dumps(entries).encode()).hexdigest(),
     }
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    resuming = _check_settings(out, settings)
+    resuming = check_settings(out, settings)
     encoders = _Encoders(model, frames, height, width, device, dtype, load_vae=not text_only)
     try:  # before any video is decoded: one bad caption would otherwise stop the run at its shard
         check_known_words(encoders.text.tokenizer, [clean_prompt(caption) for _, caption in entries])
@@ -283,7 +288,7 @@ def prepare(
     # without prepare.json, whatever an earlier failed try left in ``out`` was made with unknown settings
     if not resuming or not (out / NEGATIVE_FILE).is_file():
         negative, _ = encoders.encode_text([negative_prompt], strict=False)
-        _save_atomic({"cond": negative}, out / NEGATIVE_FILE, {"prompt": negative_prompt})
+        save_atomic({"cond": negative}, out / NEGATIVE_FILE, {"prompt": negative_prompt})
 
     shards = math.ceil(len(entries) / shard_size)
     todo = [k for k in range(shards) if not (resuming and (out / shard_name(k)).is_file())]
@@ -302,7 +307,7 @@ def prepare(
             "videos": json.dumps([v for v, _ in kept]),
             "skipped": json.dumps(skipped),
         }
-        _save_atomic(tensors, out / shard_name(k), metadata)
+        save_atomic(tensors, out / shard_name(k), metadata)
         if not (out / SETTINGS_FILE).is_file():
             (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -366,7 +371,8 @@ class PreparedDataset:
 
     The order of epoch e depends on (seed, e) only, so the state is just how many samples were served.
     Batches: ``x`` (B, C, F', H', W') (or ``shape`` for text-only data), ``cond`` and ``neg_cond``
-    (B, L, D) zero-padded to the text encoder's length, ``prompts``.
+    (B, L, D) zero-padded to the text encoder's length, ``prompts``; and ``noise`` (B, C, F', H', W') where
+    the folder stores it (``tmd synthesize --keep-noise``: the teacher's noise-data pairs).
     """
 
     def __init__(self, path: str | Path, batch_size: int, seed: int = 0):
@@ -410,7 +416,7 @@ class PreparedDataset:
         return int(self._order[1][offset])
 
     def next_batch(self) -> dict[str, Any]:
-        xs, conds, prompts = [], [], []
+        xs, noises, conds, prompts = [], [], [], []
         for position in range(self.position, self.position + self.batch_size):
             file, row = self.samples[self._sample_at(position)]
             handle = self._handle(file)
@@ -419,11 +425,15 @@ class PreparedDataset:
             prompts.append(self._captions[file][row])
             if self.index["mode"] == "videos":
                 xs.append(handle.get_slice("latents")[row : row + 1][0].float())
+            if "noise" in handle.keys():  # tmd synthesize --keep-noise: the noise the teacher sampled x from
+                noises.append(handle.get_slice("noise")[row : row + 1][0].float())
         self.position += self.batch_size
         cond = torch.stack(conds)
         batch = {"cond": cond, "neg_cond": self.negative.expand_as(cond).contiguous(), "prompts": prompts}
         if xs:
             batch["x"] = torch.stack(xs)
+        if noises and len(noises) == len(xs):
+            batch["noise"] = torch.stack(noises)
         else:
             batch["latent_shape"] = tuple(self.index["latent_shape"])
         return batch

@@ -3,7 +3,8 @@ trained from noised data at its outer-grid times and sampled deterministically (
 original recipe (backward simulation, fresh-noise re-noising) is ``student_input: backward`` with
 ``multistep: renoise``. One student per step count, as the paper's Table 1. ``kd_warmup_steps`` first
 regresses the student's one-step output on the teacher's samples from the same noise (Table 4's KD
-warm-up, which the paper applies to one-step students only)."""
+warm-up, which the paper applies to one-step students only), the stored pairs of a ``tmd synthesize
+--keep-noise`` folder where the data has them."""
 
 from __future__ import annotations
 
@@ -49,12 +50,17 @@ class DMD2(DistributionMatching):
 
     def kd_loss(self, batch: dict) -> torch.Tensor:
         """Knowledge distillation: the one-step output from pure noise regresses the teacher's multi-step CFG
-        sample from the same noise. The pairs are drawn afresh each step, not a fixed set of 10k as the paper's."""
-        noise = self._randn(latent_shape(batch), batch["cond"].device)
-        cfg = self.cfg
-        target = sample_teacher(
-            self.teacher, noise, batch["cond"], batch["neg_cond"], cfg.kd_teacher_steps, cfg.guidance, cfg.kd_teacher_shift
-        )
+        sample from the same noise. Data that stores its noise (``tmd synthesize --keep-noise``) is a fixed set
+        of the teacher's noise-data pairs, as the paper's 10k (Table 4): ``x`` is the teacher's sample from
+        ``noise``. Otherwise the pairs are drawn afresh each step with tmd's Euler sampler."""
+        if "noise" in batch and "x" in batch:
+            noise, target = batch["noise"], batch["x"]
+        else:
+            noise = self._randn(latent_shape(batch), batch["cond"].device)
+            cfg = self.cfg
+            target = sample_teacher(
+                self.teacher, noise, batch["cond"], batch["neg_cond"], cfg.kd_teacher_steps, cfg.guidance, cfg.kd_teacher_shift
+            )
         t = self.outer_grid(noise.device)[0]
         return (self.x0_from_noised(noise, t.expand(noise.shape[0]), noise, batch["cond"]).float() - target.float()).pow(2).mean()
 

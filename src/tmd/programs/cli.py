@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tmd.errors import TmdError, TmdWarning
 from tmd.models.fastpath import ATTENTION_KERNELS
+from tmd.programs import synthesize
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -444,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_generate(sub)
     _add_prepare(sub)
+    synthesize.add_parser(sub, _add_threads)
     _add_export(sub)
     _add_bench(sub)
     _add_study(sub)

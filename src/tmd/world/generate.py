@@ -105,7 +105,7 @@ def _from_run(path: Path, device: torch.device) -> WorldModel:
     return WorldModel(kind, model.to(device).eval(), assets, path)
 
 
-def _frames(video: torch.Tensor) -> torch.Tensor:
+def video_frames(video: torch.Tensor) -> torch.Tensor:
     """(3, F, H, W) in [-1, 1] -> uint8 (F, SCALE H, SCALE W, 3)."""
     frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
     return frames.repeat_interleave(SCALE, dim=1).repeat_interleave(SCALE, dim=2)
@@ -180,7 +180,7 @@ def generate_world(
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
             name = f"{start + i:04d}-{slug(prompt)}"
-            frames = _frames(videos[i])
+            frames = video_frames(videos[i])
             write_mp4(out / f"{name}.mp4", frames, fps)
             imageio.mimsave(out / f"{name}.gif", list(frames.numpy()), duration=GIF_FRAME_SECONDS, loop=0)
             if save_latents:
