@@ -1,0 +1,94 @@
+"""Sample videos during training (``train.sample_every``): on the world and on prepared Wan data, in one process
+and under torchrun; they change no weight and no logged loss."""
+
+import pytest
+from safetensors.torch import load_file
+from test_distributed import losses, prepared_tmd_config, torchrun
+from test_generate import read_mp4
+from test_prepare import FRAMES, SIZE, pipeline, videos  # noqa: F401  (fixtures)
+
+from tmd.config import RunConfig, from_dict
+from tmd.files import slug
+from tmd.programs.cli import main
+from tmd.train.samples import GRID_FILE, SAMPLES_DIR, WORLD_SCALE
+
+WORLD_PROMPTS = ["red circle moving left", "blue square moving right"]
+
+
+def world_run(assets, out, **train):
+    from tmd.train.run import train_run
+
+    cfg = {
+        "method_name": "tmd",
+        "data_kind": "world",
+        "data": {"assets": str(assets)},
+        "method": {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2, "generator_every": 2, "gan_weight": 0.03},
+        "train": {"steps": 5, "batch_size": 2, "log_every": 1, "progress": False, "device": "cpu", "out_dir": str(out), **train},
+    }
+    return train_run(from_dict(RunConfig, cfg))
+
+
+def step_folders(run_dir):
+    return sorted(p.name for p in (run_dir / SAMPLES_DIR).iterdir())
+
+
+def test_world_samples_at_the_steps_asked_for_and_the_run_is_unchanged(tiny_assets, tmp_path):
+    sampled = world_run(tiny_assets, tmp_path / "sampled", sample_every=2, sample_prompts=WORLD_PROMPTS, tensorboard=True)
+    # before the first step, every 2 steps and after the last (5)
+    assert step_folders(tmp_path / "sampled") == ["step_0000000", "step_0000002", "step_0000004", "step_0000005"]
+    for folder in (tmp_path / "sampled" / SAMPLES_DIR).iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == sorted([GRID_FILE, *(f"{slug(p)}.mp4" for p in WORLD_PROMPTS)])
+        frames = read_mp4(folder / f"{slug(WORLD_PROMPTS[0])}.mp4")
+        assert frames[0].shape == (32 * WORLD_SCALE, 32 * WORLD_SCALE, 3)
+    events = list((tmp_path / "sampled" / "tensorboard").glob("events.*"))
+    assert events and b"samples" in events[0].read_bytes()
+
+    plain = world_run(tiny_assets, tmp_path / "plain", tensorboard=False)
+    assert not (tmp_path / "plain" / SAMPLES_DIR).exists()
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")  # bit-identical, not close
+    a, b = load_file(str(sampled.weights)), load_file(str(plain.weights))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_prepared_data_samples_through_the_teachers_vae(tmp_path, videos, pipeline):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\n\na blue square\n")
+    train = f"steps: 2, batch_size: 2, progress: false, tensorboard: false, sample_every: 2, sample_prompts: {prompts}"
+    config = prepared_tmd_config(tmp_path, videos, pipeline, train)
+    assert main(["train", "--config", str(config), f"train.out_dir={tmp_path / 'run'}"]) == 0
+    assert step_folders(tmp_path / "run") == ["step_0000000", "step_0000002"]
+    for name in ("a-red-circle-moving-left", "a-blue-square"):
+        frames = read_mp4(tmp_path / "run" / SAMPLES_DIR / "step_0000002" / f"{name}.mp4")
+        assert len(frames) == FRAMES and frames[0].shape == (SIZE, SIZE, 3)
+    assert (tmp_path / "run" / SAMPLES_DIR / "step_0000002" / GRID_FILE).is_file()
+
+
+@pytest.mark.slow  # two processes starting on CPU: about 30 s
+def test_samples_under_torchrun_are_written_once_by_rank_0(tmp_path, videos, pipeline):  # noqa: F811
+    train = "steps: 1, batch_size: 2, progress: false, tensorboard: false, sample_every: 1, sample_prompts: [a red circle]"
+    config = prepared_tmd_config(tmp_path, videos, pipeline, train)
+    result = torchrun(2, "train", "--config", str(config), f"train.out_dir={tmp_path / 'run'}")
+    assert step_folders(tmp_path / "run") == ["step_0000000", "step_0000001"]
+    assert result.stdout.count("samples at step 1") == 1
+    frames = read_mp4(tmp_path / "run" / SAMPLES_DIR / "step_0000001" / "a-red-circle.mp4")
+    assert len(frames) == FRAMES
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.sample_every=-1", "sample_every must be >= 0"),
+        ("train.sample_prompts=MISSING", "prompt file"),
+        ("train.sample_prompts=EMPTY", "holds no prompts"),
+        ("train.sample_prompts=[purple, hexagon]", "train.sample_prompts"),
+    ],
+)
+def test_bad_sample_options_are_one_line_errors(tiny_assets, tmp_path, capsys, override, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    override = override.replace("MISSING", str(tmp_path / "missing.txt")).replace("EMPTY", str(empty))
+    args = ["train", "--config", "world_dmd2.yaml", f"data.assets={tiny_assets}", f"train.out_dir={tmp_path / 'run'}"]
+    assert main([*args, "train.sample_every=2", override, "train.progress=false"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the loaders' bars
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
