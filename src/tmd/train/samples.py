@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from tmd.config import ConfigError, RunConfig
 from tmd.data.prepare import PreparedDataset
@@ -211,7 +212,8 @@ class SampleHook:
                 write_mp4(files[name], video, self.inputs.fps)
             gif_grid({f"step {step}": grid_videos(frames)}, folder / GRID_FILE, scale=1)
             logger.log_videos(step, dict(zip(self.names, frames)), files, self.inputs.fps)
-            print(f"samples at step {step} ({self.steps}): {folder} ({time.perf_counter() - began:.1f} s)", flush=True)
+            # through tqdm: the progress bar stays on its own line
+            tqdm.write(f"samples at step {step} ({self.steps}): {folder} ({time.perf_counter() - began:.1f} s)")
         self.dist.barrier()
 
 
