@@ -104,3 +104,25 @@ def test_bad_sample_options_are_one_line_errors(tiny_assets, tmp_path, capsys, o
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the loaders' bars
     assert len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+def test_sample_videos_go_to_wandb_and_to_tensorboard_as_frames(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from tmd.train.logging import MetricLogger, frame_grid
+
+    logged = []
+    run = types.SimpleNamespace(log=lambda data, step: logged.append((data, step)), finish=lambda: None)
+    fake = types.SimpleNamespace(init=lambda **kwargs: run, Video=lambda path: ("video", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)  # wandb is not a dependency; its two calls are what matters
+    logger = MetricLogger(tmp_path, tensorboard=True, wandb=True)
+    clips = {"a": torch.zeros(12, 8, 6, 3, dtype=torch.uint8), "b": torch.full((12, 8, 6, 3), 255, dtype=torch.uint8)}
+    logger.log_videos(4, clips, {"a": tmp_path / "a.mp4", "b": tmp_path / "b.mp4"}, fps=8)
+    logger.close()
+    assert logged == [({"samples/a": ("video", str(tmp_path / "a.mp4")), "samples/b": ("video", str(tmp_path / "b.mp4"))}, 4)]
+    grid = frame_grid(list(clips.values()))  # a row per video, 8 of its 12 frames
+    assert grid.shape == (16, 48, 3) and grid[:8].max() == 0 and grid[8:].min() == 255
+    assert b"samples" in next((tmp_path / "tensorboard").glob("events.*")).read_bytes()

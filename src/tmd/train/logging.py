@@ -1,7 +1,7 @@
 """Metric sinks: ``metrics.jsonl`` (always; the record tests and reports read), TensorBoard, wandb.
 
 TensorBoard is skipped with a warning when it is not installed; wandb is imported only when asked for.
-Sample videos (``tmd.train.samples``) go to both as videos; to TensorBoard as a frame grid image when moviepy,
+Sample videos (``tmd.train.samples``) go to both as videos; to TensorBoard as a frame grid image when moviepy < 2,
 which its ``add_video`` needs, is missing.
 """
 
@@ -68,12 +68,12 @@ class MetricLogger:
 
     def log_videos(self, step: int, videos: dict[str, Any], files: dict[str, Path], fps: int) -> None:
         """uint8 (F, H, W, 3) videos by name, written to ``files``: TensorBoard's ``add_video`` (which needs
-        moviepy; without it, a grid image of 8 frames per video, one row each), W&B's ``wandb.Video``."""
+        moviepy < 2; without it, a grid image of 8 frames per video, one row each), W&B's ``wandb.Video``."""
         if not self.enabled:
             return
         if self._tb is not None:
-            try:
-                import moviepy  # noqa: F401
+            try:  # what add_video imports: moviepy 2 has no editor module, and add_video then writes nothing
+                from moviepy import editor  # noqa: F401
             except ImportError:
                 self._tb.add_image("samples", frame_grid(list(videos.values())), step, dataformats="HWC")
             else:
@@ -83,8 +83,9 @@ class MetricLogger:
         if self._wandb is not None:
             import wandb as wandb_module
 
+            # the mp4 carries its frame rate: wandb reads the file as it is
             self._wandb.log(
-                {f"samples/{name}": wandb_module.Video(str(path), fps=fps, format="mp4") for name, path in files.items()},
+                {f"samples/{name}": wandb_module.Video(str(path)) for name, path in files.items()},
                 step=step,
             )
 
