@@ -11,9 +11,8 @@ from test_prepare import FRAMES, SIZE, pipeline, videos  # noqa: F401  (fixtures
 from tmd.config import RunConfig, from_dict
 from tmd.files import slug
 from tmd.programs.cli import main
+from tmd.train.hooks import curve_prompts
 from tmd.train.samples import GRID_FILE, SAMPLES_DIR, WORLD_SCALE
-
-WORLD_PROMPTS = ["red circle moving left", "blue square moving right"]
 
 
 def world_run(assets, out, **train):
@@ -34,12 +33,13 @@ def step_folders(run_dir):
 
 
 def test_world_samples_at_the_steps_asked_for_and_the_run_is_unchanged(tiny_assets, tmp_path):
-    sampled = world_run(tiny_assets, tmp_path / "sampled", sample_every=2, sample_prompts=WORLD_PROMPTS, tensorboard=True)
+    # no prompts given: 4 of the world's 72
+    sampled = world_run(tiny_assets, tmp_path / "sampled", sample_every=2, tensorboard=True)
     # before the first step, every 2 steps and after the last (5)
     assert step_folders(tmp_path / "sampled") == ["step_0000000", "step_0000002", "step_0000004", "step_0000005"]
     for folder in (tmp_path / "sampled" / SAMPLES_DIR).iterdir():
-        assert sorted(p.name for p in folder.iterdir()) == sorted([GRID_FILE, *(f"{slug(p)}.mp4" for p in WORLD_PROMPTS)])
-        frames = read_mp4(folder / f"{slug(WORLD_PROMPTS[0])}.mp4")
+        assert sorted(p.name for p in folder.iterdir()) == sorted([GRID_FILE, *(f"{slug(p)}.mp4" for p in curve_prompts(4))])
+        frames = read_mp4(folder / f"{slug(curve_prompts(4)[0])}.mp4")
         assert frames[0].shape == (32 * WORLD_SCALE, 32 * WORLD_SCALE, 3)
     events = list((tmp_path / "sampled" / "tensorboard").glob("events.*"))
     assert events and b"samples" in events[0].read_bytes()
@@ -51,7 +51,7 @@ def test_world_samples_at_the_steps_asked_for_and_the_run_is_unchanged(tiny_asse
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_prepared_data_samples_through_the_teachers_vae(tmp_path, videos, pipeline):  # noqa: F811
+def test_prepared_data_samples_through_the_teachers_vae(tmp_path, videos, pipeline, capsys):  # noqa: F811
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left\n\na blue square\n")
     train = f"steps: 2, batch_size: 2, progress: false, tensorboard: false, sample_every: 2, sample_prompts: {prompts}"
@@ -62,6 +62,11 @@ def test_prepared_data_samples_through_the_teachers_vae(tmp_path, videos, pipeli
         frames = read_mp4(tmp_path / "run" / SAMPLES_DIR / "step_0000002" / f"{name}.mp4")
         assert len(frames) == FRAMES and frames[0].shape == (SIZE, SIZE, 3)
     assert (tmp_path / "run" / SAMPLES_DIR / "step_0000002" / GRID_FILE).is_file()
+    # a word the teacher's tokenizer does not know stops the run before it trains
+    bad = ["train", "--config", str(config), f"train.out_dir={tmp_path / 'bad'}", "train.sample_prompts=[a purple circle]"]
+    assert main(bad) == 2
+    assert "train.sample_prompts: prompt 'a purple circle' has unknown word(s) ['purple']" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 @pytest.mark.slow  # three runs, two of them two processes starting on CPU: about a minute
