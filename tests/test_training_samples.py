@@ -131,3 +131,23 @@ def test_sample_videos_go_to_wandb_and_to_tensorboard_as_frames(tmp_path, monkey
     grid = frame_grid(list(clips.values()))  # a row per video, 8 of its 12 frames
     assert grid.shape == (16, 48, 3) and grid[:8].max() == 0 and grid[8:].min() == 255
     assert b"samples" in next((tmp_path / "tensorboard").glob("events.*")).read_bytes()
+
+
+def test_ema_weights_swap_in_and_back_bit_for_bit():
+    from torch import nn
+
+    from tmd.train.samples import ema_weights
+    from tmd.train.update import EMA
+
+    module = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    module[0].requires_grad_(False)  # a LoRA run's base weight: its "EMA" is the weight itself
+    ema = EMA(module, decay=0.5)
+    for ema_value in ema.shadow.values():
+        ema_value.add_(1.0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    frozen_storage = module[0].weight.data_ptr()
+    with ema_weights(module.train(), ema.full_state()):
+        assert not module.training
+        assert all((module.state_dict()[k] == v).all() for k, v in ema.full_state().items())
+    assert module.training and module[0].weight.data_ptr() == frozen_storage
+    assert all((module.state_dict()[k] == v).all() for k, v in before.items())

@@ -139,8 +139,9 @@ def _reshard(module: nn.Module) -> None:
 
 @contextmanager
 def ema_weights(module: nn.Module, ema: Mapping[str, Tensor]) -> Iterator[None]:
-    """``module`` holds the ``ema`` state (as loaded with ``load_state_dict``) inside the block, its own weights
-    (kept on the CPU meanwhile) again after it, bit for bit. Sharded modules swap shard by shard."""
+    """``module`` holds the ``ema`` state (as loaded with ``load_state_dict``) in eval mode inside the block, its
+    own weights (kept on the CPU meanwhile) and mode again after it, bit for bit. Sharded modules swap shard by
+    shard."""
     _reshard(module)
     current = module.state_dict()
     # entries the EMA shares with the module (a LoRA run's frozen base weights) need no swap
@@ -150,6 +151,7 @@ def ema_weights(module: nn.Module, ema: Mapping[str, Tensor]) -> Iterator[None]:
     with torch.no_grad():
         for k in swapped:
             _local(current[k]).copy_(_local(ema[k]))
+    module.eval()
     try:
         yield
     finally:
@@ -199,7 +201,6 @@ class SampleHook:
         began = time.perf_counter()
         device = self.dist.device
         with global_rng_kept(), ema_weights(self.module, ema[self.name]), torch.no_grad():
-            self.module.eval()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 latents = self.sample(self.noise, self.cond, self.neg_cond).float()
         if self.dist.is_main:
