@@ -162,6 +162,14 @@ class TrainConfig:
     0 or null: never. World data only."""
     eval_videos: int = 24
     """Prompts in that fixed evaluation set (evenly spread over the world's 72, one noise seed)."""
+    sample_every: int = 0
+    """Write sample videos of the EMA generator every this many steps (and before the first, after the last)
+    to ``RUN/samples/step_NNNNNNN/``; 0: never. Any data kind, under torchrun too (``tmd.train.samples``)."""
+    sample_prompts: Optional[Union[str, list[str]]] = None
+    """The prompts sampled: a file (one per line, blank lines skipped) or a list; null on the world: 4 of its
+    72 prompts."""
+    sample_seed: int = 0
+    """Seed of the samples' fixed noise (a generator of its own: no training randomness is drawn)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the method's forward passes; parameters and optimizer states stay fp32."""
     activation_checkpointing: bool = False
@@ -195,12 +203,28 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.eval_every is None or self.eval_every >= 0, f"eval_every must be >= 0 or null, got {self.eval_every}")
+        _check(self.sample_every >= 0, f"sample_every must be >= 0 (0: no samples), got {self.sample_every}")
+        if self.sample_every:
+            self.sample_prompt_list()
         _check(1 <= self.eval_videos <= 72, f"eval_videos must be in [1, 72] (the world's prompts), got {self.eval_videos}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError as e:
                 raise ValueError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda:0', got {self.device!r}") from e
+
+    def sample_prompt_list(self) -> list[str] | None:
+        """``sample_prompts`` as a list (read from its file), checked non-empty; None when not set."""
+        prompts = self.sample_prompts
+        if isinstance(prompts, str):
+            path = Path(prompts).expanduser()
+            _check(path.is_file(), f"sample_prompts: prompt file {prompts!r} does not exist")
+            prompts = path.read_text().splitlines()
+            _check(any(p.strip() for p in prompts), f"sample_prompts: prompt file {str(path)!r} holds no prompts")
+        if prompts is not None:
+            prompts = [p.strip() for p in prompts if p.strip()]
+            _check(bool(prompts), "sample_prompts: the list holds no prompts")
+        return prompts
 
 
 @dataclass

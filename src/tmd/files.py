@@ -5,13 +5,14 @@ than there are; the libraries that load it fail deep inside with a message that 
 safetensors file is opened here first. Output folders are checked before a model is loaded, so a typo in
 ``--out`` costs a second, not a model load and a generation. safetensors writes its files with mode
 0600; the files tmd writes are meant to be shared (a student, a prepared dataset), so they get the
-mode every other file the user creates gets.
+mode every other file the user creates gets. Videos are written as H.264 mp4 named by a slug of their prompt.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -98,3 +99,20 @@ def save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata: dict[s
     save_file(dict(tensors), str(path), metadata=metadata)
     share_like_other_files(path)
     return Path(path)
+
+
+WAN_FPS = 16
+
+
+def slug(prompt: str, length: int = 40) -> str:
+    """A file-name-safe stem for a prompt: lower-case words joined by ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "video"
+
+
+def write_mp4(path: str | os.PathLike, frames, fps: int = WAN_FPS) -> None:
+    """uint8 (F, H, W, 3) frames (a tensor) -> H.264 mp4 through imageio-ffmpeg."""
+    import imageio.v2 as imageio
+
+    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8) as writer:
+        for frame in frames.numpy():
+            writer.append_data(frame)

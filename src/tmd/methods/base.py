@@ -114,11 +114,13 @@ class Method(nn.Module, ABC):
         cls, cfg: Any, module: nn.Module, outer: int, inner: int | None, seed: int, guidance: float, shift: float
     ) -> SampleFn:
         """``module`` sampled as this method samples; fresh noise inside the sampler comes from a generator seeded
-        with ``seed`` on every call. The default: ``sample`` with the config's ``outer_shift`` where it has one."""
+        with ``seed`` on every call, on the noise's device (a CUDA run samples during training). The default: ``sample`` with the config's ``outer_shift`` where it has one."""
         cls.check_steps(outer, inner)
         outer_shift = getattr(cfg, "outer_shift", None)
         options = {} if outer_shift is None else {"outer_shift": outer_shift}
-        return lambda noise, cond, neg: cls.sample(module, noise, cond, outer, torch.Generator().manual_seed(seed), **options)
+        return lambda noise, cond, neg: cls.sample(
+            module, noise, cond, outer, torch.Generator(noise.device).manual_seed(seed), **options
+        )
 
     @classmethod
     def effective_nfe(cls, cfg: Any, outer: int, inner: int | None, num_blocks: int, guidance: float) -> float:

@@ -122,7 +122,7 @@ class DistributionMatching(Method):
     def sampler(cls, cfg, module, outer, inner, seed, guidance, shift) -> SampleFn:
         cls.check_steps(outer, inner)
         return lambda noise, cond, neg: cls.sample(
-            module, noise, cond, outer, torch.Generator().manual_seed(seed), cfg.outer_shift, cfg.multistep
+            module, noise, cond, outer, torch.Generator(noise.device).manual_seed(seed), cfg.outer_shift, cfg.multistep
         )
 
     def x0_from_noised(self, x_t: Tensor, t: Tensor, noise: Tensor, cond: Tensor) -> Tensor:

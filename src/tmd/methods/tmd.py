@@ -123,7 +123,7 @@ class TransitionSampling:
     def sampler(cls, cfg, module, outer, inner, seed, guidance, shift) -> SampleFn:
         cls.check_steps(outer, inner)
         return lambda noise, cond, neg: sample_tmd(
-            module, noise, cond, outer, inner, torch.Generator().manual_seed(seed), cfg.outer_shift, cfg.inner_shift
+            module, noise, cond, outer, inner, torch.Generator(noise.device).manual_seed(seed), cfg.outer_shift, cfg.inner_shift
         )
 
     @classmethod

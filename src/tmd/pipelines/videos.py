@@ -1,29 +1,23 @@
 """What a generation writes, for Wan models (``tmd.programs.generate``) and the world's (``tmd.world.generate``)
 alike: one mp4 per prompt named by its index and a slug of the prompt, and ``generation.json``; and the
-step counts both default to."""
+step counts both default to. ``slug`` and ``write_mp4`` live in ``tmd.files``, where training's sample videos
+(``tmd.train.samples``, a layer below) reach them too."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from tmd.files import WAN_FPS, slug, write_mp4
 
-from torch import Tensor
+__all__ = [
+    "DEFAULT_INNER_STEPS",
+    "DEFAULT_STUDENT_STEPS",
+    "DEFAULT_TEACHER_STEPS",
+    "MANIFEST_FILE",
+    "WAN_FPS",
+    "slug",
+    "write_mp4",
+]
 
 DEFAULT_TEACHER_STEPS = 50
 DEFAULT_STUDENT_STEPS = 2
 DEFAULT_INNER_STEPS = 4
 MANIFEST_FILE = "generation.json"
-WAN_FPS = 16
-
-
-def slug(prompt: str, length: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:length].strip("-") or "video"
-
-
-def write_mp4(path: str | Path, frames: Tensor, fps: int = WAN_FPS) -> None:
-    """uint8 (F, H, W, 3) frames -> H.264 mp4 through imageio-ffmpeg."""
-    import imageio.v2 as imageio
-
-    with imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8) as writer:
-        for frame in frames.numpy():
-            writer.append_data(frame)

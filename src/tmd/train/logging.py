@@ -1,6 +1,8 @@
 """Metric sinks: ``metrics.jsonl`` (always; the record tests and reports read), TensorBoard, wandb.
 
 TensorBoard is skipped with a warning when it is not installed; wandb is imported only when asked for.
+Sample videos (``tmd.train.samples``) go to both as videos; to TensorBoard as a frame grid image when moviepy < 2,
+which its ``add_video`` needs, is missing.
 """
 
 from __future__ import annotations
@@ -64,6 +66,29 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
+    def log_videos(self, step: int, videos: dict[str, Any], files: dict[str, Path], fps: int) -> None:
+        """uint8 (F, H, W, 3) videos by name, written to ``files``: TensorBoard's ``add_video`` (which needs
+        moviepy < 2; without it, a grid image of 8 frames per video, one row each), W&B's ``wandb.Video``."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            try:  # what add_video imports: moviepy 2 has no editor module, and add_video then writes nothing
+                from moviepy import editor  # noqa: F401
+            except ImportError:
+                self._tb.add_image("samples", frame_grid(list(videos.values())), step, dataformats="HWC")
+            else:
+                for name, video in videos.items():
+                    self._tb.add_video(f"samples/{name}", video.permute(0, 3, 1, 2)[None], step, fps=fps)
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb as wandb_module
+
+            # the mp4 carries its frame rate: wandb reads the file as it is
+            self._wandb.log(
+                {f"samples/{name}": wandb_module.Video(str(path)) for name, path in files.items()},
+                step=step,
+            )
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -82,3 +107,15 @@ def _json_float(value: float) -> float | str:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def frame_grid(videos: list[Any], columns: int = 8) -> Any:
+    """uint8 (F, H, W, 3) videos -> one uint8 (rows H, columns W, 3) image: a row per video, ``columns`` frames
+    evenly spread over it."""
+    import torch
+
+    rows = []
+    for video in videos:
+        picks = torch.linspace(0, len(video) - 1, min(columns, len(video))).round().long()
+        rows.append(torch.cat(list(video[picks]), dim=1))
+    return torch.cat(rows, dim=0)

@@ -62,6 +62,7 @@ from tmd.train.resume import CHECKPOINT_DIR, plan_run, record_resume, start_fres
 from tmd.train.update import EMA, UpdateStep, optimizer_settings
 
 EvalFn = Callable[[int, Mapping[str, dict[str, Tensor]]], dict[str, float]]
+SampleFn = Callable[[int, Mapping[str, dict[str, Tensor]], MetricLogger], None]
 
 
 class Update(Protocol):
@@ -128,7 +129,8 @@ class Trainer:
     (``tmd.train.resume``).
     ``eval_fn(step, ema) -> metrics`` (``tmd.train.hooks``) runs before the first step, every
     ``train.eval_every`` steps and after the last, with the EMA state dicts by EMA module name; its metrics
-    are logged as ``eval/*``.
+    are logged as ``eval/*``. ``sample_fn(step, ema, logger)`` (``tmd.train.samples``) runs alike every
+    ``train.sample_every`` steps, on every rank; it writes and logs its videos itself.
     ``dist`` is the data-parallel context (``tmd.train.distributed.init_distributed``, after sharding the
     method's modules); without it the run is one process on ``train.device``.
     """
@@ -142,8 +144,9 @@ class Trainer:
         resume: bool = False,
         eval_fn: EvalFn | None = None,
         dist: DistContext | None = None,
+        sample_fn: SampleFn | None = None,
     ):
-        self.method, self.data, self.cfg, self.eval_fn = method, data, cfg, eval_fn
+        self.method, self.data, self.cfg, self.eval_fn, self.sample_fn = method, data, cfg, eval_fn, sample_fn
         tc = cfg.train
         self.run_dir = Path(run_dir if run_dir is not None else tc.out_dir)
         self.checkpoint_dir = self.run_dir / CHECKPOINT_DIR
@@ -338,10 +341,9 @@ class Trainer:
         start = time.perf_counter()
         last: dict[str, float] = {}
         path = ckpt.latest_checkpoint(self.checkpoint_dir)
-        evaluate = self.eval_fn is not None and bool(tc.eval_every)
         try:
-            if evaluate and self.step == 0:
-                self._evaluate(logger)  # the curve starts at the initial weights
+            if self.step == 0:
+                self._hooks(logger, done=False)  # the curve and the samples start at the initial weights
             while self.step < tc.steps:
                 batch = self.data.next_batch()
                 if tc.grad_accum > 1:
@@ -360,8 +362,7 @@ class Trainer:
                 if self.step % tc.log_every == 0 or done:
                     last = self._log(logger, time.perf_counter() - start)
                     bar.set_postfix({k[5:]: f"{v:.4g}" for k, v in last.items() if k.startswith("loss/")}, refresh=False)
-                if evaluate and (self.step % tc.eval_every == 0 or done):
-                    self._evaluate(logger)
+                self._hooks(logger, done)
                 self._step_schedulers()  # after logging: the log shows the rate the step used
                 if self.step % tc.checkpoint_every == 0 or done:
                     path = self.save()
@@ -385,9 +386,23 @@ class Trainer:
             for scheduler in schedulers or self.schedulers.values():
                 scheduler.step()
 
-    def _evaluate(self, logger: MetricLogger) -> None:
-        metrics = self.eval_fn(self.step, {name: ema.full_state() for name, ema in self.emas.items()})
-        logger.log(self.step, {f"eval/{k}": float(v) for k, v in metrics.items()})
+    def _hooks(self, logger: MetricLogger, done: bool) -> None:
+        """``eval_fn`` and ``sample_fn`` where their interval (``train.eval_every``, ``train.sample_every``) falls
+        or after the last step."""
+        tc = self.cfg.train
+        due = [
+            (hook, every)
+            for hook, every in ((self.eval_fn, tc.eval_every), (self.sample_fn, tc.sample_every))
+            if hook is not None and every and (self.step % every == 0 or done)
+        ]
+        if not due:
+            return
+        ema = {name: ema.full_state() for name, ema in self.emas.items()}
+        for hook, _ in due:
+            if hook is self.eval_fn:
+                logger.log(self.step, {f"eval/{k}": float(v) for k, v in hook(self.step, ema).items()})
+            else:
+                hook(self.step, ema, logger)
 
     def _log(self, logger: MetricLogger, elapsed: float) -> dict[str, float]:
         record = {key: sum(values) / len(values) for key, values in self._window.items() if values}

@@ -31,6 +31,7 @@ from tmd.train.hooks import eval_hook
 from tmd.train.loop import Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
+from tmd.train.samples import sample_hook
 from tmd.world.data import WorldAssets, world_data_source
 
 STUDENT_FILE = "student.safetensors"
@@ -112,8 +113,10 @@ def train_run(
     if ctx.is_main:
         print(describe(estimate_state_memory(method, teacher, ctx.world_size)), flush=True)
     eval_fn = eval_hook(cfg, method.exported(), assets, ctx.enabled)
+    # prompts embedded (and a prompt the tokenizer rejects refused) before any training
+    sample_fn = sample_hook(cfg, method.exported(), data, assets, run_dir if run_dir is not None else cfg.train.out_dir, ctx)
     shard_modules({**method.state_modules(), "teacher": teacher}, ctx, mixed_precision=cfg.train.precision == "bf16")
-    result = Trainer(method, data, cfg, run_dir, resume, eval_fn=eval_fn, dist=ctx).train()
+    result = Trainer(method, data, cfg, run_dir, resume, eval_fn=eval_fn, dist=ctx, sample_fn=sample_fn).train()
     name, generator = method.exported()
     weights = result.ema[name]
     path = result.run_dir / STUDENT_FILE

@@ -16,7 +16,19 @@ from tmd.programs.study.spec import TEACHER, RunSpec, StudyConfig
 # Left out of a run's key: where it is written and how it shows progress change nothing it records.
 # init_from is replaced by the parent's key, data.assets by the assets' fingerprint.
 _UNKEYED = {
-    "train": ("out_dir", "progress", "tensorboard", "wandb", "wandb_project", "checkpoint_every", "keep_checkpoints"),
+    "train": (
+        "out_dir",
+        "progress",
+        "tensorboard",
+        "wandb",
+        "wandb_project",
+        "checkpoint_every",
+        "keep_checkpoints",
+        # sample videos change no weight (tested), and runs keyed before they existed keep their keys
+        "sample_every",
+        "sample_prompts",
+        "sample_seed",
+    ),
     "method": ("init_from",),
     "data": ("assets",),
 }
