@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tmd import flow
-from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.files import WAN_FPS, check_output_dir, make_output_dir, save_safetensors, slug, write_mp4
 from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
 from tmd.models.split import TMDStudent
@@ -35,9 +35,6 @@ from tmd.pipelines.videos import (
     DEFAULT_STUDENT_STEPS,
     DEFAULT_TEACHER_STEPS,
     MANIFEST_FILE,
-    WAN_FPS,
-    slug,
-    write_mp4,
 )
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
 from tmd.world.generate import generate_world, load_world_model

@@ -55,13 +55,13 @@ from tmd.data.prepare import (
 )
 from tmd.data.prepare import SETTINGS_FILE as PREPARE_SETTINGS_FILE
 from tmd.errors import OutputPathError, PromptError
-from tmd.files import check_output_dir, make_output_dir
+from tmd.files import WAN_FPS, check_output_dir, make_output_dir, slug, write_mp4
 from tmd.models.folder import is_student_folder
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder, check_known_words, clean_prompt
 from tmd.models.vae import decode_video, latent_shape, load_vae
 from tmd.models.wan import load_teacher
 from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
-from tmd.pipelines.videos import DEFAULT_TEACHER_STEPS, WAN_FPS, slug, write_mp4
+from tmd.pipelines.videos import DEFAULT_TEACHER_STEPS
 from tmd.programs.generate import DEFAULT_GUIDANCE, load_scheduler, teacher_shift
 from tmd.sampling import sample_teacher, sample_with_scheduler
 from tmd.train.distributed import init_distributed

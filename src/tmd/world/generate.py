@@ -20,13 +20,14 @@ import yaml
 from torch import nn
 
 from tmd import flow
+from tmd.files import slug, write_mp4
 from tmd.methods.linvideo import load_linearised
 from tmd.models.export import run_metadata, student_from_run
 from tmd.models.fastpath import attention_kernel
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
-from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE, slug, write_mp4
+from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
 from tmd.train.resume import CONFIG_FILE
 from tmd.train.run import with_linear_attention
