@@ -18,8 +18,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from tmd.models.wan import WanTeacher, as_time
-
 
 class DualExpertTeacher(nn.Module):
     """``velocity(x_t, t, cond)`` of the high-noise expert where ``t >= boundary``, of the low-noise one below."""
@@ -28,8 +26,8 @@ class DualExpertTeacher(nn.Module):
 
     def __init__(
         self,
-        high: WanTeacher,
-        low: WanTeacher,
+        high: nn.Module,
+        low: nn.Module,
         boundary: float,
         guidance_2: float | None = None,
         offload: bool = False,
@@ -77,7 +75,7 @@ class DualExpertTeacher(nn.Module):
         """True where the high-noise expert answers (``WanPipeline``'s ``t >= boundary_timestep``)."""
         return t >= self.boundary
 
-    def student_source(self, times: Sequence[float]) -> WanTeacher:
+    def student_source(self, times: Sequence[float]) -> nn.Module:
         """The expert a student that is evaluated only at ``times`` is initialised from; one line of error
         when the times straddle the boundary (that needs one student per expert, not built; docs/methods.md)."""
         high = [float(t) >= self.boundary for t in times if float(t) > 0]
@@ -98,7 +96,7 @@ class DualExpertTeacher(nn.Module):
         high = self.expert_of(t).to(torch.float32)
         return (high * guidance + (1 - high) * self.guidance_2).view(-1, 1, 1, 1, 1)
 
-    def _resident(self, expert: WanTeacher) -> WanTeacher:
+    def _resident(self, expert: nn.Module) -> nn.Module:
         if self.offload:
             other = self.low if expert is self.high else self.high
             other.to("cpu")
@@ -108,7 +106,8 @@ class DualExpertTeacher(nn.Module):
     def velocity_and_features(
         self, x_t: Tensor, t: Tensor | float, cond: Tensor, feature_blocks: Sequence[int] = ()
     ) -> tuple[Tensor, list[Tensor]]:
-        t = as_time(t, x_t.shape[0], x_t.device)
+        # each expert checks t itself (tmd.models.wan.as_time)
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         high = self.expert_of(t)
         if bool(high.all()) or not bool(high.any()):
             expert = self._resident(self.high if bool(high.all()) else self.low)
