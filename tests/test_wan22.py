@@ -14,13 +14,14 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 from safetensors.torch import load_file
 from test_generate import VOCABULARY, read_mp4
+from test_prepare import write_video
 
 from tmd.models.experts import DualExpertTeacher
 from tmd.models.folder import check_wan_folder
 from tmd.models.split import TMDStudent
 from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
 from tmd.programs.cli import main
-from tmd.sampling import sample_with_scheduler
+from tmd.sampling import sample_few_step, sample_with_scheduler
 from tmd.world.text import build_tiny_text_encoder
 
 TI2V_CONFIG = {
@@ -247,3 +248,64 @@ def test_a14b_generate(tmp_path, a14b, capsys):
     args = ["generate", "--model", str(a14b), "--prompt", "a red circle", "--steps", "3", "--negative-prompt", ""]
     assert main([*args, "--guidance", "4", "--guidance-2", "3", "--out", str(tmp_path / "a14b"), *A14B_SIZE]) == 0
     assert len(read_mp4(tmp_path / "a14b" / "0000-a-red-circle.mp4")) == 5
+
+
+# ----------------------------------------------------------------------------------------------
+# TI2V-5B end to end: prepare, stage 1, stage 2, DMD2-v, exports, generation from the exports.
+
+
+def run_config(tmp_path, method, data, method_args):
+    config = tmp_path / f"{method}.yaml"
+    config.write_text(
+        f"method_name: {method}\ndata_kind: prepared\nmethod: {{{method_args}}}\ndata: {{path: {data}, wan: wan2.2-ti2v}}\n"
+        f"train: {{steps: 2, batch_size: 2, progress: false, tensorboard: false, out_dir: {tmp_path / method}}}\n"
+    )
+    return config
+
+
+def test_ti2v_prepare_distil_export_generate(tmp_path, ti2v, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(videos / f"{i}.mp4", FRAMES, height=SIZE, width=SIZE, seed=i)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"0.mp4": "a red circle", "1.mp4": "a blue square moving left"}))
+    data = tmp_path / "data"
+    prepare = ["prepare", "--model", str(ti2v), "--videos", str(videos), "--captions", str(captions), "--out", str(data)]
+    assert main([*prepare, *TI2V_SIZE, "--negative-prompt", ""]) == 0
+    assert load_file(data / "shard-00000.safetensors")["latents"].shape == (2, 48, 2, 4, 4)
+
+    split = "head_blocks: 1, outer_steps: 2, inner_steps: 2"
+    assert main(["train", "--config", str(run_config(tmp_path, "tm", data, split))]) == 0
+    stage1 = tmp_path / "tm" / "student.safetensors"
+    assert main(["train", "--config", str(run_config(tmp_path, "tmd", data, f"{split}, init_from: {stage1}"))]) == 0
+    assert main(["train", "--config", str(run_config(tmp_path, "dmd2", data, "outer_steps: 2"))]) == 0
+    # a Wan2.1 config given this Wan2.2 data's teacher: one line, before any training
+    wrong = run_config(tmp_path, "dmd2", data, "outer_steps: 2")
+    wrong.write_text(wrong.read_text().replace("wan2.2-ti2v", "wan2.1").replace("/dmd2}", "/wrong}"))
+    assert main(["train", "--config", str(wrong)]) != 0
+    assert "is a wan2.2-ti2v model but the config expects wan2.1" in capsys.readouterr().err
+
+    for method in ("tmd", "dmd2"):
+        export = ["export", "--run", str(tmp_path / method / "student.safetensors"), "--teacher", str(ti2v)]
+        assert main([*export, "--format", "pipeline", "--out", str(tmp_path / f"{method}_pipe")]) == 0
+        generate = ["generate", "--model", str(tmp_path / f"{method}_pipe"), "--prompt", "a red circle", "--steps", "2"]
+        assert main([*generate, "--out", str(tmp_path / f"{method}_videos"), *TI2V_SIZE]) == 0
+        assert len(read_mp4(tmp_path / f"{method}_videos" / "0000-a-red-circle.mp4")) == FRAMES
+
+    # the DMD2-v export is a stock WanPipeline with expand_timesteps; diffusers runs it as our sampler does
+    wan = WanPipeline.from_pretrained(tmp_path / "dmd2_pipe")
+    assert wan.config.expand_timesteps
+    noise, text, _ = inputs(48, batch=1)
+    stock = wan(
+        prompt_embeds=text,
+        latents=noise,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        output_type="latent",
+        num_frames=FRAMES,
+        height=SIZE,
+        width=SIZE,
+    ).frames
+    ours = sample_few_step(load_teacher(tmp_path / "dmd2_pipe"), noise, text, 2)
+    torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-5)

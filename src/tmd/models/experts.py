@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from tmd import flow
+
 
 class DualExpertTeacher(nn.Module):
     """``velocity(x_t, t, cond)`` of the high-noise expert where ``t >= boundary``, of the low-noise one below."""
@@ -127,3 +129,11 @@ class DualExpertTeacher(nn.Module):
         return self.velocity_and_features(x_t, t, cond)[0]
 
     forward = velocity
+
+
+def student_expert(teacher: nn.Module, outer_steps: int, outer_shift: float) -> nn.Module:
+    """What a student sampled on the outer grid (``tmd.flow.outer_grid``) is cut from: ``teacher`` itself, or for
+    a :class:`DualExpertTeacher` the expert its outer times use (``DualExpertTeacher.student_source``)."""
+    if not isinstance(teacher, DualExpertTeacher):
+        return teacher
+    return teacher.student_source(flow.outer_grid(outer_steps, outer_shift).tolist())
