@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from test_generate import VOCABULARY, read_mp4
 from test_prepare import write_video
 
+from tmd.config import RunConfig, load_config
+from tmd.methods import get_method
 from tmd.models.experts import DualExpertTeacher
 from tmd.models.folder import check_wan_folder
 from tmd.models.split import TMDStudent
@@ -309,3 +311,47 @@ def test_ti2v_prepare_distil_export_generate(tmp_path, ti2v, capsys):
     ).frames
     ours = sample_few_step(load_teacher(tmp_path / "dmd2_pipe"), noise, text, 2)
     torch.testing.assert_close(stock, ours, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distilling A14B (docs/methods.md, "Wan2.2"): the student is cut from the expert of its outer times, the fake score
+# copies both experts; outer times on both sides of the boundary are refused.
+
+
+def test_a14b_distillation_trains_and_exports(tmp_path, a14b, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_video(videos / f"{i}.mp4", 5, height=32, width=32, seed=i)
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"0.mp4": "a red circle", "1.mp4": "a blue square moving left"}))
+    data = tmp_path / "data"
+    prepare = ["prepare", "--model", str(a14b), "--videos", str(videos), "--captions", str(captions), "--out", str(data)]
+    assert main([*prepare, *A14B_SIZE, "--negative-prompt", ""]) == 0
+
+    def config(method, method_args):
+        path = run_config(tmp_path, method, data, method_args)
+        path.write_text(path.read_text().replace("wan: wan2.2-ti2v", "wan: wan2.2-a14b, guidance_2: 3.0"))
+        return path
+
+    method = get_method("dmd2").from_teacher(
+        load_config(RunConfig, config("dmd2", "outer_steps: 2")).method, load_teacher(a14b, experts=None)
+    )
+    assert isinstance(method.fake_score, DualExpertTeacher) and not isinstance(method.student, DualExpertTeacher)
+    assert torch.equal(method.student.transformer.proj_out.weight, method.teacher.high.transformer.proj_out.weight)
+
+    # TMD stage 2 (real score, fake score and the GAN's teacher features all routed per sample) and DMD2-v
+    assert main(["train", "--config", str(config("tmd", "head_blocks: 1, outer_steps: 2, inner_steps: 2"))]) == 0
+    assert main(["train", "--config", str(config("dmd2", "outer_steps: 2"))]) == 0
+    export = ["export", "--run", str(tmp_path / "dmd2" / "student.safetensors"), "--teacher", str(a14b)]
+    assert main([*export, "--format", "pipeline", "--out", str(tmp_path / "dmd2_pipe")]) == 0
+    wan = WanPipeline.from_pretrained(tmp_path / "dmd2_pipe")
+    assert wan.transformer_2 is None and wan.config.boundary_ratio is None
+    generate = ["generate", "--model", str(tmp_path / "dmd2_pipe"), "--prompt", "a red circle", "--steps", "2"]
+    assert main([*generate, "--out", str(tmp_path / "videos_out"), *A14B_SIZE]) == 0
+
+    # M = 4 at shift 5 puts outer times below the boundary 0.875: refused in one line
+    m4 = config("dmd2", "outer_steps: 4")
+    m4.write_text(m4.read_text().replace("/dmd2}", "/m4}"))
+    assert main(["train", "--config", str(m4)]) != 0
+    assert "straddle the A14B boundary 0.875" in capsys.readouterr().err
