@@ -15,15 +15,19 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 from safetensors.torch import load_file
 from test_generate import VOCABULARY, read_mp4
 from test_prepare import write_video
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from tmd.config import RunConfig, load_config
+from tmd.eval import flops
 from tmd.methods import get_method
 from tmd.models.experts import DualExpertTeacher
 from tmd.models.folder import check_wan_folder
 from tmd.models.split import TMDStudent
-from tmd.models.wan import TINY_CONFIG, build_transformer, load_teacher
+from tmd.models.wan import TINY_CONFIG, WAN22_5B_CONFIG, WAN22_5B_LATENT, build_transformer, load_teacher
 from tmd.programs.cli import main
 from tmd.sampling import sample_few_step, sample_with_scheduler
+from tmd.train.memory import stage2_memory_table
 from tmd.world.text import build_tiny_text_encoder
 
 TI2V_CONFIG = {
@@ -355,3 +359,34 @@ def test_a14b_distillation_trains_and_exports(tmp_path, a14b, capsys):
     m4.write_text(m4.read_text().replace("/dmd2}", "/m4}"))
     assert main(["train", "--config", str(m4)]) != 0
     assert "straddle the A14B boundary 0.875" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The bench's FLOP and memory models.
+
+
+def test_flop_model_counts_a_ti2v_shaped_teacher_and_student(ti2v):
+    teacher = load_teacher(ti2v)
+    config, latent = dict(teacher.config), (48, 2, 4, 4)
+    x, text, _ = inputs(48)
+    student = TMDStudent.from_teacher(teacher, head_blocks=1)
+    features = student.backbone(x, 0.5, text)
+    for fn, model in (
+        (lambda: teacher.velocity(x, 0.5, text), flops.forward_flops(config, latent, 5)),
+        (lambda: student.head(x, 0.5, 0.4, features), flops.head_flops(config, latent, 5, 1)),
+    ):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        # batch 2; the model counts matmuls and convolutions only, as the counter does (tests/test_bench.py)
+        assert counter.get_total_flops() == pytest.approx(x.shape[0] * model, rel=0.01)
+    assert flops.tokens(WAN22_5B_CONFIG, WAN22_5B_LATENT) == 31 * 22 * 40
+
+
+def test_bench_memory_table_has_an_a14b_stage2_estimate_at_8_and_16_processes():
+    rows = stage2_memory_table(models=("wan2.2-a14b",))
+    assert [row["processes"] for row in rows] == [8, 16]
+    eight, sixteen = rows
+    # teacher: two fp32 14B experts; trained: the student (one expert + the TMD parts) and the fake score (two experts)
+    assert eight["teacher_gib"] == pytest.approx(2 * 14.3e9 * 4 / 2**30 / 8, rel=0.05)
+    assert eight["trainable_gib"] == pytest.approx(3 * 14.3e9 * 16 / 2**30 / 8, rel=0.05)
+    assert sixteen["total_gib"] == pytest.approx(eight["total_gib"] / 2, rel=0.01)

@@ -136,4 +136,5 @@ def student_expert(teacher: nn.Module, outer_steps: int, outer_shift: float) -> 
     a :class:`DualExpertTeacher` the expert its outer times use (``DualExpertTeacher.student_source``)."""
     if not isinstance(teacher, DualExpertTeacher):
         return teacher
-    return teacher.student_source(flow.outer_grid(outer_steps, outer_shift).tolist())
+    with torch.device("cpu"):  # also when models are built on the meta device (memory estimates)
+        return teacher.student_source(flow.outer_grid(outer_steps, outer_shift).tolist())

@@ -81,7 +81,19 @@ WAN_14B_CONFIG: dict[str, Any] = {
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
 }
-"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments); also each expert of Wan2.2 T2V-A14B."""
+WAN22_5B_CONFIG: dict[str, Any] = {
+    **WAN_1_3B_CONFIG,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+}
+"""Wan2.2 TI2V-5B's transformer: dim 3072 (24 heads x 128), ffn 14336, 30 blocks, 48 latent channels."""
+WAN22_5B_LATENT = (48, 31, 44, 80)
+"""Latents of a 121 x 704 x 1280 video, TI2V-5B's published size (Wan2.2 VAE: 4x temporal, 16x spatial)."""
+WAN22_BOUNDARY = 0.875
+"""Wan2.2 T2V-A14B's ``boundary_ratio``: the high-noise expert runs for t >= 0.875."""
 
 
 @dataclass
