@@ -88,7 +88,7 @@ class DualExpertTeacher(nn.Module):
         raise ValueError(
             f"the student's outer times {[round(float(t), 4) for t in times if float(t) > 0]} straddle the A14B "
             f"boundary {self.boundary}: one student per expert is not built; choose outer_steps/outer_shift so that "
-            "all outer times lie on one side (M = 2 at shift 5: 0.999, 0.909)"
+            "all outer times lie on one side (M = 1 or 2 at the default outer_shift 10: 0.999, 0.909)"
         )
 
     def guidance_at(self, t: Tensor, guidance: float) -> Tensor | float:
