@@ -60,6 +60,9 @@ def average_velocity(student: nn.Module, z: Tensor, t: Tensor | float, r: Tensor
 @register("meanflow")
 class MeanFlow(StudentMethod):
     Config = MeanFlowConfig
+    # its weights have the TMD student's form, but a student folder is sampled as TMD (backbone once, inner flow
+    # from noise) and this model jumps z_r = z_t - (t - r) u: exported, `tmd generate` would sample it wrongly
+    exports_student_folder = False
 
     def __init__(self, cfg: MeanFlowConfig, teacher: nn.Module, student: nn.Module):
         super().__init__(cfg, student, teacher)
