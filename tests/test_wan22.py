@@ -24,6 +24,8 @@ from tmd.methods import get_method
 from tmd.models.experts import DualExpertTeacher
 from tmd.models.folder import check_wan_folder
 from tmd.models.split import TMDStudent
+from tmd.models.text import TextEncoder
+from tmd.models.vae import load_vae
 from tmd.models.wan import TINY_CONFIG, WAN22_5B_CONFIG, WAN22_5B_LATENT, build_transformer, load_teacher
 from tmd.programs.cli import main
 from tmd.sampling import sample_few_step, sample_with_scheduler
@@ -146,7 +148,9 @@ def test_folders_tmd_cannot_represent_are_refused_in_one_line(tmp_path, a14b, ti
         folder = tmp_path / name
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({**index, **component}))
-        for loader in (load_teacher, lambda p: check_wan_folder(p, experts=None)):
+        for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+            (folder / part).symlink_to(ti2v / part)
+        for loader in (load_teacher, load_vae, TextEncoder.from_pretrained):
             with pytest.raises(ValueError, match=message) as e:
                 loader(folder)
             cases[name] = e
@@ -215,9 +219,12 @@ def test_a14b_teacher_routes_by_time_as_wan_pipeline_does(a14b):
     x, text, negative = inputs(4, latent=(2, 4, 4))
     t = torch.tensor([0.95, 0.5])
     with torch.no_grad():
-        both = teacher.velocity(x, t, text)
-        torch.testing.assert_close(both[:1], teacher.high.velocity(x[:1], t[:1], text[:1]))
-        torch.testing.assert_close(both[1:], teacher.low.velocity(x[1:], t[1:], text[1:]))
+        both, features = teacher.velocity_and_features(x, t, text, (1, 3))
+        for rows, expert in ((slice(0, 1), teacher.high), (slice(1, 2), teacher.low)):
+            v, f = expert.velocity_and_features(x[rows], t[rows], text[rows], (1, 3))
+            torch.testing.assert_close(both[rows], v)
+            for ours, theirs in zip(features, f):
+                torch.testing.assert_close(ours[rows], theirs)
         assert not torch.allclose(both[1:], teacher.high.velocity(x[1:], t[1:], text[1:]), atol=1e-3)
     # the sampler: 8 UniPC steps with flow shift 12 cross the boundary; CFG 4 high, 3 low (diffusers' guidance_scale_2)
     pipe = WanPipeline.from_pretrained(a14b)
