@@ -6,9 +6,9 @@ time (``t = timestep / 1000``) that is ``t >= boundary``. :class:`DualExpertTeac
 (sampling, KD targets, the real score, the discriminator's features) that way, per sample, so a batch whose times
 straddle the boundary is split between the experts.
 
-Memory: with ``offload=True`` only the expert being evaluated is on the compute device; the other waits in CPU
-memory and the two swap when a query needs the other one (a swap moves one expert each way; samplers need one
-swap per video, training at most one per query).
+Memory: with ``offload=True`` (``tmd generate`` on a GPU) only the expert being evaluated is on the compute device;
+the other waits in CPU memory and the two swap when a query needs the other one (one swap per sampled video). A
+training run does not offload: FSDP shards each expert over the processes (``tmd.train.memory`` estimates it).
 """
 
 from __future__ import annotations
