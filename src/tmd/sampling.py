@@ -34,10 +34,13 @@ def teacher_grid(steps: int, shift: float) -> Tensor:
 def guided_velocity(
     model: VelocityModel, x_t: Tensor, t: Tensor | float, cond: Tensor, neg_cond: Tensor | None, guidance: float
 ) -> Tensor:
-    """CFG velocity with both branches in one batched forward (one pass of twice the batch)."""
-    if guidance == 1.0 or neg_cond is None:
-        return model.velocity(x_t, t, cond)
+    """CFG velocity with both branches in one batched forward (one pass of twice the batch). A model with
+    ``guidance_at`` (Wan2.2 A14B, ``tmd.models.experts``) sets the scale per sample, one per expert."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+    if hasattr(model, "guidance_at"):
+        guidance = model.guidance_at(t.expand(x_t.shape[0]), guidance)
+    if neg_cond is None or (not isinstance(guidance, Tensor) and guidance == 1.0):
+        return model.velocity(x_t, t, cond)
     t2 = t.repeat(2) if t.ndim == 1 else t
     v_cond, v_uncond = model.velocity(torch.cat([x_t, x_t]), t2, torch.cat([cond, neg_cond])).chunk(2)
     return flow.cfg(v_uncond, v_cond, guidance)

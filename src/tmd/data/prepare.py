@@ -37,6 +37,7 @@ from torch import Tensor
 from tmd.config import existing_path, register_data_config
 from tmd.errors import PromptError
 from tmd.files import check_output_dir, make_output_dir, save_safetensors
+from tmd.models.folder import FAMILIES
 from tmd.models.linear_attention import check_linearised_teacher
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder, check_known_words, clean_prompt
 from tmd.models.vae import latent_shape, normalize_latents
@@ -59,9 +60,15 @@ class PreparedDataConfig:
     """The Wan pipeline (or transformer folder) to distil; null: the model the data was prepared with."""
     linearised_teacher: Optional[str] = existing_path(None)
     """A linvideo run's ``student.safetensors`` (made from ``teacher``): distil that linearised model instead."""
+    wan: Optional[str] = None
+    """The teacher's family the config was written for (``tmd.models.folder.FAMILIES``); another is refused."""
+    guidance_2: Optional[float] = None
+    """Wan2.2 A14B: the low-noise expert's CFG scale (the method's ``guidance`` is the high-noise one's)."""
 
     def __post_init__(self):
         check_linearised_teacher(self.linearised_teacher)
+        if self.wan is not None and self.wan not in FAMILIES:
+            raise ValueError(f"wan must be one of {list(FAMILIES)}, got {self.wan!r}")
 
 
 register_data_config("prepared", PreparedDataConfig)

@@ -19,6 +19,7 @@ from tmd import flow
 from tmd.methods.base import Method, SampleFn
 from tmd.methods.common import dmd_loss, freeze, latent_shape, trainable_copy, x0_of, x0_real
 from tmd.models.discriminator import Discriminator, default_feature_blocks
+from tmd.models.experts import student_expert
 from tmd.sampling import MULTISTEP, sample_few_step
 
 STUDENT_INPUTS = ("data", "backward")
@@ -81,8 +82,9 @@ class DistributionMatching(Method):
 
     @classmethod
     def from_teacher(cls, cfg, teacher: nn.Module, activation_checkpointing: bool = False):
-        """Generator and fake score both start as copies of the teacher (DMD2's initialisation)."""
-        generator = trainable_copy(teacher)
+        """Generator and fake score both start as copies of the teacher (DMD2's initialisation); for a Wan2.2 A14B
+        the generator copies the expert of its outer times and the fake score both experts (docs/methods.md)."""
+        generator = trainable_copy(student_expert(teacher, cfg.outer_steps, cfg.outer_shift))
         generator.activation_checkpointing = activation_checkpointing
         return cls(cfg, teacher, generator, trainable_copy(teacher))
 

@@ -21,6 +21,7 @@ from tmd.methods import register
 from tmd.methods.base import SampleFn
 from tmd.methods.common import StudentMethod, adaptive_l2, drop_condition, trainable_copy
 from tmd.methods.distribution_matching import DistributionMatching, DistributionMatchingConfig
+from tmd.models.experts import student_expert
 from tmd.models.export import load_student_weights
 from tmd.models.split import FUSIONS, TMDStudent
 from tmd.sampling import ROLLOUT_GRADIENTS, head_rollout, sample_tmd, tmd_transition
@@ -50,7 +51,7 @@ class StudentConfig:
         """The student cut from ``teacher``; ``inner_flow`` are the inner-flow settings (``inner_velocity``,
         ``transition_target``) it is built with and an ``init_from`` export must have been trained with."""
         split = {"head_blocks": self.head_blocks, "fusion": self.fusion, **inner_flow}
-        student = TMDStudent.from_teacher(teacher, **split)
+        student = TMDStudent.from_teacher(student_expert(teacher, self.outer_steps, self.outer_shift), **split)
         if self.init_from is not None:
             load_student_weights(student, self.init_from, split)
         student.activation_checkpointing = activation_checkpointing

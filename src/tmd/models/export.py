@@ -10,7 +10,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from tmd import flow
 from tmd.files import check_safetensors, make_output_dir, save_safetensors, share_like_other_files
+from tmd.models.experts import student_expert
 from tmd.models.folder import (
     CONFIG_FILE,
     PARTS_FILE,
@@ -93,6 +95,8 @@ def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeach
     split = {k: method_config[k] for k in STUDENT_SPLIT_KEYS if k in method_config}
     if "head_blocks" in split:
         split = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **split}
+    # a Wan2.2 A14B teacher: the student was cut from the expert of its outer times (tmd.models.experts)
+    teacher = student_expert(teacher, method_config.get("outer_steps", 2), method_config.get("outer_shift", flow.OUTER_SHIFT))
     model = TMDStudent.from_teacher(teacher, **split) if "head_blocks" in split else teacher
     try:
         load_student_weights(model, str(weights), split)

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5EncoderMode
 
 from tmd.errors import PromptError, TmdWarning
 from tmd.files import check_safetensors_folder, share_like_other_files
+from tmd.models.folder import check_wan_folder
 
 try:
     import ftfy
@@ -191,6 +192,7 @@ class TextEncoder:
         if not path.is_dir():
             raise FileNotFoundError(f"text encoder folder {path} does not exist")
         if (path / "text_encoder" / "config.json").is_file():
+            check_wan_folder(path, experts=None)  # a pipeline root: refuse what tmd cannot represent
             model_dir, tok_dir = path / "text_encoder", path / "tokenizer"
             if not tok_dir.is_dir():
                 raise FileNotFoundError(f"no tokenizer/ folder under {path} (next to text_encoder/)")

@@ -9,12 +9,14 @@ import torch
 from torch import Tensor
 
 from tmd.files import check_safetensors_folder
+from tmd.models.folder import check_wan_folder
 
 
 def load_vae(pipeline: str | Path, device: str | torch.device = "cpu"):
     """``AutoencoderKLWan`` from ``pipeline/vae``, in float32 (Wan's VAE is not run in bf16)."""
     from diffusers import AutoencoderKLWan
 
+    check_wan_folder(pipeline, experts=None)
     folder = Path(pipeline) / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no vae/config.json under {pipeline}: expected a diffusers Wan pipeline root")

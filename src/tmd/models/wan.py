@@ -1,4 +1,4 @@
-"""Wan2.1 teacher: a diffusers ``WanTransformer3DModel`` called in tmd's time convention.
+"""Wan teacher (Wan2.1, Wan2.2 TI2V-5B; an A14B expert): a diffusers ``WanTransformer3DModel`` called in tmd's time convention.
 
 The forward pass is re-assembled here from the transformer's own parts (embedders, blocks, output
 norm) instead of calling ``transformer.forward``, because the TMD student and the discriminator need
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tmd.files import check_safetensors_folder
+from tmd.models.folder import check_wan_folder
 
 TIMESTEP_SCALE = 1000.0
 """diffusers' Wan models take ``timestep = 1000 t``; nothing outside this module uses that scale."""
@@ -80,7 +81,19 @@ WAN_14B_CONFIG: dict[str, Any] = {
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
 }
-"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments)."""
+"""Wan2.1 T2V 14B's transformer (diffusers ``WanTransformer3DModel`` arguments); also each expert of Wan2.2 T2V-A14B."""
+WAN22_5B_CONFIG: dict[str, Any] = {
+    **WAN_1_3B_CONFIG,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+}
+"""Wan2.2 TI2V-5B's transformer: dim 3072 (24 heads x 128), ffn 14336, 30 blocks, 48 latent channels."""
+WAN22_5B_LATENT = (48, 31, 44, 80)
+"""Latents of a 121 x 704 x 1280 video, TI2V-5B's published size (Wan2.2 VAE: 4x temporal, 16x spatial)."""
+WAN22_BOUNDARY = 0.875
+"""Wan2.2 T2V-A14B's ``boundary_ratio``: the high-noise expert runs for t >= 0.875."""
 
 
 @dataclass
@@ -261,7 +274,7 @@ class WanModule(nn.Module):
 
 
 class WanTeacher(WanModule):
-    """A Wan2.1 transformer answering ``velocity(x_t, t, text_embeds)`` with t in [0, 1], t = 1 noise."""
+    """A Wan transformer answering ``velocity(x_t, t, text_embeds)`` with t in [0, 1], t = 1 noise."""
 
     fsdp_entry_points = ("velocity_and_features",)
     """Methods that use the model's own weights outside ``forward`` (see ``tmd.train.distributed``)."""
@@ -316,6 +329,12 @@ def _find_transformer_folder(path: Path) -> Path:
     )
 
 
+def _load_transformer(folder: Path, dtype: torch.dtype) -> WanTransformer3DModel:
+    folder = _find_transformer_folder(folder)
+    check_safetensors_folder(folder)
+    return WanTransformer3DModel.from_pretrained(folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype)
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -347,12 +366,21 @@ def load_teacher(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
-) -> WanTeacher:
-    """Load a Wan2.1 teacher.
+    *,
+    experts: int | None = 1,
+    family: str | None = None,
+    purpose: str = "",
+    guidance_2: float | None = None,
+    offload: bool = False,
+):
+    """Load a Wan teacher (Wan2.1, Wan2.2 TI2V-5B, or with ``experts=None`` also a Wan2.2 A14B).
 
     ``path_or_config`` is a diffusers pipeline root (with ``transformer/``), a transformer folder, a
     ``.json``/``.yaml`` file of transformer arguments, a dict of them, or ``"tiny"`` for the test model.
-    Configs build a random-initialised model (seeded).
+    Configs build a random-initialised model (seeded). Folders pass :func:`tmd.models.folder.check_wan_folder`
+    first (``experts``, ``family`` and ``purpose`` go to it): a two-expert folder becomes a
+    :class:`tmd.models.experts.DualExpertTeacher` (``guidance_2``: the low-noise expert's CFG scale; ``offload``:
+    only the expert in use on ``device``).
     """
     if isinstance(path_or_config, dict):
         transformer = build_transformer(path_or_config, seed)
@@ -363,11 +391,18 @@ def load_teacher(
         if path.is_file() and path.suffix in (".json", ".yaml", ".yml"):
             transformer = build_transformer(_read_config_file(path), seed)
         else:
-            folder = _find_transformer_folder(path)
-            check_safetensors_folder(folder)
-            transformer = WanTransformer3DModel.from_pretrained(
-                folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype
-            )
+            if not path.is_dir():
+                _find_transformer_folder(path)  # its one-line errors for a missing path or a file
+            found = check_wan_folder(path, experts=experts, family=family, purpose=purpose)
+            if len(found.transformers) == 2:
+                from tmd.models.experts import DualExpertTeacher
+
+                high, low = (
+                    WanTeacher(cast_transformer(_load_transformer(folder, dtype), dtype).to("cpu" if offload else device).eval())
+                    for folder in found.transformers
+                )
+                return DualExpertTeacher(high, low, found.boundary_ratio, guidance_2, offload, device)
+            transformer = _load_transformer(path, dtype)
     return WanTeacher(cast_transformer(transformer, dtype).to(device).eval())
 
 

@@ -124,6 +124,8 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
             "transformer": transformer,
             "scheduler": ["diffusers", type(scheduler).__name__],
         }
+        if "transformer_2" in teacher_index:  # a Wan2.2 A14B teacher: the student is one transformer
+            index.update(transformer_2=[None, None], boundary_ratio=None)
         record = {
             "kind": "few_step",
             "num_outer_steps": steps,
@@ -167,7 +169,7 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path, forma
         raise ValueError(
             f"{weights}: a {method} run has no student folder form ({METHODS[method].__name__}.exports_student_folder)"
         )
-    model, method_config = student_from_run(weights, load_teacher(teacher))
+    model, method_config = student_from_run(weights, load_teacher(teacher, experts=None))
     if format == "pipeline":
         sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}
         return export_pipeline(model, path, teacher, sampling)

@@ -45,6 +45,7 @@ from tmd.programs.bench_measure import (
 )
 from tmd.programs.timing import peak_mib, time_round_robin
 from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.train.memory import stage2_memory_table
 from tmd.world.benchmark import format_table
 
 
@@ -80,14 +81,14 @@ def _scaling_latents(latent: tuple[int, ...], config: dict[str, Any], sizes: int
 def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
     """All tables as lists of row dicts, plus the settings they were measured with (``meta``)."""
     device = torch.device(settings.device)
-    if device.type == "cpu" and settings.model == "wan1.3b":
+    if device.type == "cpu" and settings.model in ("wan1.3b", "wan2.2-5b"):
         raise ValueError(
-            "wan1.3b is a GPU benchmark (three 1.3B-parameter copies for training, 32760 tokens per sample); "
+            f"{settings.model} is a GPU benchmark (three copies of the model for training, ~30k tokens per sample); "
             "pass --device cuda, or --model world on CPU"
         )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[settings.dtype]
     model = resolve_model(settings.model)
-    batch = settings.batch or (1 if model.name == "wan1.3b" else 4)
+    batch = settings.batch or (1 if model.name in ("wan1.3b", "wan2.2-5b") else 4)
     teacher = load_teacher(model.path or model.config, dtype=dtype, device=device)
     config = dict(teacher.config)
     blocks = teacher.num_blocks
@@ -275,8 +276,13 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] = lambda 
     for row in training:
         row["peak_mib"] = peak_mib(trainers[row["step"]], device)
 
+    # ---- what the shipped Wan stage-2 configs hold per process (built on the meta device, no weights)
+    progress("memory: shipped stage-2 configs at 8 and 16 processes")
+    memory = [] if settings.quick else stage2_memory_table()
+
     return {
         "meta": meta,
+        "memory": memory,
         "sampling": sampling,
         "components": components,
         "training": training,
@@ -304,6 +310,10 @@ def format_report(result: dict[str, Any]) -> str:
         ("Scaling with frames and resolution (teacher forward at batch B; TMD 2x4 sampler)", "scaling"),
         ("Softmax vs linear self-attention (LinVideo): one transformer block per pass, batch 1", "attention"),
         ("Fast path (teacher forward at batch B and the TMD 2x4 sampler; speed-up against the first row)", "fast_path"),
+        (
+            "Memory per process of the shipped TMD stage-2 configs (GiB, FSDP-sharded weights + AdamW; activations extra)",
+            "memory",
+        ),
     ]
     body = [f"{title}\n{format_table(result[key])}" for title, key in sections if result.get(key)]
     return "\n\n".join([header, *body, f"peak_mib: {meta['memory']}"])

@@ -18,6 +18,8 @@ from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.linear_attention import linearise, round_selection
 from tmd.models.split import TMDStudent
 from tmd.models.wan import (
+    WAN22_5B_CONFIG,
+    WAN22_5B_LATENT,
     WAN_1_3B_CONFIG,
     WAN_1_3B_LATENT,
     WAN_TEXT_LEN,
@@ -67,11 +69,15 @@ def world_model() -> BenchModel:
 
 
 def resolve_model(spec: str) -> BenchModel:
-    """``world``, ``wan1.3b``, or anything ``load_teacher`` takes (a diffusers folder, a config file, ``tiny``)."""
+    """``world``, ``wan1.3b``, ``wan2.2-5b``, or anything ``load_teacher`` takes (a diffusers folder, a config file, ``tiny``)."""
     if spec == "world":
         return world_model()
     if spec == "wan1.3b":
         return BenchModel("wan1.3b", dict(WAN_1_3B_CONFIG), WAN_1_3B_LATENT, WAN_TEXT_LEN, 5, "random (Wan2.1 1.3B architecture)")
+    if spec == "wan2.2-5b":
+        return BenchModel(
+            "wan2.2-5b", dict(WAN22_5B_CONFIG), WAN22_5B_LATENT, WAN_TEXT_LEN, 5, "random (Wan2.2 TI2V-5B architecture)"
+        )
     weights = f"loaded from {spec}" if Path(spec).is_dir() else "random"
     return BenchModel(spec, None, None, None, None, weights, path=spec)
 

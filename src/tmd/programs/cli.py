@@ -162,6 +162,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         attention=args.attention,
         compile=args.compile,
         scheduler=args.scheduler,
+        guidance_2=args.guidance_2,
+        image=args.image,
     )
     mean = sum(r["seconds"] for r in records) / len(records)
     nfe = records[0]["effective_nfe"]
@@ -186,6 +188,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: 50 for a teacher, 2 for a student)")
     p.add_argument("--inner-steps", type=int, help="TMD inner flow-head steps N (default 4; TMD students only)")
     p.add_argument("--guidance", type=float, help="teacher CFG scale (default 5; 1 = none; teachers only)")
+    p.add_argument("--guidance-2", type=float, help="Wan2.2 A14B: the low-noise expert's CFG scale (default: --guidance)")
+    p.add_argument("--image", help="first frame for Wan2.2 TI2V's image-to-video mode (not supported yet: refused)")
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's for a teacher, 10 for students)")
     p.add_argument("--negative-prompt", help="teacher CFG negative prompt (default: Wan's)")
     p.add_argument(

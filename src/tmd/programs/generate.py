@@ -23,7 +23,7 @@ from torch import nn
 from tmd import flow
 from tmd.files import WAN_FPS, check_output_dir, make_output_dir, save_safetensors, slug, write_mp4
 from tmd.models.fastpath import attention_kernel, compile_blocks
-from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
+from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config, refuse_image
 from tmd.models.split import TMDStudent
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
 from tmd.models.vae import decode_video, latent_shape, load_vae
@@ -69,6 +69,7 @@ def load_generation_model(
     pipeline: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    guidance_2: float | None = None,
 ) -> GenerationModel:
     path = Path(path)
     if not path.exists():
@@ -78,7 +79,11 @@ def load_generation_model(
     if is_few_step_pipeline(path):
         return GenerationModel("few_step", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
     if not is_student_folder(path):
-        return GenerationModel("teacher", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
+        # a Wan2.2 A14B teacher: both experts, the one not in use off the GPU
+        teacher = load_teacher(
+            path, dtype, device, experts=None, guidance_2=guidance_2, offload=torch.device(device).type != "cpu"
+        )
+        return GenerationModel("teacher", teacher, Path(pipeline or path))
     config = read_student_config(path)
     if pipeline is None:
         pipeline = config.get("teacher")
@@ -166,6 +171,8 @@ def generate(
     attention: str = "sdpa",
     compile: bool = False,
     scheduler: str = "pipeline",
+    guidance_2: float | None = None,
+    image: Any = None,
 ) -> list[dict[str, Any]]:
     """Generate one mp4 per prompt into ``out``; returns (and writes to ``generation.json``) one record each.
 
@@ -174,7 +181,10 @@ def generate(
     time split evenly), not model loading. ``attention`` picks the SDPA kernel and ``compile`` compiles the
     transformer blocks (``tmd.models.fastpath``; the first batch then includes compilation). ``scheduler``
     (teachers) is ``pipeline`` (the pipeline's own scheduler; Euler where it ships none) or ``euler``.
+    ``guidance_2`` is a Wan2.2 A14B teacher's low-noise CFG scale (diffusers' ``guidance_scale_2``); ``image``
+    (TI2V's image-to-video) is refused.
     """
+    refuse_image(image)
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
     world = load_world_model(model_path, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -202,7 +212,11 @@ def generate(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     out = check_output_dir(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = load_generation_model(model_path, pipeline, dtype, device)
+    loaded = load_generation_model(model_path, pipeline, dtype, device, guidance_2)
+    if guidance_2 is not None and not hasattr(loaded.model, "guidance_at"):
+        raise ValueError(
+            f"--guidance-2 is the low-noise expert's scale of a Wan2.2 A14B teacher; {model_path} has one transformer"
+        )
     if compile:
         compile_blocks(loaded.model)
     teacher = loaded.kind == "teacher"

@@ -17,8 +17,9 @@ from torch import nn
 
 from tmd.config import RunConfig, find_config, load_config
 from tmd.methods import get_method
+from tmd.models.experts import DualExpertTeacher
 from tmd.models.lora import add_lora
-from tmd.models.wan import WAN_1_3B_CONFIG, WAN_14B_CONFIG, WanTeacher, build_transformer
+from tmd.models.wan import WAN22_5B_CONFIG, WAN22_BOUNDARY, WAN_1_3B_CONFIG, WAN_14B_CONFIG, WanTeacher, build_transformer
 
 GIB = 1024**3
 TRAINABLE_BYTES = 16  # fp32 master weight + fp32 grad + two fp32 AdamW moments
@@ -59,11 +60,27 @@ def describe(estimate: dict[str, float]) -> str:
     )
 
 
+MODELS = {"wan1.3b": WAN_1_3B_CONFIG, "wan14b": WAN_14B_CONFIG, "wan2.2-5b": WAN22_5B_CONFIG, "wan2.2-a14b": WAN_14B_CONFIG}
+"""Architectures an estimate can be built for; ``wan2.2-a14b`` is two experts of the 14B shape."""
+STAGE2_CONFIGS = {
+    "wan1.3b": "wan1.3b_tmd_stage2.yaml",
+    "wan14b": "wan14b_tmd_stage2.yaml",
+    "wan2.2-5b": "wan2.2_ti2v5b_tmd_stage2.yaml",
+    "wan2.2-a14b": "wan2.2_a14b_tmd_stage2.yaml",
+}
+
+
 def model_config(name: str) -> dict[str, Any]:
-    configs = {"wan1.3b": WAN_1_3B_CONFIG, "wan14b": WAN_14B_CONFIG}
-    if name not in configs:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(configs)}")
-    return dict(configs[name])
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return dict(MODELS[name])
+
+
+def build_teacher(name: str) -> nn.Module:
+    """The teacher of ``name`` with random weights (on the current default device: meta for estimates)."""
+    if name == "wan2.2-a14b":
+        return DualExpertTeacher(*(WanTeacher(build_transformer(model_config(name))) for _ in range(2)), WAN22_BOUNDARY)
+    return WanTeacher(build_transformer(model_config(name)))
 
 
 def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (), world_size: int = 1) -> dict[str, float]:
@@ -83,17 +100,38 @@ def estimate_for_config(config: str | Path, model: str, overrides: list[str] = (
         placeholders.append("data.path=.")
     cfg = load_config(RunConfig, config, [*placeholders, *overrides])
     with torch.device("meta"):
-        teacher = WanTeacher(build_transformer(model_config(model)))
+        teacher = build_teacher(model)
         method = get_method(cfg.method_name).from_teacher(cfg.method, teacher, cfg.train.activation_checkpointing)
         if cfg.train.lora.enabled:
             add_lora(method.state_modules(), cfg.train.lora)
     return estimate_state_memory(method, teacher, world_size)
 
 
+def stage2_memory_table(
+    models: tuple[str, ...] = tuple(STAGE2_CONFIGS), processes: tuple[int, ...] = (8, 16)
+) -> list[dict[str, Any]]:
+    """Per-process GiB of the shipped TMD stage-2 config of each of ``models`` (weights and optimizer state,
+    FSDP-sharded; activations extra) at ``processes``: what ``tmd bench`` prints as its memory table."""
+    rows = []
+    for model in models:
+        config = STAGE2_CONFIGS[model]
+        whole = estimate_for_config(config, model)
+        for n in processes:
+            rows.append(
+                {
+                    "model": model,
+                    "config": config,
+                    "processes": n,
+                    **{f"{part}_gib": round(whole[part] / n, 2) for part in ("teacher", "trainable", "frozen", "ema", "total")},
+                }
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tmd.train.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="a run config, e.g. wan1.3b_tmd_stage2.yaml")
-    parser.add_argument("--model", required=True, help="wan1.3b or wan14b: the teacher's architecture")
+    parser.add_argument("--model", required=True, help=f"the teacher's architecture, one of {sorted(MODELS)}")
     parser.add_argument("--world-size", type=int, default=1, help="processes FSDP shards over")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lora.rank=64")
     args = parser.parse_args(argv)

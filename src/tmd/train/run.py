@@ -53,7 +53,9 @@ def teacher_and_data(
         return with_linear_attention(assets.teacher.to(device), cfg.data.linearised_teacher, copy_model=True), data
     if cfg.data_kind == "prepared":
         data = PreparedDataset(cfg.data.path, cfg.train.batch_size, cfg.train.seed)
-        teacher = load_teacher(cfg.data.teacher or data.index["model"], device=device)
+        # a Wan2.2 A14B teacher comes with both experts (tmd.models.experts); FSDP shards each
+        source, wan, guidance_2 = cfg.data.teacher or data.index["model"], cfg.data.wan, cfg.data.guidance_2
+        teacher = load_teacher(source, device=device, experts=None, family=wan, guidance_2=guidance_2)
         # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
         return with_linear_attention(teacher, cfg.data.linearised_teacher, copy_model=False), data
     raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
