@@ -39,6 +39,7 @@ from tmd.methods import register
 from tmd.methods.common import latent_shape, x0_of
 from tmd.methods.distribution_matching import DistributionMatching
 from tmd.methods.phased_dmd import OwnOptimizerConfig
+from tmd.models.fastpath import attention_kernel
 from tmd.rng import as_batch_random
 from tmd.sampling import guided_velocity
 
@@ -155,7 +156,9 @@ def scm_tangent(
             def f(x, time):
                 return wrapped_f(model, x, time, cond)
 
-            _, derivative = torch.func.jvp(f, (x_t.double(), t.double()), (v, torch.ones_like(t, dtype=torch.float64)))
+            # the unfused attention kernel: the fused SDPA kernels have no forward-mode derivative in torch
+            with attention_kernel("math"):
+                _, derivative = torch.func.jvp(f, (x_t, t), (v.to(x_t.dtype), torch.ones_like(t)))
             return weight * derivative
         up, down = (t + delta).clamp(max=1.0), (t - delta).clamp(min=0.0)
 
