@@ -197,6 +197,12 @@ def test_scm_loss_and_its_gradient():
     torch.testing.assert_close(m.student.a.grad.double(), expected, rtol=1e-5, atol=0)
 
 
+def test_scm_needs_data_latents():
+    data = {"cond": torch.randn(B, D), "neg_cond": torch.randn(B, D), "latent_shape": torch.tensor([D]).expand(B, 1)}
+    with pytest.raises(ValueError, match="lacks"):
+        method().training_step(data, 0, lambda *a, **k: None)
+
+
 # -- schedule, rollout, fake score -----------------------------------------------------------------
 
 
@@ -216,7 +222,7 @@ def test_update_schedule_and_rollout_lengths():
     student = ("generator", ["dmd", "scm"])
     fake = ("fake_score", [])
     assert calls == [("generator", ["scm"])] * 3 + [student] + [fake] * 4 + [student] + [fake] * 4 + [student]
-    # student updates before steps 3, 8, 13: 3, 4, 5; fake-score updates before each of its turns: 0..7
+    # the student updates at steps 3, 8, 13 are its 3rd, 4th, 5th (0-based); the fake score's 0th..7th between
     assert lengths == [(4, True), (1, False), (2, False), (3, False), (4, False), (1, True)] + [
         (k % 4 + 1, False) for k in range(4, 8)
     ] + [(2, True)]

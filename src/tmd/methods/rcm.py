@@ -233,14 +233,17 @@ class RCM(DistributionMatching):
         h = self.cfg.tangent_warmup
         return self.cfg.dmd_weight == 0 or step < h or (step - h) % self.cfg.generator_every == 0
 
-    def student_updates_before(self, step: int) -> int:
-        """The code's ``get_effective_iteration``: student updates before ``step``."""
+    def student_update_index(self, step: int) -> int:
+        """The code's ``get_effective_iteration``: the 0-based index of the student update at ``step``, or on a
+        fake-score iteration of the latest one."""
         h = self.cfg.tangent_warmup
         return step if self.cfg.dmd_weight == 0 or step < h else h + (step - h) // self.cfg.generator_every
 
     # -- losses ----------------------------------------------------------------------------------
 
     def scm_loss(self, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
+        if "x" not in batch:
+            raise ValueError("rcm's sCM term noises data latents 'x', which this batch lacks (set scm_weight=0 for DMD alone)")
         cfg, x, cond = self.cfg, batch["x"], batch["cond"]
         t = torch.sigmoid(self.rng.randn((x.shape[0],), x.device) * cfg.logit_std + cfg.logit_mean)
         x_t = flow.interpolate(x, self._randn(x.shape, x.device), t)
@@ -285,7 +288,7 @@ class RCM(DistributionMatching):
         cfg, cond = self.cfg, batch["cond"]
         shape, dmd_on = latent_shape(batch), step >= cfg.tangent_warmup and cfg.dmd_weight > 0
         if not self.student_turn(step):
-            critic_updates = step - self.student_updates_before(step) - 1
+            critic_updates = step - self.student_update_index(step) - 1
             with torch.no_grad():
                 x_fake = self.rollout(cond, shape, critic_updates % cfg.max_rollout_steps + 1, gradients=False)
             return self.critic_losses(x_fake, batch, update)
@@ -293,7 +296,7 @@ class RCM(DistributionMatching):
         if cfg.scm_weight > 0:
             terms["scm"], metrics = self.scm_loss(batch, step)
         if dmd_on:
-            steps = self.student_updates_before(step) % cfg.max_rollout_steps + 1
+            steps = self.student_update_index(step) % cfg.max_rollout_steps + 1
             x_hat = self.rollout(cond, shape, steps, gradients=True)
             # DMD2's loss at t ~ p_D (no GAN): half the code's squared error, hence the 2
             terms["dmd"] = 2 * cfg.dmd_weight * self.generator_loss(x_hat, batch)[0]
