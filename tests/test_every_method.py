@@ -11,7 +11,12 @@ from tmd.models.wan import load_teacher
 from tmd.programs.cli import main
 
 SPLIT = {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2}
-METHOD_SETTINGS = {"tm": SPLIT, "tmd": {**SPLIT, "generator_every": 2}, "dmd2": {"generator_every": 2}}
+METHOD_SETTINGS = {
+    "tm": SPLIT,
+    "tmd": {**SPLIT, "generator_every": 2},
+    "dmd2": {"generator_every": 2},
+    "rcm": {"tangent_warmup": 0},
+}
 """What a method needs beyond its defaults on the tiny world (a head of one block; a generator turn in 2 steps)."""
 
 
