@@ -217,3 +217,13 @@ def test_stock_anyflow_pipeline_runs_the_exported_student(tmp_path, pipeline):  
     assert main(generate_args(tmp_path / "anyflow", tmp_path / "videos", "--steps", "4")) == 0
     manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
     assert manifest["settings"]["kind"] == "anyflow" and manifest["settings"]["shift"] == 5.0
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_shipped_wan_configs_load(stage, tmp_path):
+    from tmd.config import RunConfig, load_config
+
+    overrides = [f"data.path={tmp_path}"] + (["method.init_from=null"] if stage == 2 else [])
+    cfg = load_config(RunConfig, f"wan1.3b_anyflow_stage{stage}.yaml", overrides)
+    assert cfg.method_name == "anyflow" and cfg.method.stage == ("flowmap", "onpolicy")[stage - 1]
+    assert cfg.train.lora.rank == 256 and cfg.train.lr == (5e-5, 2e-6)[stage - 1]
