@@ -9,6 +9,7 @@ import torch
 from closed_form import TEACHER, WORLD, distance, fit_teacher_copy, train
 from diffusers import AnyFlowPipeline, FlowMapEulerDiscreteScheduler
 from mog import MLPVelocity
+from safetensors.torch import load_file, save_file
 from test_generate import FRAMES, HEIGHT, WIDTH, generate_args, perturbed, pipeline  # noqa: F401  (fixture)
 from torch import nn
 
@@ -214,6 +215,14 @@ def test_stock_anyflow_pipeline_runs_the_exported_student(tmp_path, pipeline):  
         ours = AnyFlow.sample(student, noise, cond, 2)
     assert stock.shape == ours.shape
     torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
+    # a run's weights through `tmd export --format pipeline` make the same folder
+    config = {"stage": "onpolicy", "gate_value": 0.25, "deltatime_type": "r", "outer_shift": 5.0}
+    metadata = {"method": "anyflow", "method_config": json.dumps(config)}
+    save_file(student.state_dict(), tmp_path / "student.safetensors", metadata=metadata)
+    export = ["export", "--run", str(tmp_path / "student.safetensors"), "--teacher", str(pipeline), "--format", "pipeline"]
+    assert main([*export, "--out", str(tmp_path / "cli")]) == 0
+    exported = AnyFlowPipeline.from_pretrained(tmp_path / "cli").transformer.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in student.transformer.state_dict().items())
     assert main(generate_args(tmp_path / "anyflow", tmp_path / "videos", "--steps", "4")) == 0
     manifest = json.loads((tmp_path / "videos" / "generation.json").read_text())
     assert manifest["settings"]["kind"] == "anyflow" and manifest["settings"]["shift"] == 5.0
@@ -227,3 +236,24 @@ def test_shipped_wan_configs_load(stage, tmp_path):
     cfg = load_config(RunConfig, f"wan1.3b_anyflow_stage{stage}.yaml", overrides)
     assert cfg.method_name == "anyflow" and cfg.method.stage == ("flowmap", "onpolicy")[stage - 1]
     assert cfg.train.lora.rank == 256 and cfg.train.lr == (5e-5, 2e-6)[stage - 1]
+
+
+def test_two_stages_on_the_world_then_generate_from_the_run_and_its_export(tmp_path, tiny_assets):
+    """Stage 1, stage 2 from its export, then ``tmd generate`` at 4 steps from the run and from its student folder:
+    the same latents, the flow-map sampler's."""
+    from test_every_method import train as train_method
+
+    stage1 = train_method(tmp_path / "stage1", "anyflow", tiny_assets)
+    stage2 = train_method(tmp_path, "anyflow", tiny_assets, stage="onpolicy", init_from=str(stage1), rollout_steps=[2, 4])
+    common = ["--prompt", "a red circle moving right", "--steps", "4", "--save-latents"]
+    assert main(["generate", "--model", str(stage2), *common, "--out", str(tmp_path / "from_run")]) == 0
+    manifest = json.loads((tmp_path / "from_run" / "generation.json").read_text())
+    assert manifest["settings"]["kind"] == "anyflow" and manifest["videos"][0]["effective_nfe"] == 4
+    teacher = tiny_assets / "teacher"
+    assert main(["export", "--run", str(stage2), "--teacher", str(teacher), "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["kind"] == "anyflow"
+    assert main(["generate", "--model", str(tmp_path / "export"), *common, "--out", str(tmp_path / "from_export")]) == 0
+    name = manifest["videos"][0]["file"].replace(".mp4", ".safetensors")
+    torch.testing.assert_close(
+        load_file(tmp_path / "from_export" / name)["latents"], load_file(tmp_path / "from_run" / name)["latents"]
+    )
