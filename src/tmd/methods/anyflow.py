@@ -119,6 +119,15 @@ def beta_weight(t: Tensor, shift: float) -> Tensor:
     return t * (1 - t).clamp_min(0).sqrt() / norm
 
 
+def global_mean(values: Tensor, mask: Tensor) -> Tensor | None:
+    """The mean of ``values[mask]`` over the global batch (summed over the data-parallel processes, so that K
+    processes compute what one does); None where no sample has ``mask``. Every process must call it."""
+    stats = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats[0] / stats[1] if float(stats[1]) > 0 else None  # a host sync, once per loss
+
+
 @register("anyflow")
 class AnyFlow(DistributionMatching):
     Config = AnyFlowConfig
@@ -190,10 +199,10 @@ class AnyFlow(DistributionMatching):
             pred = (pred - (1 - w) * u_neg) / w
         target = self.flowmap_target(x_t, v, t, r, cond)
         loss = (pred - target).pow(2).flatten(1).mean(1) * beta_weight(t, cfg.time_shift)
-        if r_is_t.any() and not r_is_t.all():
-            # the r != t samples' losses brought to the mean r = t loss (the code's scale_weight)
-            scale = loss[r_is_t].mean().detach() / (loss.detach() + 1e-5)
-            loss = torch.where(r_is_t, loss, loss * scale)
+        # the r != t samples' losses brought to the global batch's mean r = t loss (the code's scale_weight)
+        diffusion_mean = global_mean(loss.detach(), r_is_t)
+        if diffusion_mean is not None:
+            loss = torch.where(r_is_t, loss, loss * diffusion_mean / (loss.detach() + 1e-5))
         return loss.mean(), {"mean_flow_share": float((~r_is_t).float().mean())}
 
     # -- stage 2: on-policy DMD on flow-map backward simulation --------------------------------------
