@@ -273,3 +273,15 @@ def test_two_stages_on_the_world_then_generate_from_the_run_and_its_export(tmp_p
     torch.testing.assert_close(
         load_file(tmp_path / "from_export" / name)["latents"], load_file(tmp_path / "from_run" / name)["latents"]
     )
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_teacher, tiny_inputs):
+    x, cond, _ = tiny_inputs
+    grads = []
+    for enabled in (False, True):
+        student = AnyFlowStudent.from_teacher(tiny_teacher).requires_grad_(True)
+        student.activation_checkpointing = enabled
+        assert student.transformer.gradient_checkpointing == enabled
+        student.mean_velocity(x, 0.8, 0.3, cond).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])

@@ -15,10 +15,20 @@ from typing import Any
 
 import torch
 from diffusers import AnyFlowTransformer3DModel
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tmd.files import check_safetensors_folder
-from tmd.models.wan import TIMESTEP_SCALE, WanModule, WanTeacher, as_time, cast_transformer, check_inputs
+from tmd.models.wan import (
+    TIMESTEP_SCALE,
+    WanModule,
+    WanTeacher,
+    as_time,
+    cast_floating,
+    cast_transformer,
+    check_inputs,
+    checkpoint_input_dtype,
+)
 
 DELTATIME_TYPES = ("r", "t-r")
 WAN_ONLY_KEYS = ("qk_norm", "added_kv_proj_dim", "pos_embed_seq_len")
@@ -39,6 +49,12 @@ def anyflow_config(teacher_config: Any, gate_value: float, deltatime_type: str) 
         )
     config = {k: v for k, v in config.items() if k not in WAN_ONLY_KEYS}
     return {**config, "gate_value": gate_value, "deltatime_type": deltatime_type}
+
+
+def checkpointed_block(block: nn.Module, *inputs: Any) -> Tensor:
+    """diffusers' checkpointing of one block with the inputs first cast to the dtype FSDP2 computes the block in,
+    as ``tmd.models.wan.run_blocks`` does (FSDP2 before torch 2.13 skipped that cast on recompute)."""
+    return checkpoint(block, *cast_floating(inputs, checkpoint_input_dtype(block)), use_reentrant=False)
 
 
 class AnyFlowStudent(WanModule):
@@ -88,7 +104,7 @@ class AnyFlowStudent(WanModule):
     @activation_checkpointing.setter
     def activation_checkpointing(self, enabled: bool) -> None:
         if enabled:
-            self.transformer.enable_gradient_checkpointing()
+            self.transformer.enable_gradient_checkpointing(checkpointed_block)
         else:
             self.transformer.disable_gradient_checkpointing()
 
