@@ -71,9 +71,11 @@ def test_demo_writes_the_report(tiny_assets, tmp_path, monkeypatch, methods):
             "meanflow",
             "linvideo",
             "rcm",
+            "anyflow",
         }
         assert ("phased_dmd", 2, None) in samplers and ("meanflow", 1, None) in samplers and ("linvideo", 8, None) in samplers
         assert {("rcm", 1, None), ("rcm", 2, None), ("rcm", 4, None)} <= samplers
+        assert {("anyflow", steps, None) for steps in (1, 2, 4)} <= samplers  # one AnyFlow student at three step counts
         # TMD-N2 at M = 2 of the linearised teacher, after its own two stages
         assert ("linvideo_tmd", 2, 2) in samplers
         assert {"linvideo", "linvideo_tmd_stage1", "linvideo_tmd_stage2"} <= set(report["timings_s"])

@@ -14,7 +14,19 @@ from tmd.config import register_method_config
 METHODS: dict[str, type] = {}
 """Method name -> method class (its ``Config`` attribute is the dataclass of its options)."""
 
-_BUILTIN = ("flow_matching", "tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo", "rcm")
+_BUILTIN = (
+    "flow_matching",
+    "tmd",
+    "dmd2",
+    "decoupled_dmd",
+    "phased_dmd",
+    "tdm",
+    "mdt_dist",
+    "meanflow",
+    "linvideo",
+    "rcm",
+    "anyflow",
+)
 
 
 def register(name: str):

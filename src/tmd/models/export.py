@@ -12,8 +12,10 @@ from torch import Tensor, nn
 
 from tmd import flow
 from tmd.files import check_safetensors, make_output_dir, save_safetensors, share_like_other_files
+from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.experts import student_expert
 from tmd.models.folder import (
+    ANYFLOW_KEYS,
     CONFIG_FILE,
     PARTS_FILE,
     SPLIT_DEFAULTS_OF_OLD_EXPORTS,
@@ -42,8 +44,12 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
         }
     elif isinstance(student, WanTeacher):
         config = {"kind": "few_step"}
+    elif isinstance(student, AnyFlowStudent):
+        config = {"kind": "anyflow"}
     else:
-        raise TypeError(f"can export a TMDStudent or a WanTeacher-style few-step generator, got {type(student).__name__}")
+        raise TypeError(
+            f"can export a TMDStudent, an AnyFlowStudent or a WanTeacher-style few-step generator, got {type(student).__name__}"
+        )
     make_output_dir(path)
     student.transformer.save_pretrained(path / TRANSFORMER_DIR, safe_serialization=True)
     share_like_other_files(path / TRANSFORMER_DIR)
@@ -87,8 +93,8 @@ def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeach
     """The generator a run trained, rebuilt around ``teacher`` (consumed: it becomes the student) with the
     run's weights, and the run's method config.
 
-    The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student; any
-    other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
+    The run's metadata decides the kind: a method config with ``head_blocks`` made a TMD student, one with
+    AnyFlow's ``gate_value`` and ``deltatime_type`` an AnyFlow student; any other generator must be a plain Wan transformer of the teacher's shape (a few-step generator).
     """
     metadata = run_metadata(weights)
     method_config = json.loads(metadata["method_config"])
@@ -97,7 +103,13 @@ def student_from_run(weights: str | Path, teacher: WanTeacher) -> tuple[WanTeach
         split = {**SPLIT_DEFAULTS_OF_OLD_EXPORTS, **split}
     # a Wan2.2 A14B teacher: the student was cut from the expert of its outer times (tmd.models.experts)
     teacher = student_expert(teacher, method_config.get("outer_steps", 2), method_config.get("outer_shift", flow.OUTER_SHIFT))
-    model = TMDStudent.from_teacher(teacher, **split) if "head_blocks" in split else teacher
+    if "head_blocks" in split:
+        model = TMDStudent.from_teacher(teacher, **split)
+    elif all(key in method_config for key in ANYFLOW_KEYS):
+        split = {key: method_config[key] for key in ANYFLOW_KEYS}
+        model = AnyFlowStudent.from_teacher(teacher, **split)
+    else:
+        model = teacher
     try:
         load_student_weights(model, str(weights), split)
     except ValueError as e:

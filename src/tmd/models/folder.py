@@ -4,7 +4,8 @@ A TMD student folder holds ``config.json`` (kind ``"tmd_student"``, the split, t
 and the teacher it came from), ``transformer/`` (backbone + head, written by diffusers'
 ``save_pretrained`` so the keys are the teacher's diffusers names and any Wan tool can read them) and
 ``tmd_parts.safetensors`` (the parameters TMD adds). A plain few-step generator (DMD2, ...) is a
-Wan transformer, so its folder is ``config.json`` (kind ``"few_step"``) plus ``transformer/``.
+Wan transformer, so its folder is ``config.json`` (kind ``"few_step"``) plus ``transformer/``; an AnyFlow
+student's is the same with kind ``"anyflow"`` and diffusers' ``AnyFlowTransformer3DModel`` in ``transformer/``.
 ``tmd.models.export`` writes them; ``TMDStudent.from_pretrained`` and ``tmd generate`` read them.
 """
 
@@ -22,11 +23,13 @@ TRANSFORMER_DIR = "transformer"
 PARTS_FILE = "tmd_parts.safetensors"
 TMD_PARTS = ("inner_block", "fusion", "gap_embedder")
 """The TMDStudent submodules that are not part of the teacher's transformer."""
-STUDENT_KINDS = ("tmd_student", "few_step")
+STUDENT_KINDS = ("tmd_student", "few_step", "anyflow")
 STUDENT_SPLIT_KEYS = ("head_blocks", "fusion", "inner_velocity", "transition_target")
 """TMD student settings a run's method config records and a student must be rebuilt with."""
 SPLIT_DEFAULTS_OF_OLD_EXPORTS = {"inner_velocity": "implied", "transition_target": "difference"}
 """What runs and folders written before a setting was recorded were trained with."""
+ANYFLOW_KEYS = ("gate_value", "deltatime_type")
+"""An AnyFlow student's settings that a run's method config records (``tmd.models.anyflow``)."""
 
 
 def read_student_config(path: str | Path) -> dict[str, Any]:

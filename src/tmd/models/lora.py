@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from diffusers import WanTransformer3DModel
+from diffusers import AnyFlowTransformer3DModel, WanTransformer3DModel
 from torch import Tensor, nn
 
 from tmd.config import ConfigError, LoRAConfig
@@ -49,7 +49,7 @@ def add_lora(modules: Mapping[str, nn.Module], cfg: LoRAConfig) -> int:
         )
     adapted: set[int] = set()
     for name in names:
-        transformers = [m for m in modules[name].modules() if isinstance(m, WanTransformer3DModel)]
+        transformers = [m for m in modules[name].modules() if isinstance(m, (WanTransformer3DModel, AnyFlowTransformer3DModel))]
         if not transformers:
             raise ConfigError(f"train.lora.modules: {name!r} holds no Wan transformer, and LoRA adapts Wan's linears")
         for transformer in transformers:

@@ -1,4 +1,6 @@
-"""Students as diffusers pipeline folders: ``TMDPipeline`` for TMD students, stock ``WanPipeline`` for DMD2-v.
+"""Students as diffusers pipeline folders: ``TMDPipeline`` for TMD students, stock ``WanPipeline`` for DMD2-v,
+stock ``AnyFlowPipeline`` for AnyFlow (its transformer is diffusers' own class; ``FlowMapEulerDiscreteScheduler``
+with AnyFlow's shift gives our sampler's grid exactly).
 
 A plain few-step student (DMD2-v) samples with Eq. 18's deterministic step, which is the Euler step
 ``x - (t - t') v``: exactly what ``FlowMatchEulerDiscreteScheduler.step`` does. What needs care is the
@@ -28,11 +30,12 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMapEulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from tmd import flow
 from tmd.files import check_output_dir
 from tmd.methods import METHODS
+from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.export import export_student, run_metadata, student_from_run
 from tmd.models.split import TMDStudent
 from tmd.models.wan import WanTeacher, load_teacher
@@ -76,7 +79,7 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (a ``TMDStudent`` or a few-step ``WanTeacher``) as a diffusers pipeline folder.
+    """Write ``model`` (a ``TMDStudent``, an ``AnyFlowStudent`` or a few-step ``WanTeacher``) as a diffusers pipeline folder.
 
     ``teacher`` is the diffusers Wan pipeline root it was distilled from. ``sampling`` holds the run's
     ``num_outer_steps`` (both kinds), ``num_inner_steps``, ``outer_shift`` and ``inner_shift`` (TMD):
@@ -94,14 +97,18 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
     missing = [name for name in SHARED_COMPONENTS if name not in teacher_index or not (teacher / name).is_dir()]
     if missing:
         raise FileNotFoundError(f"the teacher pipeline {teacher} lacks {missing}")
-    if not isinstance(model, (TMDStudent, WanTeacher)):
-        raise TypeError(f"can export a TMDStudent or a WanTeacher-style few-step generator, got {type(model).__name__}")
+    if not isinstance(model, (TMDStudent, WanTeacher, AnyFlowStudent)):
+        raise TypeError(
+            f"can export a TMDStudent, an AnyFlowStudent or a WanTeacher-style few-step generator, got {type(model).__name__}"
+        )
 
     path.mkdir(parents=True, exist_ok=True)
     for name in SHARED_COMPONENTS:
         shutil.copytree(teacher / name, path / name, copy_function=_link_or_copy, dirs_exist_ok=True)
     model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
     shared = {name: teacher_index[name] for name in SHARED_COMPONENTS}
+    if isinstance(model, AnyFlowStudent):
+        return _anyflow_index(path, shared, sampling.get("outer_shift", ANYFLOW_SHIFT))
     transformer = ["diffusers", "WanTransformer3DModel"]
     if isinstance(model, TMDStudent):
         TMDParts.from_student(model, **sampling).save_pretrained(path / "tmd_parts")
@@ -137,6 +144,29 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
         (path / FEW_STEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return path
+
+
+ANYFLOW_SHIFT = 5.0
+"""The time shift of AnyFlow's sampler (``tmd.methods.anyflow``) unless the run's ``outer_shift`` says otherwise."""
+
+
+def _anyflow_index(path: Path, shared: dict[str, Any], shift: float) -> Path:
+    """The rest of an ``AnyFlowPipeline`` folder: its scheduler and ``model_index.json``."""
+    FlowMapEulerDiscreteScheduler(shift=shift).save_pretrained(path / "scheduler")
+    index = {
+        "_class_name": "AnyFlowPipeline",
+        "_diffusers_version": diffusers.__version__,
+        **shared,
+        "transformer": ["diffusers", "AnyFlowTransformer3DModel"],
+        "scheduler": ["diffusers", "FlowMapEulerDiscreteScheduler"],
+    }
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return path
+
+
+def is_anyflow_pipeline(path: str | Path) -> bool:
+    index = Path(path) / INDEX_FILE
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "AnyFlowPipeline"
 
 
 def is_few_step_pipeline(path: str | Path) -> bool:

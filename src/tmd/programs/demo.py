@@ -66,7 +66,7 @@ PRESETS = {
 
 METHOD_SETS = {
     "default": ("tmd", "dmd2"),
-    "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo", "rcm"),
+    "all": ("tmd", "dmd2", "decoupled_dmd", "phased_dmd", "tdm", "mdt_dist", "meanflow", "linvideo", "rcm", "anyflow"),
 }
 TMD_STUDENTS = ((1, 2), (1, 4), (2, 2), (2, 4))
 """(M, N) of the TMD students: TMD-N2 and TMD-N4 at one and two outer steps, as the paper's Table 1."""
@@ -165,6 +165,8 @@ class Demo:
             cfg["phase_steps"] = p.stage2_steps // 2
         if method == "rcm":  # sCM alone for the paper's first 10% of iterations
             cfg["tangent_warmup"] = p.stage2_steps // 10
+        if method == "anyflow":  # one stage: on-policy DMD from the teacher, the flow-map loss co-trained
+            cfg.update(stage="onpolicy", fuse_guidance=self.guidance)
         if method == "linvideo":
             # the paper's share of linear layers (the method's default); selective transfer takes the first half of the budget
             cfg.update(shift=self.shift, trajectory_steps=8, selection_steps=p.stage2_steps // 2)

@@ -22,13 +22,15 @@ from torch import nn
 
 from tmd import flow
 from tmd.files import WAN_FPS, check_output_dir, make_output_dir, save_safetensors, slug, write_mp4
+from tmd.methods.anyflow import AnyFlow
+from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config, refuse_image
 from tmd.models.split import TMDStudent
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
 from tmd.models.vae import decode_video, latent_shape, load_vae
 from tmd.models.wan import load_teacher
-from tmd.pipelines.export import is_few_step_pipeline, is_tmd_pipeline
+from tmd.pipelines.export import ANYFLOW_SHIFT, is_anyflow_pipeline, is_few_step_pipeline, is_tmd_pipeline
 from tmd.pipelines.tmd_pipeline import load_student
 from tmd.pipelines.videos import (
     DEFAULT_INNER_STEPS,
@@ -50,7 +52,7 @@ DEFAULT_SHIFT = 5.0
 
 @dataclass
 class GenerationModel:
-    kind: str  # "teacher", "tmd_student" or "few_step"
+    kind: str  # "teacher", "tmd_student", "few_step" or "anyflow"
     model: nn.Module
     pipeline: Path
     """The pipeline root the text encoder and VAE are loaded from."""
@@ -78,6 +80,8 @@ def load_generation_model(
         return GenerationModel("tmd_student", load_student(path, dtype, device), Path(pipeline or path))
     if is_few_step_pipeline(path):
         return GenerationModel("few_step", load_teacher(path, dtype=dtype, device=device), Path(pipeline or path))
+    if is_anyflow_pipeline(path):
+        return GenerationModel("anyflow", AnyFlowStudent.from_pretrained(path, dtype, device), Path(pipeline or path))
     if not is_student_folder(path):
         # a Wan2.2 A14B teacher: both experts, the one not in use off the GPU
         teacher = load_teacher(
@@ -96,6 +100,8 @@ def load_generation_model(
             )
     if config["kind"] == "tmd_student":
         model = TMDStudent.from_pretrained(path, dtype=dtype, device=device)
+    elif config["kind"] == "anyflow":
+        model = AnyFlowStudent.from_pretrained(path, dtype, device)
     else:
         model = load_teacher(path / TRANSFORMER_DIR, dtype=dtype, device=device)
     return GenerationModel(config["kind"], model, Path(pipeline))
@@ -229,7 +235,8 @@ def generate(
     inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
     guidance = (DEFAULT_GUIDANCE if guidance is None else guidance) if teacher else None
     sampler = load_scheduler(loaded.pipeline, shift) if teacher and scheduler == "pipeline" else None
-    shift = shift if shift is not None else (teacher_shift(loaded.pipeline) if teacher else flow.OUTER_SHIFT)
+    if shift is None:
+        shift = teacher_shift(loaded.pipeline) if teacher else (ANYFLOW_SHIFT if loaded.kind == "anyflow" else flow.OUTER_SHIFT)
     nfe = loaded.effective_nfe(steps, inner_steps, guidance)
 
     vae = load_vae(loaded.pipeline, device)
@@ -259,6 +266,8 @@ def generate(
                 inner_noise = torch.Generator(device).manual_seed(seeds[0])
                 if loaded.kind == "tmd_student":
                     latents = sample_tmd(loaded.model, noise, cond, steps, inner_steps, inner_noise, outer_shift=shift)
+                elif loaded.kind == "anyflow":
+                    latents = AnyFlow.sample(loaded.model, noise, cond, steps, outer_shift=shift)
                 else:
                     latents = sample_few_step(loaded.model, noise, cond, steps, inner_noise, shift=shift)
         videos = torch.cat([decode_video(vae, latents[i : i + 1]) for i in range(len(batch))])

@@ -21,7 +21,9 @@ from torch import nn
 
 from tmd import flow
 from tmd.files import slug, write_mp4
+from tmd.methods.anyflow import AnyFlow
 from tmd.methods.linvideo import load_linearised
+from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.export import run_metadata, student_from_run
 from tmd.models.fastpath import attention_kernel
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
@@ -40,7 +42,7 @@ GIF_FRAME_SECONDS = 0.25
 
 @dataclass
 class WorldModel:
-    kind: str  # "teacher", "tmd_student" or "few_step"
+    kind: str  # "teacher", "tmd_student", "few_step" or "anyflow"
     model: nn.Module
     assets: Any  # tmd.world.data.WorldAssets
     source: Path
@@ -79,8 +81,11 @@ def _from_teacher_folder(path: Path, device: torch.device) -> WorldModel:
 
 def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
     assets = _assets(_world_assets_of(teacher), device)
-    if read_student_config(path)["kind"] == "tmd_student":
+    kind = read_student_config(path)["kind"]
+    if kind == "tmd_student":
         return WorldModel("tmd_student", TMDStudent.from_pretrained(path, device=device), assets, path)
+    if kind == "anyflow":
+        return WorldModel("anyflow", AnyFlowStudent.from_pretrained(path, device=device), assets, path)
     return WorldModel("few_step", load_teacher(path / TRANSFORMER_DIR, device=device), assets, path)
 
 
@@ -102,7 +107,7 @@ def _from_run(path: Path, device: torch.device) -> WorldModel:
         return WorldModel("teacher", load_linearised(assets.teacher, path, copy_model=True), assets, path)
     teacher = with_linear_attention(copy.deepcopy(assets.teacher), data.get("linearised_teacher"), copy_model=False)
     model, _ = student_from_run(path, teacher)
-    kind = "tmd_student" if isinstance(model, TMDStudent) else "few_step"
+    kind = "tmd_student" if isinstance(model, TMDStudent) else "anyflow" if isinstance(model, AnyFlowStudent) else "few_step"
     return WorldModel(kind, model.to(device).eval(), assets, path)
 
 
@@ -147,7 +152,8 @@ def generate_world(
     steps = steps if steps is not None else (DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS)
     inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
     guidance = (assets.guidance if guidance is None else guidance) if teacher else None
-    shift = shift if shift is not None else (assets.shift if teacher else flow.OUTER_SHIFT)
+    if shift is None:
+        shift = assets.shift if teacher else (AnyFlow.Config.outer_shift if kind == "anyflow" else flow.OUTER_SHIFT)
     if teacher:
         nfe = flow.teacher_effective_nfe(steps, guidance)
     elif kind == "tmd_student":
@@ -175,6 +181,8 @@ def generate_world(
                 latents = sample_tmd(
                     model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift
                 )
+            elif kind == "anyflow":
+                latents = AnyFlow.sample(model, noise, cond, steps, outer_shift=shift)
             else:
                 latents = sample_few_step(model, noise, cond, steps, shift=shift)
         videos = assets.decode(latents).cpu()
