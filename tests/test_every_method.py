@@ -2,13 +2,19 @@
 method is covered by being registered."""
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from tmd.methods import METHODS, get_method
 from tmd.methods.base import Method
 from tmd.methods.linvideo import load_linearised
+from tmd.methods.meanflow import sample_mean_flow
+from tmd.methods.rcm import RCM
 from tmd.models.wan import load_teacher
 from tmd.programs.cli import main
+from tmd.sampling import sample_few_step
+from tmd.world.generate import load_world_model
 
 SPLIT = {"head_blocks": 1, "outer_steps": 2, "inner_steps": 2}
 METHOD_SETTINGS = {
@@ -57,3 +63,34 @@ def test_every_method_trains_through_tmd_train_and_exports(tmp_path, tiny_assets
         assert load_linearised(load_teacher(tiny_assets / "teacher"), weights) is not None
     outer, inner = cls.run_steps(cls.Config(**METHOD_SETTINGS.get(name, {})))
     assert outer >= 1 and (inner is not None) == cls.samples_with_inner_steps
+
+
+PROMPT = "a red circle moving right"
+
+
+@pytest.mark.parametrize("name", ["rcm", "meanflow"])
+def test_tmd_generate_samples_a_few_step_run_as_its_method_does(tmp_path, tiny_assets, name, capsys):
+    """rCM draws fresh noise on its own times and MeanFlow jumps as a flow map; sampled with DMD2-v's Eq. 18 steps
+    instead (what `tmd generate` did before runs and student folders recorded their method) they would differ."""
+    weights = train(tmp_path, name, tiny_assets)
+    videos = tmp_path / "videos"
+    args = ["generate", "--model", str(weights), "--prompt", PROMPT, "--steps", "2", "--save-latents", "--out", str(videos)]
+    assert main(args) == 0
+    generated = load_file(str(next(videos.glob("*.safetensors"))))["latents"]
+
+    world = load_world_model(weights, torch.device("cpu"))
+    noise = torch.randn(1, *world.assets.latent_shape(), generator=torch.Generator().manual_seed(0))
+    cond, _ = world.assets.encode_prompts([PROMPT])
+    config = get_method(name).Config(**world.method["config"])
+    with torch.no_grad():
+        if name == "rcm":
+            rng = torch.Generator().manual_seed(0)
+            expected = RCM.sample(world.model, noise, cond, 2, rng, config.sigma_max, tuple(config.sample_times))
+            assert (sample_few_step(world.model, noise, cond, 2) - expected).abs().max() > 1e-2  # Eq. 18 differs
+        else:
+            expected = sample_mean_flow(world.model, noise, cond, 2, config.outer_shift)
+    torch.testing.assert_close(generated, expected[0], rtol=0, atol=1e-6)
+    if name == "rcm":  # a stock WanPipeline's Euler steps are not rCM's: its pipeline export is refused in one line
+        export = ["export", "--run", str(weights), "--teacher", str(tiny_assets / "teacher"), "--format", "pipeline"]
+        assert main([*export, "--out", str(tmp_path / "pipe")]) == 2
+        assert "samples with fresh noise at each step" in capsys.readouterr().err

@@ -110,6 +110,12 @@ class Method(nn.Module, ABC):
         return sample_few_step(generator_module, noise, cond, steps, rng, outer_shift)
 
     @classmethod
+    def runs_in_stock_pipeline(cls, cfg: Any) -> bool:
+        """Whether a stock ``WanPipeline`` whose Euler scheduler steps the outer grid samples this method's few-step
+        generator as :meth:`sample` does (``tmd export --format pipeline`` refuses it otherwise)."""
+        return True
+
+    @classmethod
     def sampler(
         cls, cfg: Any, module: nn.Module, outer: int, inner: int | None, seed: int, guidance: float, shift: float
     ) -> SampleFn:

@@ -121,6 +121,10 @@ class DistributionMatching(Method):
         return sample_few_step(generator_module, noise, cond, steps, rng, outer_shift, multistep)
 
     @classmethod
+    def runs_in_stock_pipeline(cls, cfg) -> bool:
+        return cfg.multistep == "deterministic"  # an Euler step is Eq. 18; DMD2's re-noising draws fresh noise
+
+    @classmethod
     def sampler(cls, cfg, module, outer, inner, seed, guidance, shift) -> SampleFn:
         cls.check_steps(outer, inner)
         return lambda noise, cond, neg: cls.sample(

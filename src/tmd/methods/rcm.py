@@ -220,6 +220,10 @@ class RCM(DistributionMatching):
         return x
 
     @classmethod
+    def runs_in_stock_pipeline(cls, cfg) -> bool:
+        return False  # fresh noise at every step, on rCM's own times
+
+    @classmethod
     def sampler(cls, cfg, module, outer, inner, seed, guidance, shift):
         cls.check_steps(outer, inner)
         return lambda noise, cond, neg: cls.sample(

@@ -27,11 +27,16 @@ from tmd.models.split import TMDStudent
 from tmd.models.wan import WanTeacher
 
 
-def export_student(student, path: str | Path, teacher_source: str | Path | None = None) -> Path:
+def export_student(
+    student, path: str | Path, teacher_source: str | Path | None = None, method: dict[str, Any] | None = None
+) -> Path:
     """Write ``student`` (a ``TMDStudent`` or a few-step ``WanTeacher``) as a student folder at ``path``.
 
     ``teacher_source`` (the teacher's diffusers pipeline root) is recorded, as an absolute path so that
     generation from any working directory can find the text encoder and VAE the student was distilled with.
+    ``method`` (``{"name": ..., "config": {...}}`` of the run) is recorded for a few-step generator: methods
+    that train one sample it differently (rCM's stochastic steps on its own times), so generation asks the
+    method that trained it rather than assuming DMD2-v's deterministic steps.
     """
     path = Path(path)
     if isinstance(student, TMDStudent):
@@ -43,7 +48,7 @@ def export_student(student, path: str | Path, teacher_source: str | Path | None 
             "transition_target": student.transition_target,
         }
     elif isinstance(student, WanTeacher):
-        config = {"kind": "few_step"}
+        config = {"kind": "few_step", "method": method}
     elif isinstance(student, AnyFlowStudent):
         config = {"kind": "anyflow"}
     else:

@@ -201,6 +201,12 @@ def export_run(weights: str | Path, teacher: str | Path, path: str | Path, forma
         )
     model, method_config = student_from_run(weights, load_teacher(teacher, experts=None))
     if format == "pipeline":
+        cls = METHODS.get(method)
+        if isinstance(model, WanTeacher) and cls is not None and not cls.runs_in_stock_pipeline(cls.Config(**method_config)):
+            raise ValueError(
+                f"{weights}: a {method} student samples with fresh noise at each step ({cls.__name__}.sample), which a "
+                "stock WanPipeline does not do; export it with --format student and sample it with tmd generate"
+            )
         sampling = {name: method_config[key] for key, name in SAMPLING_KEYS.items() if key in method_config}
         return export_pipeline(model, path, teacher, sampling)
-    return export_student(model, path, teacher_source=str(teacher))
+    return export_student(model, path, teacher_source=str(teacher), method={"name": method, "config": method_config})

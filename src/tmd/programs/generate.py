@@ -22,6 +22,7 @@ from torch import nn
 
 from tmd import flow
 from tmd.files import WAN_FPS, check_output_dir, make_output_dir, save_safetensors, slug, write_mp4
+from tmd.methods import sample_few_step_student
 from tmd.methods.anyflow import AnyFlow
 from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.fastpath import attention_kernel, compile_blocks
@@ -38,7 +39,7 @@ from tmd.pipelines.videos import (
     DEFAULT_TEACHER_STEPS,
     MANIFEST_FILE,
 )
-from tmd.sampling import sample_few_step, sample_teacher, sample_tmd, sample_with_scheduler
+from tmd.sampling import sample_teacher, sample_tmd, sample_with_scheduler
 from tmd.world.generate import generate_world, load_world_model
 
 DEFAULT_GUIDANCE = 5.0
@@ -56,6 +57,8 @@ class GenerationModel:
     model: nn.Module
     pipeline: Path
     """The pipeline root the text encoder and VAE are loaded from."""
+    method: dict[str, Any] | None = None
+    """A few-step student folder's ``{"name", "config"}`` of the run that trained it (``export_student``)."""
 
     def effective_nfe(self, steps: int, inner_steps: int | None, guidance: float | None) -> float:
         if self.kind == "teacher":
@@ -104,7 +107,7 @@ def load_generation_model(
         model = AnyFlowStudent.from_pretrained(path, dtype, device)
     else:
         model = load_teacher(path / TRANSFORMER_DIR, dtype=dtype, device=device)
-    return GenerationModel(config["kind"], model, Path(pipeline))
+    return GenerationModel(config["kind"], model, Path(pipeline), config.get("method"))
 
 
 SCHEDULERS = ("pipeline", "euler")
@@ -235,6 +238,7 @@ def generate(
     inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
     guidance = (DEFAULT_GUIDANCE if guidance is None else guidance) if teacher else None
     sampler = load_scheduler(loaded.pipeline, shift) if teacher and scheduler == "pipeline" else None
+    requested_shift = shift
     if shift is None:
         shift = teacher_shift(loaded.pipeline) if teacher else (ANYFLOW_SHIFT if loaded.kind == "anyflow" else flow.OUTER_SHIFT)
     nfe = loaded.effective_nfe(steps, inner_steps, guidance)
@@ -269,7 +273,7 @@ def generate(
                 elif loaded.kind == "anyflow":
                     latents = AnyFlow.sample(loaded.model, noise, cond, steps, outer_shift=shift)
                 else:
-                    latents = sample_few_step(loaded.model, noise, cond, steps, inner_noise, shift=shift)
+                    latents = sample_few_step_student(loaded.model, loaded.method, noise, cond, steps, seeds[0], requested_shift)
         videos = torch.cat([decode_video(vae, latents[i : i + 1]) for i in range(len(batch))])
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -21,6 +21,7 @@ from torch import nn
 
 from tmd import flow
 from tmd.files import slug, write_mp4
+from tmd.methods import get_method, sample_few_step_student
 from tmd.methods.anyflow import AnyFlow
 from tmd.methods.linvideo import load_linearised
 from tmd.models.anyflow import AnyFlowStudent
@@ -30,7 +31,7 @@ from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_c
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
 from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE
-from tmd.sampling import sample_few_step, sample_teacher, sample_tmd
+from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.resume import CONFIG_FILE
 from tmd.train.run import with_linear_attention
 from tmd.world.data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR, WorldAssets
@@ -46,6 +47,8 @@ class WorldModel:
     model: nn.Module
     assets: Any  # tmd.world.data.WorldAssets
     source: Path
+    method: dict[str, Any] | None = None
+    """For a few-step generator, the run's ``{"name", "config"}``: it is sampled as that method samples."""
 
 
 def _world_assets_of(teacher: Path) -> Path | None:
@@ -86,7 +89,8 @@ def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
         return WorldModel("tmd_student", TMDStudent.from_pretrained(path, device=device), assets, path)
     if kind == "anyflow":
         return WorldModel("anyflow", AnyFlowStudent.from_pretrained(path, device=device), assets, path)
-    return WorldModel("few_step", load_teacher(path / TRANSFORMER_DIR, device=device), assets, path)
+    few_step = load_teacher(path / TRANSFORMER_DIR, device=device)
+    return WorldModel("few_step", few_step, assets, path, read_student_config(path).get("method"))
 
 
 def _from_run(path: Path, device: torch.device) -> WorldModel:
@@ -106,9 +110,14 @@ def _from_run(path: Path, device: torch.device) -> WorldModel:
     if run_metadata(path)["method"] == "linvideo":  # a multi-step model: sampled like the teacher, with CFG
         return WorldModel("teacher", load_linearised(assets.teacher, path, copy_model=True), assets, path)
     teacher = with_linear_attention(copy.deepcopy(assets.teacher), data.get("linearised_teacher"), copy_model=False)
-    model, _ = student_from_run(path, teacher)
-    kind = "tmd_student" if isinstance(model, TMDStudent) else "anyflow" if isinstance(model, AnyFlowStudent) else "few_step"
-    return WorldModel(kind, model.to(device).eval(), assets, path)
+    model, method_config = student_from_run(path, teacher)
+    name = run_metadata(path)["method"]
+    # the method decides how its generator samples: MeanFlow's has the TMD student's form but jumps as a flow map
+    if get_method(name).samples_with_inner_steps:
+        kind = "tmd_student"
+    else:
+        kind = "anyflow" if isinstance(model, AnyFlowStudent) else "few_step"
+    return WorldModel(kind, model.to(device).eval(), assets, path, {"name": name, "config": method_config})
 
 
 def video_frames(video: torch.Tensor) -> torch.Tensor:
@@ -152,6 +161,7 @@ def generate_world(
     steps = steps if steps is not None else (DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS)
     inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
     guidance = (assets.guidance if guidance is None else guidance) if teacher else None
+    requested_shift = shift
     if shift is None:
         shift = assets.shift if teacher else (AnyFlow.Config.outer_shift if kind == "anyflow" else flow.OUTER_SHIFT)
     if teacher:
@@ -184,7 +194,7 @@ def generate_world(
             elif kind == "anyflow":
                 latents = AnyFlow.sample(model, noise, cond, steps, outer_shift=shift)
             else:
-                latents = sample_few_step(model, noise, cond, steps, shift=shift)
+                latents = sample_few_step_student(model, world.method, noise, cond, steps, seeds[0], requested_shift)
         videos = assets.decode(latents).cpu()
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
