@@ -209,6 +209,26 @@ def test_ti2v_generate_decodes_with_the_wan22_vae(tmp_path, ti2v, capsys):
     assert len(frames) == FRAMES and frames[0].shape == (SIZE, SIZE, 3)
 
 
+@pytest.mark.parametrize("family", ["ti2v", "a14b"])
+def test_synthesize_samples_wan22_teachers_as_generate_does(tmp_path, ti2v, a14b, family, capsys):
+    """tmd synthesize's sample i is tmd generate's video i: TI2V-5B with the Wan2.2 VAE's 48 latent channels, and
+    A14B with both experts and each one's CFG scale."""
+    model, size = (ti2v, TI2V_SIZE) if family == "ti2v" else (a14b, A14B_SIZE)
+    guidance = ["--guidance", "4", "--guidance-2", "3"] if family == "a14b" else []
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    common = ["--model", str(model), "--steps", "3", "--negative-prompt", "", *guidance, *size]
+    assert main(["synthesize", "--prompts", str(prompts), "--out", str(tmp_path / "data"), *common]) == 0
+    assert main(["generate", "--prompt", "a red circle", "--save-latents", "--out", str(tmp_path / "gen"), *common]) == 0
+    synthesized = load_file(tmp_path / "data" / "shard-00000.safetensors")["latents"][0]
+    generated = load_file(tmp_path / "gen" / "0000-a-red-circle.safetensors")["latents"]
+    assert synthesized.shape == generated.shape and (family == "a14b" or synthesized.shape[0] == 48)
+    assert torch.equal(synthesized, generated)
+    if family == "ti2v":  # one transformer: no low-noise scale to set
+        args = ["synthesize", "--prompts", str(prompts), "--out", str(tmp_path / "x"), *common, "--guidance-2", "3"]
+        assert main(args) == 2 and "has one transformer" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # A14B as a teacher.
 

@@ -198,12 +198,17 @@ class Sampler:
         return sample_teacher(self.model, noise, cond, negative, steps, guidance, self.shift)
 
 
-def load_sampler(teacher: Teacher, shift: float, dtype: torch.dtype, device: torch.device, decode: bool) -> Sampler:
+def load_sampler(
+    teacher: Teacher, shift: float, dtype: torch.dtype, device: torch.device, decode: bool, guidance_2: float | None = None
+) -> Sampler:
     if teacher.world is not None:
         assets = teacher.world.assets
         decoder = (lambda z: torch.stack([video_frames(v) for v in assets.decode(z).cpu()])) if decode else None
         return Sampler(teacher.world.model, None, shift, decoder)
-    model = load_teacher(teacher.path, dtype=dtype, device=device)
+    # a Wan2.2 A14B teacher samples with both experts, as WanPipeline does; on a GPU only the one in use stays there
+    model = load_teacher(
+        teacher.path, dtype=dtype, device=device, experts=None, guidance_2=guidance_2, offload=device.type != "cpu"
+    )
     vae = load_vae(teacher.path, device) if decode else None
     decoder = (lambda z: decode_video(vae, z)) if decode else None
     return Sampler(model, load_scheduler(teacher.path, shift), shift, decoder)
@@ -274,6 +279,7 @@ def synthesize(
     source: str = "prompts",
     steps: int | None = None,
     guidance: float | None = None,
+    guidance_2: float | None = None,
     shift: float | None = None,
     negative_prompt: str | None = None,
     frames: int | None = None,
@@ -311,6 +317,12 @@ def synthesize(
     flow.check_steps(steps, "--steps")
     guidance = teacher.guidance if guidance is None else guidance
     flow.check_guidance(guidance)
+    if guidance_2 is not None:
+        if teacher.world is not None or not (teacher.path / "transformer_2").is_dir():
+            raise ValueError(
+                f"--guidance-2 is the low-noise expert's scale of a Wan2.2 A14B teacher; {model} has one transformer"
+            )
+        flow.check_guidance(guidance_2)
     shift = teacher.shift if shift is None else shift
     negative_prompt = teacher.negative_prompt if negative_prompt is None else negative_prompt
     captions = [p for p in prompts for _ in range(videos_per_prompt)]
@@ -322,6 +334,7 @@ def synthesize(
         "scheduler": scheduler_name(teacher),
         "steps": steps,
         "guidance": guidance,
+        "guidance_2": guidance_2,
         "shift": shift,
         "negative_prompt": negative_prompt,
         "dtype": str(dtype).removeprefix("torch."),
@@ -356,7 +369,7 @@ def synthesize(
     with safe_open(str(out / NEGATIVE_FILE), framework="pt") as handle:
         max_length = int(handle.metadata()["text_max_length"])
         negative_cond = _padded(handle.get_tensor("cond"), max_length).to(ctx.device)
-    sampler = load_sampler(teacher, shift, dtype, ctx.device, decode)
+    sampler = load_sampler(teacher, shift, dtype, ctx.device, decode, guidance_2)
     if decode:
         (out / PREVIEWS_DIR).mkdir(exist_ok=True)
     total = sum(len(_rows(k, shard_size, len(captions))) for k in mine)

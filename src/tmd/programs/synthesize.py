@@ -28,6 +28,7 @@ def add_parser(sub, add_threads) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder; an existing synthesize folder is resumed")
     p.add_argument("--steps", type=int, help="teacher sampling steps (default 50)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: 5 for Wan, the world's own for the world; 1 = none)")
+    p.add_argument("--guidance-2", type=float, help="Wan2.2 A14B: the low-noise expert's CFG scale (default: --guidance)")
     p.add_argument("--shift", type=float, help="time shift (default: the pipeline scheduler's, or the world's)")
     p.add_argument("--negative-prompt", help="CFG negative prompt, also stored for training (default: Wan's, or the world's)")
     p.add_argument("--frames", type=int, help="frames per video, 4k+1 (default 81 for Wan; the world's size is fixed)")
@@ -73,6 +74,7 @@ def command(args: argparse.Namespace) -> int:
         source=f"--prompts {args.prompts}",
         steps=args.steps,
         guidance=args.guidance,
+        guidance_2=args.guidance_2,
         shift=args.shift,
         negative_prompt=args.negative_prompt,
         frames=args.frames,
