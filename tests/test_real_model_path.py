@@ -1,11 +1,13 @@
 """The path of docs/real_models.md, end to end on a tiny random Wan pipeline that diffusers writes: a prompt list,
-``tmd synthesize``, TMD stage 1 and stage 2 from the shipped Wan2.1 configs (with sample videos during stage 2),
+``tmd synthesize`` (a shard lost and the command resumed), TMD stage 1 and stage 2 from the shipped Wan2.1 configs (with sample videos during stage 2),
 ``tmd export --format pipeline``, then ``tmd generate`` and diffusers' own loader. Once in one process and once
 under ``torchrun`` with 2 gloo processes; both must train the same student from the same synthesized data."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_distributed import assert_same_weights, torchrun
 from test_generate import FRAMES, HEIGHT, SIZE, WIDTH, build_tiny_pipeline, generate_args, read_mp4
 
@@ -38,7 +40,14 @@ def documented_path(root, pipeline, launch):
     prompts = root / "prompts.txt"
     prompts.write_text(PROMPTS)
     data = root / "data"
-    launch("synthesize", "--model", pipeline, "--prompts", prompts, "--out", data, *SIZE, "--steps", 2, "--keep-noise")
+    synthesize = ["synthesize", "--model", pipeline, "--prompts", prompts, "--out", data, *SIZE, "--steps", 2, "--keep-noise"]
+    launch(*synthesize, "--shard-size", 1)
+    # interrupted: a shard lost (as a kill before its atomic rename leaves it), then the same command resumes
+    lost = load_file(data / "shard-00001.safetensors")
+    (data / "shard-00001.safetensors").unlink()
+    launch(*synthesize, "--shard-size", 1)
+    redone = load_file(data / "shard-00001.safetensors")
+    assert redone.keys() == lost.keys() and all(torch.equal(redone[k], lost[k]) for k in lost)
     stage1, stage2 = root / "stage1", root / "stage2"
     launch(
         "train", "--config", "wan1.3b_tmd_stage1.yaml", f"data.path={data}", *SMALL, "train.steps=2", f"train.out_dir={stage1}"
