@@ -381,6 +381,12 @@ def test_a14b_distillation_trains_and_exports(tmp_path, a14b, capsys):
     generate = ["generate", "--model", str(tmp_path / "dmd2_pipe"), "--prompt", "a red circle", "--steps", "2"]
     assert main([*generate, "--out", str(tmp_path / "videos_out"), *A14B_SIZE]) == 0
 
+    # TMD stage 1 trains on the high-noise expert's cut; a method not built for two experts is refused in one line
+    assert main(["train", "--config", str(config("tm", "head_blocks: 1, outer_steps: 2, inner_steps: 2"))]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(config("decoupled_dmd", "outer_steps: 2"))]) == 2
+    assert "'decoupled_dmd' is not built for a two-expert (Wan2.2 A14B) teacher" in capsys.readouterr().err
+
     # M = 4 at the default shift 10 puts outer times (0.769) below the boundary 0.875: refused in one line
     m4 = config("dmd2", "outer_steps: 4")
     m4.write_text(m4.read_text().replace("/dmd2}", "/m4}"))

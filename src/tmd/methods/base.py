@@ -45,6 +45,9 @@ class Method(nn.Module, ABC):
     export_module: ClassVar[str]
     """Which of ``ema_modules()`` is the trained generator: exported, evaluated, sampled."""
     exports_student_folder: ClassVar[bool] = True
+    trains_on_two_experts: ClassVar[bool] = False
+    """Whether the method routes a Wan2.2 A14B teacher's two experts, each with its CFG scale, everywhere it asks
+    the teacher (built and tested for TM, TMD and DMD2-v; ``tmd train`` refuses the others in one line)."""
     """Whether ``tmd export`` turns the run's weights into a student (or pipeline) folder, which holds one Wan
     transformer: not LinVideo's linearised teacher (another run's ``data.linearised_teacher``) nor Phased DMD's
     experts, one transformer per phase."""

@@ -54,6 +54,7 @@ class DecoupledDMD(DMD2):
     """DMD2's generator, backward simulation and fake score; only the generator loss differs."""
 
     Config = DecoupledDMDConfig
+    trains_on_two_experts = False  # its CFG is formed from two teacher calls with one scale
 
     # generator_loss needs the generator input's time, which it does not receive
     def x0_from_noised(self, x_t, t, noise, cond):

@@ -35,6 +35,7 @@ class DMD2Config(DistributionMatchingConfig):
 @register("dmd2")
 class DMD2(DistributionMatching):
     Config = DMD2Config
+    trains_on_two_experts = True
 
     def x0_from_noised(self, x_t, t, noise, cond):
         return flow.x0_from_velocity(x_t, self.student.velocity(x_t, t, cond), t)

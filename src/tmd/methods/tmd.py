@@ -137,6 +137,7 @@ class TransitionMatching(TransitionSampling, StudentMethod):
     """Stage 1: TM-MeanFlow pretraining of the head (everything trains; no teacher needed)."""
 
     Config = TransitionMatchingConfig
+    trains_on_two_experts = True  # the student is cut from the expert of its outer times; no teacher call
 
     def __init__(self, cfg: TransitionMatchingConfig, student: nn.Module):
         super().__init__(cfg, student)
@@ -226,6 +227,7 @@ class TMD(TransitionSampling, DistributionMatching):
     """Stage 2: DMD2-v whose generator sample runs the whole inner rollout, with gradients through it."""
 
     Config = TMDConfig
+    trains_on_two_experts = True
 
     @classmethod
     def from_teacher(cls, cfg: TMDConfig, teacher: nn.Module, activation_checkpointing: bool = False) -> TMD:

@@ -21,8 +21,9 @@ from tmd.config import ConfigError, RunConfig, to_dict
 from tmd.data.prepare import PreparedDataset
 from tmd.data.source import DataSource
 from tmd.files import check_safetensors
-from tmd.methods import get_method
+from tmd.methods import METHODS, get_method
 from tmd.methods.linvideo import load_linearised
+from tmd.models.experts import DualExpertTeacher
 from tmd.models.export import save_run_weights
 from tmd.models.lora import add_lora, merged_state_dict
 from tmd.models.wan import load_teacher
@@ -56,6 +57,13 @@ def teacher_and_data(
         # a Wan2.2 A14B teacher comes with both experts (tmd.models.experts); FSDP shards each
         source, wan, guidance_2 = cfg.data.teacher or data.index["model"], cfg.data.wan, cfg.data.guidance_2
         teacher = load_teacher(source, device=device, experts=None, family=wan, guidance_2=guidance_2)
+        if isinstance(teacher, DualExpertTeacher) and not get_method(cfg.method_name).trains_on_two_experts:
+            # the others form CFG from two teacher calls with one scale, or copy the teacher whole: not built for it
+            trained = ", ".join(sorted(name for name, cls in METHODS.items() if cls.trains_on_two_experts))
+            raise ConfigError(
+                f"method_name {cfg.method_name!r} is not built for a two-expert (Wan2.2 A14B) teacher {source}; "
+                f"methods that are: {trained}"
+            )
         # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
         return with_linear_attention(teacher, cfg.data.linearised_teacher, copy_model=False), data
     raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
