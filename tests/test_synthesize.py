@@ -197,6 +197,12 @@ def test_the_world_teacher_synthesizes_prepared_data(tmp_path):
     assert len(list((out / "previews").glob("*.mp4"))) == 2
     assert PreparedDataset(out, batch_size=2).next_batch()["x"].shape == (2, 8, 4, 8, 8)
     assert load_teacher(index["model"]).config.in_channels == 8  # what data_kind: prepared loads as the teacher
+    # a run on it samples videos with the world's own text encoder and autoencoder
+    run = tmp_path / "run"
+    train = ["train", "--config", "world_tmd_stage1.yaml", "data_kind=prepared", f"data.path={out}", "train.steps=1"]
+    sampling = ["train.sample_every=1", "train.sample_prompts=[a red circle moving left]", "train.progress=false"]
+    assert main([*train, "train.batch_size=2", *sampling, f"train.out_dir={run}"]) == 0
+    assert (run / "samples" / "step_0000001" / "a-red-circle-moving-left.mp4").is_file()
     with pytest.raises(ValueError, match="--frames 81: the world's videos are 8 x 32 x 32"):
         synthesize(tmp_path / "other", "world", prompts, frames=81, progress=False)
 

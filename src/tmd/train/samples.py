@@ -40,7 +40,7 @@ from tmd.train import checkpoint as ckpt
 from tmd.train.distributed import DistContext
 from tmd.train.hooks import curve_prompts
 from tmd.train.logging import MetricLogger
-from tmd.world.data import WorldAssets
+from tmd.world.data import WorldAssets, world_assets_of
 
 SAMPLES_DIR = "samples"
 GRID_FILE = "grid.gif"
@@ -257,7 +257,11 @@ def sample_hook(
     elif isinstance(data, PreparedDataset):
         if prompts is None:
             raise ConfigError("train.sample_every needs train.sample_prompts (a file, one prompt per line, or a list)")
-        inputs = prepared_inputs(cfg, data, prompts, dist.device, dist.is_main)
+        world = world_assets_of(Path(cfg.data.teacher or data.index["model"]))
+        if world is not None:  # `tmd synthesize --model world` data: the world's text encoder and autoencoder
+            inputs = world_inputs(WorldAssets(world), prompts)
+        else:
+            inputs = prepared_inputs(cfg, data, prompts, dist.device, dist.is_main)
     else:
         raise ConfigError(f"train.sample_every: no decoder for data kind {cfg.data_kind!r} (world and prepared have one)")
     return SampleHook(cfg, exported, prompts, inputs, Path(run_dir), dist)

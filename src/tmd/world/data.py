@@ -158,3 +158,11 @@ class WorldAssets:
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> videos (B, 3, F, H, W) in [-1, 1]."""
         return self.autoencoder.decode(latents.to(self.device).float())
+
+
+def world_assets_of(teacher: Path) -> Path | None:
+    """The world assets folder a teacher folder sits in (it holds ``world.json`` and the autoencoder), or None."""
+    root = teacher.parent
+    if teacher.name == TEACHER_DIR and (root / METADATA_FILE).is_file() and (root / AUTOENCODER_DIR).is_dir():
+        return root
+    return None

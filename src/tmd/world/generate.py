@@ -34,7 +34,7 @@ from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEF
 from tmd.sampling import sample_teacher, sample_tmd
 from tmd.train.resume import CONFIG_FILE
 from tmd.train.run import with_linear_attention
-from tmd.world.data import AUTOENCODER_DIR, METADATA_FILE, TEACHER_DIR, WorldAssets
+from tmd.world.data import WorldAssets, world_assets_of
 
 SCALE = 4
 """World videos are 32 x 32: nearest-neighbour enlarged for viewing."""
@@ -51,24 +51,16 @@ class WorldModel:
     """For a few-step generator, the run's ``{"name", "config"}``: it is sampled as that method samples."""
 
 
-def _world_assets_of(teacher: Path) -> Path | None:
-    """The world assets folder a teacher folder sits in (it holds ``world.json`` and the autoencoder)."""
-    root = teacher.parent
-    if teacher.name == TEACHER_DIR and (root / METADATA_FILE).is_file() and (root / AUTOENCODER_DIR).is_dir():
-        return root
-    return None
-
-
 def load_world_model(path: str | Path, device: torch.device) -> WorldModel | None:
     """The world model at ``path``, or None when ``path`` is not one (a Wan pipeline or its students)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         return _from_run(path, device)
-    if path.is_dir() and _world_assets_of(path) is not None:
+    if path.is_dir() and world_assets_of(path) is not None:
         return _from_teacher_folder(path, device)
     if is_student_folder(path):
         teacher = read_student_config(path).get("teacher")
-        if teacher is not None and _world_assets_of(Path(teacher)) is not None:
+        if teacher is not None and world_assets_of(Path(teacher)) is not None:
             return _from_export(path, Path(teacher), device)
     return None
 
@@ -78,12 +70,12 @@ def _assets(root: str | Path | None, device: torch.device):
 
 
 def _from_teacher_folder(path: Path, device: torch.device) -> WorldModel:
-    assets = _assets(_world_assets_of(path), device)
+    assets = _assets(world_assets_of(path), device)
     return WorldModel("teacher", assets.teacher, assets, path)
 
 
 def _from_export(path: Path, teacher: Path, device: torch.device) -> WorldModel:
-    assets = _assets(_world_assets_of(teacher), device)
+    assets = _assets(world_assets_of(teacher), device)
     kind = read_student_config(path)["kind"]
     if kind == "tmd_student":
         return WorldModel("tmd_student", TMDStudent.from_pretrained(path, device=device), assets, path)
