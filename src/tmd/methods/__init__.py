@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tmd import flow
 from tmd.config import register_method_config
+from tmd.sampling import sample_few_step
 
 METHODS: dict[str, type] = {}
 """Method name -> method class (its ``Config`` attribute is the dataclass of its options)."""
@@ -57,9 +59,6 @@ def sample_few_step_student(
     its own times; DMD2-v: Eq. 18 steps), ``method`` being the run's ``{"name", "config"}`` that student folders
     record. Without a record (folders from before it was kept) it gets DMD2-v's deterministic steps. ``shift``
     (``--shift``) replaces the run's ``outer_shift`` where the method has one."""
-    from tmd import flow
-    from tmd.sampling import sample_few_step
-
     if method is None or method.get("name") not in METHODS:
         rng = torch.Generator(noise.device).manual_seed(seed)
         return sample_few_step(model, noise, cond, steps, rng, shift=flow.OUTER_SHIFT if shift is None else shift)

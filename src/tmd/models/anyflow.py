@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import AnyFlowTransformer3DModel
-from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor
 
 from tmd.files import check_safetensors_folder
 from tmd.models.wan import (
@@ -24,10 +23,9 @@ from tmd.models.wan import (
     WanModule,
     WanTeacher,
     as_time,
-    cast_floating,
     cast_transformer,
     check_inputs,
-    checkpoint_input_dtype,
+    checkpointed_block,
 )
 
 DELTATIME_TYPES = ("r", "t-r")
@@ -49,12 +47,6 @@ def anyflow_config(teacher_config: Any, gate_value: float, deltatime_type: str) 
         )
     config = {k: v for k, v in config.items() if k not in WAN_ONLY_KEYS}
     return {**config, "gate_value": gate_value, "deltatime_type": deltatime_type}
-
-
-def checkpointed_block(block: nn.Module, *inputs: Any) -> Tensor:
-    """diffusers' checkpointing of one block with the inputs first cast to the dtype FSDP2 computes the block in,
-    as ``tmd.models.wan.run_blocks`` does (FSDP2 before torch 2.13 skipped that cast on recompute)."""
-    return checkpoint(block, *cast_floating(inputs, checkpoint_input_dtype(block)), use_reentrant=False)
 
 
 class AnyFlowStudent(WanModule):

@@ -207,6 +207,12 @@ def cast_floating(inputs: Any, dtype: torch.dtype | None) -> Any:
     return inputs
 
 
+def checkpointed_block(block: nn.Module, *inputs: Any) -> Tensor:
+    """``block(*inputs)`` under activation checkpointing, its inputs first cast to the dtype FSDP2 computes it in
+    (:data:`CHECKPOINT_INPUT_DTYPE`), so the recompute sees what the forward saw on every torch version."""
+    return checkpoint(block, *cast_floating(inputs, checkpoint_input_dtype(block)), use_reentrant=False)
+
+
 def run_blocks(
     blocks: Sequence[nn.Module],
     hidden: Tensor,
@@ -221,8 +227,7 @@ def run_blocks(
     features: dict[int, Tensor] = {}
     for index, block in enumerate(blocks, start=offset):
         if checkpointing and torch.is_grad_enabled():
-            inputs = cast_floating((hidden, state.text, timestep_proj, state.rotary), checkpoint_input_dtype(block))
-            hidden = checkpoint(block, *inputs, use_reentrant=False)
+            hidden = checkpointed_block(block, hidden, state.text, timestep_proj, state.rotary)
         else:
             hidden = block(hidden, state.text, timestep_proj, state.rotary)
         if index in capture:
