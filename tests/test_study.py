@@ -138,6 +138,16 @@ def test_keys_are_stable_and_sensitive_to_what_the_record_depends_on(tiny_assets
         (lambda d: d["runs"]["dmd2"]["config"].update(train={"seed": 3}), "may not set train.seed"),
         (lambda d: d.update(paired=[{"a": "teacher@2", "b": "dmd2"}]), "teacher row"),
         (lambda d: d["runs"]["dmd2"].update(method="dmd3"), "'dmd3' is not registered"),
+        (lambda d: d["runs"]["dmd2"].update(data="teacher_data"), "data 'teacher_data' is not one of the study's datasets"),
+        (lambda d: d["runs"]["teacher"].update(data="x"), "a teacher run takes only 'score'"),
+        (lambda d: d.update(datasets={"x": {"videos_per_prompt": 0}}), "videos_per_prompt must be >= 1"),
+        (
+            lambda d: (
+                d.update(datasets={"x": {"videos_per_prompt": 1}})
+                or d["runs"]["dmd2"].update(data="x", config={"data_kind": "world"})
+            ),
+            "config may not set data_kind where 'data' names a dataset",
+        ),
     ],
 )
 def test_study_file_errors_name_the_key(tiny_assets, tmp_path, edit, message):
@@ -165,6 +175,11 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     stage1 = {(r.name, r.seed): r.key for r in plan(paper) if r.name == "tm_n2_m2"}
     assert len(stage1) == 3 and stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2"}
     assert paper.checkpoint_every == 250 and {r.config["train"]["steps"] for r in plan(paper) if r.spec.score} == {4000}
+    paper_data, _ = load_study("study_paper_data.yaml")
+    world_rows = {(r.name, r.seed): r.key for r in plan(paper_data) if r.dataset is None}
+    assert len(world_rows) == 9 and world_rows == {(r.name, r.seed): r.key for r in runs if (r.name, r.seed) in world_rows}
+    on_teacher_data = [r for r in plan(paper_data) if r.dataset is not None]
+    assert len(on_teacher_data) == 9 and {r.dataset.spec.videos_per_prompt for r in on_teacher_data} == {112}
     baselines, _ = load_study("study_baselines.yaml")
     read = ("dmd2_m1", "dmd2_m2", "tm_n2_m2", "tmd_n2_m2")  # read from the main table's records, not retrained
     assert {(r.name, r.seed): r.key for r in plan(baselines) if r.name in read} == {
@@ -313,6 +328,61 @@ def test_two_jobs_train_in_worker_processes(tiny_assets, tmp_path):
         assert (tmp_path / "work" / f"{run.key}.log").is_file() and (
             tmp_path / "work" / run.key / "student.safetensors"
         ).is_file()
+
+
+def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, tmp_path, capsys):
+    """The study synthesizes the dataset with ``tmd synthesize`` before the runs that need it, trains them on
+    it exactly as ``tmd train`` with ``data_kind: prepared`` does, scores and curves them on the world, and
+    keys them apart from the same runs on the world's data."""
+    from tmd.train.run import train_run
+
+    data = tiny_study(tiny_assets, tmp_path / "report", seeds=[0], eval={"noise_seeds": [0]})
+    data["datasets"] = {"teacher_data": {"videos_per_prompt": 1, "steps": 2, "seed": 100}}
+    on_data = copy.deepcopy(data["runs"]["tmd"]["config"])
+    data["runs"] = {
+        "dmd2": data["runs"]["dmd2"],
+        "dmd2_on_data": {**copy.deepcopy(data["runs"]["dmd2"]), "data": "teacher_data"},
+        "stage1_on_data": {**copy.deepcopy(data["runs"]["stage1"]), "data": "teacher_data"},
+        "tmd_on_data": {
+            "method": "tmd",
+            "parent": "stage1_on_data",
+            "data": "teacher_data",
+            "config": on_data,
+            "score": [[1, 2]],
+        },
+    }
+    data["paired"] = [{"a": "dmd2_on_data", "b": "dmd2"}]
+    path = write_study(tmp_path, data)
+    runs = {r.name: r for r in plan(load_study(path)[0])}
+    assert runs["dmd2_on_data"].key != runs["dmd2"].key
+    more = copy.deepcopy(data)
+    more["datasets"]["teacher_data"]["videos_per_prompt"] = 2
+    assert keys(more)[("dmd2_on_data", 0)] != runs["dmd2_on_data"].key and keys(more)[("dmd2", 0)] == runs["dmd2"].key
+
+    assert main(study_args(tmp_path, path)) == 0
+    out = capsys.readouterr().out
+    assert out.count("synthesize dataset teacher_data") == 1 and "dataset teacher_data done" in out
+    folder = runs["dmd2_on_data"].dataset.folder(tmp_path / "work")
+    index = json.loads((folder / "index.json").read_text())
+    assert index["samples"] == 72
+    records = {r.name: json.loads((tmp_path / "records" / f"{r.key}.json").read_text()) for r in runs.values()}
+    record = records["dmd2_on_data"]
+    assert record["config"]["data_kind"] == "prepared" and record["config"]["data"]["path"] == str(folder)
+    synthesized = record["dataset"]["synthesize"]
+    assert record["dataset"]["key"] == runs["dmd2_on_data"].dataset.key
+    assert (synthesized["steps"], synthesized["seed"], synthesized["videos_per_prompt"]) == (2, 100, 1)
+    assert "dataset" not in records["dmd2"] and records["tmd_on_data"]["curve"]  # eval_every scores on the world
+    # the same weights as tmd train on the folder
+    direct = from_dict(
+        RunConfig,
+        {**copy.deepcopy(record["config"]), "train": {**record["config"]["train"], "out_dir": str(tmp_path / "direct")}},
+    )
+    weights = load_file(str(train_run(direct, tmp_path / "direct").weights))
+    studied = load_file(str(tmp_path / "work" / runs["dmd2_on_data"].key / "student.safetensors"))
+    assert weights.keys() == studied.keys() and all(weights[k].equal(studied[k]) for k in weights)
+
+    assert main(study_args(tmp_path, path)) == 0  # everything recorded: nothing is synthesized or trained again
+    assert "synthesize dataset" not in capsys.readouterr().out
 
 
 # ---- evaluation during training

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -365,7 +366,10 @@ def write_index(out: Path, settings: dict[str, Any], shape: tuple[int, ...], max
         "shards": shards,
         **{k: settings[k] for k in ("model", "frames", "height", "width", "fps")},
     }
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    # atomically: a complete index is what marks a finished folder (a study's dataset, a resumed synthesize)
+    tmp = out / f".{INDEX_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, out / INDEX_FILE)
     return index
 
 

@@ -374,7 +374,7 @@ def _add_study(sub) -> None:
     p.add_argument(
         "--config",
         required=True,
-        help="a study file, or the name of a shipped one (study_main.yaml, study_ablations.yaml, study_baselines.yaml, study_budget.yaml)",
+        help="a study file, or the name of a shipped one (study_main.yaml, study_ablations.yaml, study_baselines.yaml, study_budget.yaml, study_paper_budget.yaml, study_paper_data.yaml)",
     )
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (1: in this process)")
     p.add_argument("--report", action="store_true", help="only write the report (report_dir) from the committed run records")

@@ -59,8 +59,11 @@ def eval_hook(
     """The run's ``eval_fn``: None unless ``train.eval_every`` is set."""
     if not cfg.train.eval_every:
         return None
-    if cfg.data_kind != "world" or assets is None:
-        raise ConfigError(f"train.eval_every scores on the synthetic world's benchmark; data_kind is {cfg.data_kind!r}")
+    if assets is None:
+        raise ConfigError(
+            "train.eval_every scores on the synthetic world's benchmark: it needs data_kind 'world' or data made by "
+            f"`tmd synthesize --model world`; this run's data_kind is {cfg.data_kind!r} with a Wan teacher"
+        )
     if distributed:
         raise ConfigError("train.eval_every runs in one process only; unset it under torchrun")
     return WorldEvalHook(cfg, exported, assets)

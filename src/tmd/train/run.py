@@ -33,7 +33,7 @@ from tmd.train.loop import Trainer, resolve_device, seed_everything
 from tmd.train.memory import describe, estimate_state_memory
 from tmd.train.resume import flatten, plan_run
 from tmd.train.samples import sample_hook
-from tmd.world.data import WorldAssets, world_data_source
+from tmd.world.data import WorldAssets, world_assets_of, world_data_source
 
 STUDENT_FILE = "student.safetensors"
 """The EMA weights of the trained generator, what a later stage or ``tmd evaluate`` loads (a LoRA run's
@@ -67,6 +67,13 @@ def teacher_and_data(
         # in place: this teacher is the run's own, and a copy would hold a Wan model twice on the device
         return with_linear_attention(teacher, cfg.data.linearised_teacher, copy_model=False), data
     raise ValueError(f"tmd train knows data kinds 'world' and 'prepared', got {cfg.data_kind!r}")
+
+
+def synthesized_world(cfg: RunConfig, data: PreparedDataset) -> WorldAssets | None:
+    """The world's assets when ``tmd synthesize --model world`` made the prepared data (its teacher sits in
+    them): evaluation and sample videos then use the world's benchmark, text encoder and autoencoder."""
+    root = world_assets_of(Path(cfg.data.teacher or data.index["model"]))
+    return WorldAssets(root) if root is not None else None
 
 
 def with_linear_attention(teacher: torch.nn.Module, weights: str | None, copy_model: bool) -> torch.nn.Module:
@@ -110,6 +117,8 @@ def train_run(
     if cfg.data_kind == "world" and assets is None:
         assets = WorldAssets(cfg.data.assets)  # loaded here because evaluation during training scores on it too
     teacher, data = teacher_and_data(cfg, assets, ctx.device)
+    if assets is None and isinstance(data, PreparedDataset):
+        assets = synthesized_world(cfg, data)
     # new modules (discriminator, TMD head parts) draw their initial weights from the global RNG; FSDP
     # shards each rank's own copy, so every rank must draw the same ones
     seed_everything(cfg.train.seed)

@@ -40,7 +40,7 @@ from tmd.train import checkpoint as ckpt
 from tmd.train.distributed import DistContext
 from tmd.train.hooks import curve_prompts
 from tmd.train.logging import MetricLogger
-from tmd.world.data import WorldAssets, world_assets_of
+from tmd.world.data import WorldAssets
 
 SAMPLES_DIR = "samples"
 GRID_FILE = "grid.gif"
@@ -251,17 +251,13 @@ def sample_hook(
     if not tc.sample_every:
         return None
     prompts = tc.sample_prompt_list()
-    if cfg.data_kind == "world" and assets is not None:
+    if assets is not None:  # the world's data, or `tmd synthesize --model world`'s: the world's encoders
         prompts = prompts or curve_prompts(WORLD_PROMPTS)
         inputs = world_inputs(assets, prompts)
     elif isinstance(data, PreparedDataset):
         if prompts is None:
             raise ConfigError("train.sample_every needs train.sample_prompts (a file, one prompt per line, or a list)")
-        world = world_assets_of(Path(cfg.data.teacher or data.index["model"]))
-        if world is not None:  # `tmd synthesize --model world` data: the world's text encoder and autoencoder
-            inputs = world_inputs(WorldAssets(world), prompts)
-        else:
-            inputs = prepared_inputs(cfg, data, prompts, dist.device, dist.is_main)
+        inputs = prepared_inputs(cfg, data, prompts, dist.device, dist.is_main)
     else:
         raise ConfigError(f"train.sample_every: no decoder for data kind {cfg.data_kind!r} (world and prepared have one)")
     return SampleHook(cfg, exported, prompts, inputs, Path(run_dir), dist)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from tmd.programs.study.datasets import estimate_s, make_datasets
 from tmd.programs.study.execute import task_payload
-from tmd.programs.study.plan import Run, Task, estimator, plan, read_records, select, tasks
+from tmd.programs.study.plan import Dataset, Run, Task, datasets_to_make, estimator, plan, read_records, select, tasks
 from tmd.programs.study.report import write_report
 from tmd.programs.study.schedule import Progress, minutes, run_tasks
 from tmd.programs.study.spec import TEACHER, load_study
 
 
-def dry_run(runs: list[Run], todo: list[Task], records: Path, jobs: int) -> None:
+def dry_run(runs: list[Run], todo: list[Task], datasets: list[Dataset], records: Path, jobs: int) -> None:
+    for dataset in datasets:
+        print(f"{dataset.key}  pending  dataset {dataset.name:<20} ~{minutes(estimate_s(dataset, jobs))}")
     kinds = {t.run.key: t for t in todo}
     for run in runs:
         task = kinds.get(run.key)
@@ -24,7 +27,7 @@ def dry_run(runs: list[Run], todo: list[Task], records: Path, jobs: int) -> None
     print(
         f"{recorded} of {len(keys)} runs recorded in {records}; {len(todo)} tasks to run ('weights': a recorded "
         f"stage 1 retrained here for its weights), about {minutes(sum(t.estimate_s for t in todo) / jobs)} "
-        f"with --jobs {jobs}"
+        f"with --jobs {jobs}" + (f", after {len(datasets)} dataset(s) to synthesize" if datasets else "")
     )
 
 
@@ -39,9 +42,12 @@ def main(args) -> int:
         return 0
     runs = select(everything, args.only, study, args.seeds)
     todo = tasks(runs, records, work, estimator(study, read_records(records, [r.key for r in everything])))
+    datasets = datasets_to_make(todo, work)
     if args.dry_run:
-        dry_run(runs, todo, records, args.jobs)
+        dry_run(runs, todo, datasets, records, args.jobs)
         return 0
+    if not make_datasets(datasets, work, args.jobs, args.threads or 1):
+        return 1
     command = shlex.join(["tmd", *args.argv])
     payloads = {t.run.key: task_payload(t, study, records, work, command) for t in todo}
     failed = run_tasks(todo, payloads, work, args.jobs, args.threads or 1, Progress(todo, args.jobs))

@@ -33,6 +33,8 @@ def task_payload(task: Task, study: StudyConfig, records: Path, work: Path, comm
         )
         if run.parent is not None:
             config["method"]["init_from"] = str(weights_path(work, run.parent.key))
+        if run.dataset is not None:
+            config["data"]["path"] = str(run.dataset.folder(work))
     return {
         "kind": task.kind,
         "key": run.key,
@@ -45,7 +47,8 @@ def task_payload(task: Task, study: StudyConfig, records: Path, work: Path, comm
         "score": [list(s) for s in run.spec.score],
         "noise_seeds": study.eval.noise_seeds,
         "study": study.name,
-        "assets": (study.base.get("data") or {}).get("assets"),
+        "assets": run.dataset.assets if run.dataset is not None else (study.base.get("data") or {}).get("assets"),
+        "dataset": None if run.dataset is None else {"name": run.dataset.name, "key": run.dataset.key},
         "record": str(record_path(records, run.key)),
         "command": command,
     }
@@ -127,6 +130,7 @@ def git_commit() -> dict[str, Any]:
 
 def execute(payload: dict[str, Any]) -> None:
     """Train (unless the teacher), score and write the record of one task."""
+    from tmd.programs.synthesis import SETTINGS_FILE as SYNTHESIZE_SETTINGS
     from tmd.train.checkpoint import latest_checkpoint
     from tmd.train.logging import read_metrics
     from tmd.train.resume import CHECKPOINT_DIR, HISTORY_FILE
@@ -142,7 +146,11 @@ def execute(payload: dict[str, Any]) -> None:
         method_name, method_cfg, module = TEACHER, None, assets.teacher
     else:
         cfg = from_dict(RunConfig, payload["config"], source=f"study run {payload['name']} ({payload['key']})")
-        assets = WorldAssets(cfg.data.assets)
+        # a run on a dataset is scored on the world whose teacher made it
+        assets = WorldAssets(cfg.data.assets if cfg.data_kind == "world" else payload["assets"])
+        if payload["dataset"] is not None:
+            settings = json.loads((Path(cfg.data.path) / SYNTHESIZE_SETTINGS).read_text())
+            record["dataset"] = {**payload["dataset"], "synthesize": settings}
         run_dir = Path(cfg.train.out_dir)
         resume = latest_checkpoint(run_dir / CHECKPOINT_DIR) is not None
         if not resume:

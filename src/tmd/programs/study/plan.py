@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tmd.config import ConfigError, RunConfig, from_dict, to_dict
-from tmd.programs.study.spec import TEACHER, RunSpec, StudyConfig
+from tmd.programs.study.spec import TEACHER, DatasetSpec, RunSpec, StudyConfig
 
 # Left out of a run's key: where it is written and how it shows progress change nothing it records.
 # init_from is replaced by the parent's key, data.assets by the assets' fingerprint.
@@ -35,14 +36,30 @@ _UNKEYED = {
 
 
 @dataclass
+class Dataset:
+    """A study dataset as the plan resolves it: keyed by its settings, the study's version and the world's
+    assets, whose teacher samples it."""
+
+    name: str
+    key: str
+    spec: DatasetSpec
+    assets: str | None
+
+    def folder(self, work: Path) -> Path:
+        return work / "data" / f"{self.name}-{self.key}"
+
+
+@dataclass
 class Run:
     name: str
     seed: int | None
     key: str
     spec: RunSpec
     config: dict[str, Any] | None
-    """The resolved run config as plain data, without init_from and out_dir (None for the teacher)."""
+    """The resolved run config as plain data, without init_from and out_dir (None for the teacher); a run on
+    a dataset has ``data_kind: prepared`` and ``data.path`` null until the work folder is known."""
     parent: Optional[Run] = None
+    dataset: Optional[Dataset] = None
 
     @property
     def display(self) -> str:
@@ -85,7 +102,20 @@ def plan(study: StudyConfig, source: str = "study") -> list[Run]:
     """Every (run, seed) of the study, parents before children; runs with equal keys are one run."""
     fingerprints: dict[Any, str] = {}
     runs: dict[tuple[str, int | None], Run] = {}
+    datasets: dict[tuple[str, Any], Dataset] = {}
     evaluation = {"noise_seeds": study.eval.noise_seeds}
+
+    def fingerprint(assets: str | None) -> str:
+        if assets not in fingerprints:
+            fingerprints[assets] = assets_fingerprint(assets)
+        return fingerprints[assets]
+
+    def dataset(name: str, assets: str | None) -> Dataset:
+        if (name, assets) not in datasets:
+            spec = study.datasets[name]
+            payload = {"version": study.version, "dataset": dataclasses.asdict(spec), "assets": fingerprint(assets)}
+            datasets[(name, assets)] = Dataset(name, _hash(payload), spec, assets)
+        return datasets[(name, assets)]
 
     def build(name: str, seed: int | None) -> Run:
         if (name, seed) in runs:
@@ -93,7 +123,7 @@ def plan(study: StudyConfig, source: str = "study") -> list[Run]:
         spec = study.runs[name]
         parent = build(spec.parent, seed) if spec.parent else None
         payload: dict[str, Any] = {"version": study.version, "eval": {**evaluation, "score": [list(s) for s in spec.score]}}
-        config = None
+        config, data_set = None, None
         if spec.method == TEACHER:
             assets = (study.base.get("data") or {}).get("assets")
             payload["teacher"] = True
@@ -103,19 +133,33 @@ def plan(study: StudyConfig, source: str = "study") -> list[Run]:
             data.setdefault("train", {})["seed"] = seed
             config = to_dict(from_dict(RunConfig, data, source=f"{source} runs.{name}"))
             if config["data_kind"] != "world":
-                raise ConfigError(f"{source} runs.{name}: a study scores on the world's benchmark; data_kind must be 'world'")
+                raise ConfigError(
+                    f"{source} runs.{name}: a study scores on the world's benchmark; data_kind must be 'world' "
+                    "(a run trains on the teacher's samples with 'data: <one of datasets>')"
+                )
             assets = config["data"]["assets"]
+            if spec.data is not None:
+                data_set = dataset(spec.data, assets)
+                config["data_kind"] = "prepared"
+                config["data"] = {"path": None, "linearised_teacher": config["data"]["linearised_teacher"]}
+                payload["dataset"] = data_set.key
             payload.update(config=_keyed(config), parent=parent.key if parent else None)
-        if assets not in fingerprints:
-            fingerprints[assets] = assets_fingerprint(assets)
-        payload["assets"] = fingerprints[assets]
-        runs[(name, seed)] = Run(name, seed, _hash(payload), spec, config, parent)
+        payload["assets"] = fingerprint(assets)
+        runs[(name, seed)] = Run(name, seed, _hash(payload), spec, config, parent, data_set)
         return runs[(name, seed)]
 
     for name in study.runs:
         for seed in study.run_seeds(name):
             build(name, seed)
     return list(runs.values())
+
+
+def datasets_to_make(todo: list[Task], work: Path) -> list[Dataset]:
+    """The datasets the tasks train on that this machine lacks (complete: its ``index.json`` is written last)."""
+    from tmd.data.prepare import INDEX_FILE
+
+    needed = {t.run.dataset.key: t.run.dataset for t in todo if t.run.dataset is not None}
+    return [d for d in needed.values() if not (d.folder(work) / INDEX_FILE).is_file()]
 
 
 def record_path(records: Path, key: str) -> Path:

@@ -134,13 +134,17 @@ def _start(task: Task, payload: dict[str, Any], work: Path, jobs: int, threads: 
         return _Finished(0)
     task_file = work / f"{task.run.key}.task.json"
     task_file.write_text(json.dumps(payload, indent=1))
-    # the worker must import this tmd, not whichever one the environment would find first
-    path = os.pathsep.join(filter(None, [str(Path(tmd.__path__[0]).parent), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "tmd.programs.study.execute", str(task_file), str(threads)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=worker_env(threads),
         )
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """A worker process's environment: ``threads`` OpenMP threads, and this tmd first on its path (not
+    whichever one the environment would find first)."""
+    path = os.pathsep.join(filter(None, [str(Path(tmd.__path__[0]).parent), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}

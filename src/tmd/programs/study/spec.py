@@ -26,6 +26,27 @@ class EvalSpec:
 
 
 @dataclass
+class DatasetSpec:
+    """The world teacher's own samples (``tmd synthesize --model world``) for runs to train on: the paper's
+    data (Sec. 4.1) in place of the world's. Every one of the world's 72 prompts ``videos_per_prompt`` times;
+    the study makes it before the first run that needs it."""
+
+    videos_per_prompt: int
+    seed: int = 0
+    """Sample i starts from noise seeded by ``seed + i``: keep it clear of the benchmark's noise seeds."""
+    steps: Optional[int] = None
+    """Teacher sampling steps; null: ``tmd synthesize``'s default (50)."""
+    guidance: Optional[float] = None
+    """CFG scale; null: the world's."""
+
+    def __post_init__(self):
+        if self.videos_per_prompt < 1:
+            raise ValueError(f"videos_per_prompt must be >= 1, got {self.videos_per_prompt}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class RunSpec:
     method: str
     """A registered method name, or ``teacher`` (the world's teacher with its CFG, nothing trained)."""
@@ -41,14 +62,18 @@ class RunSpec:
     """How tables and plots name the run (default its name)."""
     series: Optional[str] = None
     """Rows of one series are joined by a line in the quality-vs-NFE plot (default: the label)."""
+    data: Optional[str] = None
+    """A dataset of the study's ``datasets`` to train on (as ``data_kind: prepared``) in place of the world's data."""
 
     def __post_init__(self):
         from tmd.methods import METHODS
 
         if self.method != TEACHER and self.method not in METHODS:
             raise ValueError(f"method {self.method!r} is not registered; registered: {', '.join(sorted(METHODS))}, or 'teacher'")
-        if self.method == TEACHER and (self.config or self.parent or self.seeds):
+        if self.method == TEACHER and (self.config or self.parent or self.seeds or self.data):
             raise ValueError("a teacher run takes only 'score' (the world's guidance and shift; nothing is trained)")
+        if self.data is not None and "data_kind" in self.config:
+            raise ValueError("config may not set data_kind where 'data' names a dataset: the run trains on that dataset")
         if self.method == TEACHER and not self.score:
             raise ValueError("a teacher run needs 'score': the step counts to evaluate, e.g. [[50, null], [4, null]]")
         for outer, inner in self.score:
@@ -87,6 +112,8 @@ class StudyConfig:
     until this study's own records measure it."""
     checkpoint_every: int = 250
     """Iterations between a run's checkpoints, what an interrupted run resumes from (not part of any key)."""
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    """Teacher-sampled datasets by name, for runs' ``data``."""
 
     def __post_init__(self):
         if not self.runs:
@@ -96,6 +123,9 @@ class StudyConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         for name, spec in self.runs.items():
+            if spec.data is not None and spec.data not in self.datasets:
+                known = ", ".join(self.datasets) or "none"
+                raise ValueError(f"runs.{name}.data {spec.data!r} is not one of the study's datasets ({known})")
             if spec.parent is not None and spec.parent not in self.runs:
                 raise ValueError(f"runs.{name}.parent {spec.parent!r} is not a run of this study")
             if spec.parent is not None and self.runs[spec.parent].method == TEACHER:
