@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -334,7 +335,9 @@ def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, 
     """The study synthesizes the dataset with ``tmd synthesize`` before the runs that need it, trains them on
     it exactly as ``tmd train`` with ``data_kind: prepared`` does, scores and curves them on the world, and
     keys them apart from the same runs on the world's data."""
+    from tmd.data.prepare import PreparedDataset
     from tmd.train.run import train_run
+    from tmd.world.data import WorldAssets
 
     data = tiny_study(tiny_assets, tmp_path / "report", seeds=[0], eval={"noise_seeds": [0]})
     data["datasets"] = {"teacher_data": {"videos_per_prompt": 1, "steps": 2, "seed": 100}}
@@ -365,6 +368,11 @@ def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, 
     folder = runs["dmd2_on_data"].dataset.folder(tmp_path / "work")
     index = json.loads((folder / "index.json").read_text())
     assert index["samples"] == 72
+    # the runs see the conditioning the world's data and its benchmark give the same prompts
+    batch = PreparedDataset(folder, 8, seed=0).next_batch()
+    cond, neg_cond = WorldAssets(tiny_assets, teacher=False).encode_prompts(batch["prompts"])
+    torch.testing.assert_close(batch["cond"], cond, rtol=0, atol=1e-5)  # the text encoder's batch differs: rounding
+    torch.testing.assert_close(batch["neg_cond"], neg_cond, rtol=0, atol=1e-5)
     records = {r.name: json.loads((tmp_path / "records" / f"{r.key}.json").read_text()) for r in runs.values()}
     record = records["dmd2_on_data"]
     assert record["config"]["data_kind"] == "prepared" and record["config"]["data"]["path"] == str(folder)
