@@ -389,6 +389,10 @@ def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, 
     studied = load_file(str(tmp_path / "work" / runs["dmd2_on_data"].key / "student.safetensors"))
     assert weights.keys() == studied.keys() and all(weights[k].equal(studied[k]) for k in weights)
 
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "- Dataset `teacher_data`" in report and "72 samples of the world teacher, 1 per prompt (euler, 2 steps" in report
+    assert "trained on by dmd2_on_data, stage1_on_data, tmd_on_data." in report
+
     assert main(study_args(tmp_path, path)) == 0  # everything recorded: nothing is synthesized or trained again
     assert "synthesize dataset" not in capsys.readouterr().out
 

@@ -216,6 +216,23 @@ def _commits(records: list[dict[str, Any]]) -> str:
     return ", ".join(f"`{c}` ({_runs(n)})" for c, n in sorted(counts.items()))
 
 
+def _datasets(records: list[dict[str, Any]]) -> list[str]:
+    """A line per dataset the records trained on, from the ``synthesize.json`` each record holds."""
+    used: dict[str, tuple[dict[str, Any], set[str]]] = {}
+    for record in records:
+        if record.get("dataset"):
+            used.setdefault(record["dataset"]["key"], (record["dataset"], set()))[1].add(record["name"])
+    lines = []
+    for key, (dataset, names) in sorted(used.items()):
+        made = dataset["synthesize"]
+        lines.append(
+            f"- Dataset `{dataset['name']}` ({key[:8]}): {made['entries']} samples of the world teacher, "
+            f"{made['videos_per_prompt']} per prompt ({made['scheduler']}, {made['steps']} steps, CFG {made['guidance']}, "
+            f"shift {made['shift']}, noise seeds {made['seed']} + i; `tmd synthesize`), trained on by {', '.join(sorted(names))}."
+        )
+    return lines
+
+
 def dimension_table(rows: list[dict[str, Any]]) -> list[str]:
     keys = (*QUALITY_DIMS, *SEMANTIC_DIMS, "detect_rate")
     return _pipe(["row", *keys], [[r["label"], *(_num(r["means"][k], 3) for k in keys)] for r in rows])
@@ -248,6 +265,7 @@ def markdown(
         *([f"- Load average (1 min) at run starts and ends: {min(load):.2f} - {max(load):.2f}"] if load else []),
         f"- Code: {_commits(records)} (the git commit each run started with)." if records else "- Code: no records yet.",
         *[f"- Recorded by `{c}` ({_runs(n)})" for c, n in sorted(_count(r["command"] for r in records).items())],
+        *_datasets(records),
     ]
     if content["missing"]:
         lines.append(f"- **Not yet recorded** ({len(content['missing'])}): {', '.join(content['missing'])}.")
