@@ -322,9 +322,14 @@ def test_dry_run_lists_runs_and_state(tiny_assets, tmp_path, capsys):
 def test_two_jobs_train_in_worker_processes(tiny_assets, tmp_path):
     data = tiny_study(tiny_assets, tmp_path / "report")
     data["runs"] = {name: data["runs"][name] for name in ("dmd2", "stage1", "tmd")}
+    # a dataset is made by two torchrun processes, each taking every other shard
+    data["datasets"] = {"teacher_data": {"videos_per_prompt": 1, "steps": 2}}
+    data["runs"]["dmd2"]["data"] = "teacher_data"
     path = write_study(tmp_path, data)
     assert main(study_args(tmp_path, path, "--jobs", "2")) == 0
     assert len(list((tmp_path / "records").glob("*.json"))) == 6
+    (folder,) = (tmp_path / "work" / "data").glob("teacher_data-*/")
+    assert json.loads((folder / "index.json").read_text())["samples"] == 72
     for run in plan(load_study(path)[0]):
         assert (tmp_path / "work" / f"{run.key}.log").is_file() and (
             tmp_path / "work" / run.key / "student.safetensors"
