@@ -20,10 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tmd import flow
 from tmd.files import WAN_FPS, check_output_dir, make_output_dir, save_safetensors, slug, write_mp4
-from tmd.methods import sample_few_step_student
-from tmd.methods.anyflow import AnyFlow
 from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.fastpath import attention_kernel, compile_blocks
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config, refuse_image
@@ -31,15 +28,10 @@ from tmd.models.split import TMDStudent
 from tmd.models.text import WAN_NEGATIVE_PROMPT, TextEncoder
 from tmd.models.vae import decode_video, latent_shape, load_vae
 from tmd.models.wan import load_teacher
-from tmd.pipelines.export import ANYFLOW_SHIFT, is_anyflow_pipeline, is_few_step_pipeline, is_tmd_pipeline
+from tmd.pipelines.export import is_anyflow_pipeline, is_few_step_pipeline, is_tmd_pipeline
 from tmd.pipelines.tmd_pipeline import load_student
-from tmd.pipelines.videos import (
-    DEFAULT_INNER_STEPS,
-    DEFAULT_STUDENT_STEPS,
-    DEFAULT_TEACHER_STEPS,
-    MANIFEST_FILE,
-)
-from tmd.sampling import sample_teacher, sample_tmd, sample_with_scheduler
+from tmd.pipelines.videos import MANIFEST_FILE, resolve_sampling
+from tmd.sampling import sample_teacher, sample_with_scheduler
 from tmd.world.generate import generate_world, load_world_model
 
 DEFAULT_GUIDANCE = 5.0
@@ -53,20 +45,12 @@ DEFAULT_SHIFT = 5.0
 
 @dataclass
 class GenerationModel:
-    kind: str  # "teacher", "tmd_student", "few_step" or "anyflow"
+    kind: str  # one of tmd.pipelines.videos.KINDS
     model: nn.Module
     pipeline: Path
     """The pipeline root the text encoder and VAE are loaded from."""
     method: dict[str, Any] | None = None
     """A few-step student folder's ``{"name", "config"}`` of the run that trained it (``export_student``)."""
-
-    def effective_nfe(self, steps: int, inner_steps: int | None, guidance: float | None) -> float:
-        if self.kind == "teacher":
-            return flow.teacher_effective_nfe(steps, guidance)
-        if self.kind == "tmd_student":
-            return flow.tmd_effective_nfe(steps, inner_steps, self.model.head_blocks, self.model.num_blocks)
-        flow.check_steps(steps)
-        return float(steps)
 
 
 def load_generation_model(
@@ -229,19 +213,12 @@ def generate(
     if compile:
         compile_blocks(loaded.model)
     teacher = loaded.kind == "teacher"
-    if not teacher and guidance is not None:
-        raise ValueError("students are sampled without CFG (distillation bakes guidance in); drop --guidance")
-    if loaded.kind != "tmd_student" and inner_steps is not None:
-        raise ValueError(f"--inner-steps applies to TMD students only; {model_path} is a {loaded.kind}")
-    if steps is None:
-        steps = DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS
-    inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
-    guidance = (DEFAULT_GUIDANCE if guidance is None else guidance) if teacher else None
+    sampling = resolve_sampling(
+        loaded.kind, model_path, steps, inner_steps, guidance, shift, DEFAULT_GUIDANCE, lambda: teacher_shift(loaded.pipeline)
+    )
+    steps, guidance = sampling.steps, sampling.guidance
     sampler = load_scheduler(loaded.pipeline, shift) if teacher and scheduler == "pipeline" else None
-    requested_shift = shift
-    if shift is None:
-        shift = teacher_shift(loaded.pipeline) if teacher else (ANYFLOW_SHIFT if loaded.kind == "anyflow" else flow.OUTER_SHIFT)
-    nfe = loaded.effective_nfe(steps, inner_steps, guidance)
+    nfe = sampling.effective_nfe(loaded.model)
 
     vae = load_vae(loaded.pipeline, device)
     shape = latent_shape(vae, loaded.model.config, frames, height, width)
@@ -265,15 +242,9 @@ def generate(
             if sampler is not None:
                 latents = sample_with_scheduler(loaded.model, noise, cond, negative, sampler, steps, guidance)
             elif teacher:
-                latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, shift)
+                latents = sample_teacher(loaded.model, noise, cond, negative, steps, guidance, sampling.shift)
             else:
-                inner_noise = torch.Generator(device).manual_seed(seeds[0])
-                if loaded.kind == "tmd_student":
-                    latents = sample_tmd(loaded.model, noise, cond, steps, inner_steps, inner_noise, outer_shift=shift)
-                elif loaded.kind == "anyflow":
-                    latents = AnyFlow.sample(loaded.model, noise, cond, steps, outer_shift=shift)
-                else:
-                    latents = sample_few_step_student(loaded.model, loaded.method, noise, cond, steps, seeds[0], requested_shift)
+                latents = sampling.sample_student(loaded.model, loaded.method, noise, cond, seeds[0])
         videos = torch.cat([decode_video(vae, latents[i : i + 1]) for i in range(len(batch))])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -293,9 +264,9 @@ def generate(
         "kind": loaded.kind,
         "pipeline": str(loaded.pipeline),
         "steps": steps,
-        "inner_steps": inner_steps if loaded.kind == "tmd_student" else None,
+        "inner_steps": sampling.inner_steps,
         "guidance": guidance,
-        "shift": shift,
+        "shift": sampling.shift,
         "scheduler": type(sampler).__name__ if sampler is not None else ("euler" if teacher else None),
         "frames": frames,
         "height": height,

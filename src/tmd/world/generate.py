@@ -19,10 +19,8 @@ import torch
 import yaml
 from torch import nn
 
-from tmd import flow
 from tmd.files import slug, write_mp4
-from tmd.methods import get_method, sample_few_step_student
-from tmd.methods.anyflow import AnyFlow
+from tmd.methods import get_method
 from tmd.methods.linvideo import load_linearised
 from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.export import run_metadata, student_from_run
@@ -30,8 +28,8 @@ from tmd.models.fastpath import attention_kernel
 from tmd.models.folder import TRANSFORMER_DIR, is_student_folder, read_student_config
 from tmd.models.split import TMDStudent
 from tmd.models.wan import load_teacher
-from tmd.pipelines.videos import DEFAULT_INNER_STEPS, DEFAULT_STUDENT_STEPS, DEFAULT_TEACHER_STEPS, MANIFEST_FILE
-from tmd.sampling import sample_teacher, sample_tmd
+from tmd.pipelines.videos import MANIFEST_FILE, resolve_sampling
+from tmd.sampling import sample_teacher
 from tmd.train.resume import CONFIG_FILE
 from tmd.train.run import with_linear_attention
 from tmd.world.data import WorldAssets, world_assets_of
@@ -146,23 +144,9 @@ def generate_world(
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     kind, model, assets = world.kind, world.model, world.assets
     teacher = kind == "teacher"
-    if not teacher and guidance is not None:
-        raise ValueError("students are sampled without CFG (distillation bakes guidance in); drop --guidance")
-    if kind != "tmd_student" and inner_steps is not None:
-        raise ValueError(f"--inner-steps applies to TMD students only; {world.source} is a {kind}")
-    steps = steps if steps is not None else (DEFAULT_TEACHER_STEPS if teacher else DEFAULT_STUDENT_STEPS)
-    inner_steps = DEFAULT_INNER_STEPS if inner_steps is None else inner_steps
-    guidance = (assets.guidance if guidance is None else guidance) if teacher else None
-    requested_shift = shift
-    if shift is None:
-        shift = assets.shift if teacher else (AnyFlow.Config.outer_shift if kind == "anyflow" else flow.OUTER_SHIFT)
-    if teacher:
-        nfe = flow.teacher_effective_nfe(steps, guidance)
-    elif kind == "tmd_student":
-        nfe = flow.tmd_effective_nfe(steps, inner_steps, model.head_blocks, model.num_blocks)
-    else:
-        flow.check_steps(steps)
-        nfe = float(steps)
+    sampling = resolve_sampling(kind, world.source, steps, inner_steps, guidance, shift, assets.guidance, lambda: assets.shift)
+    steps, guidance = sampling.steps, sampling.guidance
+    nfe = sampling.effective_nfe(model)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,15 +162,9 @@ def generate_world(
         cond, negative = assets.encode_prompts(batch)
         with attention_kernel(attention), torch.no_grad():
             if teacher:
-                latents = sample_teacher(model, noise, cond, negative, steps, guidance, shift)
-            elif kind == "tmd_student":
-                latents = sample_tmd(
-                    model, noise, cond, steps, inner_steps, torch.Generator(device).manual_seed(seeds[0]), outer_shift=shift
-                )
-            elif kind == "anyflow":
-                latents = AnyFlow.sample(model, noise, cond, steps, outer_shift=shift)
+                latents = sample_teacher(model, noise, cond, negative, steps, guidance, sampling.shift)
             else:
-                latents = sample_few_step_student(model, world.method, noise, cond, steps, seeds[0], requested_shift)
+                latents = sampling.sample_student(model, world.method, noise, cond, seeds[0])
         videos = assets.decode(latents).cpu()
         seconds = (time.perf_counter() - began) / len(batch)
         for i, prompt in enumerate(batch):
@@ -217,9 +195,9 @@ def generate_world(
         "kind": kind,
         "world": str(assets.path),
         "steps": steps,
-        "inner_steps": inner_steps if kind == "tmd_student" else None,
+        "inner_steps": sampling.inner_steps,
         "guidance": guidance,
-        "shift": shift,
+        "shift": sampling.shift,
         "scheduler": "euler" if teacher else None,
         "frames": frames,
         "height": height * SCALE,
