@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from tmd.config import ConfigError, RunConfig, from_dict
 from tmd.eval.stats import paired_difference, t_interval, variance_components
 from tmd.programs.cli import main
+from tmd.programs.study import datasets as datasets_module
 from tmd.programs.study import schedule as study_module
 from tmd.programs.study.plan import plan, select, tasks
 from tmd.programs.study.spec import StudyConfig, load_study
@@ -336,7 +338,7 @@ def test_two_jobs_train_in_worker_processes(tiny_assets, tmp_path):
         ).is_file()
 
 
-def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, tmp_path, capsys):
+def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, tmp_path, capsys, monkeypatch):
     """The study synthesizes the dataset with ``tmd synthesize`` before the runs that need it, trains them on
     it exactly as ``tmd train`` with ``data_kind: prepared`` does, scores and curves them on the world, and
     keys them apart from the same runs on the world's data."""
@@ -367,9 +369,11 @@ def test_runs_on_a_dataset_train_on_the_teachers_samples_made_once(tiny_assets, 
     more["datasets"]["teacher_data"]["videos_per_prompt"] = 2
     assert keys(more)[("dmd2_on_data", 0)] != runs["dmd2_on_data"].key and keys(more)[("dmd2", 0)] == runs["dmd2"].key
 
+    monkeypatch.setattr(datasets_module, "PROGRESS_EVERY_S", 0)  # a progress line at every poll
     assert main(study_args(tmp_path, path)) == 0
     out = capsys.readouterr().out
     assert out.count("synthesize dataset teacher_data") == 1 and "dataset teacher_data done" in out
+    assert re.search(r"dataset teacher_data: [0-5]/5 shards", out)  # 72 videos in shards of 16
     folder = runs["dmd2_on_data"].dataset.folder(tmp_path / "work")
     index = json.loads((folder / "index.json").read_text())
     assert index["samples"] == 72

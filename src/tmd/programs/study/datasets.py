@@ -6,6 +6,7 @@ on them, with every ``--jobs`` process (``torchrun`` splits the shards), into ``
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from tmd.programs.study.schedule import minutes, worker_env
 
 BATCH_SIZE = 16
 """Videos sampled together; also the shard size, so a process's unit of work is one batch."""
+PROGRESS_EVERY_S = 60
 SECONDS_PER_VIDEO_STEP = 0.5 / 50
 """About 2 videos/s per process at 50 steps and batch 16, measured on the 2-core machine (one thread each)."""
 
@@ -60,10 +62,34 @@ def make_datasets(datasets: list[Dataset], work: Path, jobs: int, threads: int) 
         )
         began = time.perf_counter()
         with open(log, "w") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=worker_env(threads)).returncode
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=worker_env(threads))
+            code = _wait(process, dataset, folder)
         if code != 0:
             tail = "\n".join(log.read_text().splitlines()[-15:])
             print(f"dataset {dataset.name}: tmd synthesize FAILED (exit code {code}); log {log}:\n{tail}", flush=True)
             return False
         print(f"dataset {dataset.name} done in {minutes(time.perf_counter() - began)}", flush=True)
     return True
+
+
+def _wait(process: subprocess.Popen, dataset: Dataset, folder: Path) -> int:
+    """The process's exit code; meanwhile a line every ``PROGRESS_EVERY_S`` with the shards written and an ETA
+    (a stopped study stops the synthesis: it resumes from the written shards)."""
+    from tmd.world.spec import all_prompts
+
+    total = math.ceil(len(all_prompts()) * dataset.spec.videos_per_prompt / BATCH_SIZE)
+    written = lambda: len(list(folder.glob("shard-*.safetensors")))  # noqa: E731
+    began, before, shown = time.perf_counter(), written(), time.perf_counter()
+    try:
+        while process.poll() is None:
+            time.sleep(0.5)
+            if time.perf_counter() - shown >= PROGRESS_EVERY_S:
+                shown, done = time.perf_counter(), written()
+                rate = (done - before) / (shown - began)
+                eta = f", ETA {minutes((total - done) / rate)}" if rate > 0 else ""
+                print(f"dataset {dataset.name}: {done}/{total} shards{eta}", flush=True)
+    except BaseException:
+        process.terminate()
+        process.wait()
+        raise
+    return process.returncode
