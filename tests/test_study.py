@@ -179,10 +179,10 @@ def test_shipped_studies_plan_and_share_their_default_runs():
     assert len(stage1) == 3 and stage1 == {(r.name, r.seed): r.key for r in runs if r.name == "tm_n2_m2"}
     assert paper.checkpoint_every == 250 and {r.config["train"]["steps"] for r in plan(paper) if r.spec.score} == {4000}
     paper_data, _ = load_study("study_paper_data.yaml")
-    world_rows = {(r.name, r.seed): r.key for r in plan(paper_data) if r.dataset is None}
+    world_rows = {(r.name, r.seed): r.key for r in plan(paper_data) if r.name in ("tm_n2_m2", "dmd2_m2", "tmd_n2_m2")}
     assert len(world_rows) == 9 and world_rows == {(r.name, r.seed): r.key for r in runs if (r.name, r.seed) in world_rows}
     on_teacher_data = [r for r in plan(paper_data) if r.dataset is not None]
-    assert len(on_teacher_data) == 9 and {r.dataset.spec.videos_per_prompt for r in on_teacher_data} == {112}
+    assert len(on_teacher_data) == 12 and {r.dataset.spec.videos_per_prompt for r in on_teacher_data} == {112}
     baselines, _ = load_study("study_baselines.yaml")
     read = ("dmd2_m1", "dmd2_m2", "tm_n2_m2", "tmd_n2_m2")  # read from the main table's records, not retrained
     assert {(r.name, r.seed): r.key for r in plan(baselines) if r.name in read} == {
