@@ -35,6 +35,7 @@ from diffusers import FlowMapEulerDiscreteScheduler, FlowMatchEulerDiscreteSched
 from tmd import flow
 from tmd.files import check_output_dir
 from tmd.methods import METHODS
+from tmd.methods.anyflow import AnyFlow
 from tmd.models.anyflow import AnyFlowStudent
 from tmd.models.export import export_student, run_metadata, student_from_run
 from tmd.models.split import TMDStudent
@@ -108,7 +109,7 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
     model.transformer.save_pretrained(path / "transformer", safe_serialization=True)
     shared = {name: teacher_index[name] for name in SHARED_COMPONENTS}
     if isinstance(model, AnyFlowStudent):
-        return _anyflow_index(path, shared, sampling.get("outer_shift", ANYFLOW_SHIFT))
+        return _anyflow_index(path, shared, sampling.get("outer_shift", AnyFlow.Config.outer_shift))
     transformer = ["diffusers", "WanTransformer3DModel"]
     if isinstance(model, TMDStudent):
         TMDParts.from_student(model, **sampling).save_pretrained(path / "tmd_parts")
@@ -144,10 +145,6 @@ def export_pipeline(model, path: str | Path, teacher: str | Path, sampling: dict
         (path / FEW_STEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return path
-
-
-ANYFLOW_SHIFT = 5.0
-"""The time shift of AnyFlow's sampler (``tmd.methods.anyflow``) unless the run's ``outer_shift`` says otherwise."""
 
 
 def _anyflow_index(path: Path, shared: dict[str, Any], shift: float) -> Path:

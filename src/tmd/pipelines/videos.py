@@ -25,11 +25,6 @@ DEFAULT_INNER_STEPS = 4
 MANIFEST_FILE = "generation.json"
 
 
-KINDS = ("teacher", "tmd_student", "few_step", "anyflow")
-"""What a generation samples: the teacher, a TMD student (main backbone + flow head), a plain few-step student
-(DMD2-v, rCM, ...: sampled by its method) or an AnyFlow flow-map student."""
-
-
 @dataclass
 class Sampling:
     """A generation's sampler options, defaults filled in and checked against what the model is."""

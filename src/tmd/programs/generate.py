@@ -45,7 +45,7 @@ DEFAULT_SHIFT = 5.0
 
 @dataclass
 class GenerationModel:
-    kind: str  # one of tmd.pipelines.videos.KINDS
+    kind: str  # "teacher" or one of tmd.models.folder.STUDENT_KINDS
     model: nn.Module
     pipeline: Path
     """The pipeline root the text encoder and VAE are loaded from."""
